@@ -1,0 +1,136 @@
+"""The `distill` command line: demo, run, train-teacher, losses, report.
+
+Every user-fixable problem is a `DistillError`: printed as `field: message` + `fix:`, exit code 2,
+no traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill a large teacher model into a small, fast student.")
+console = Console(width=None if sys.stdout.isatty() else 140)
+errors = Console(stderr=True)
+
+SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
+
+
+def _print_result(result) -> None:
+    from distill.report import footnote, table_rows, verdict_line
+
+    header, body = table_rows(result.rows, result.primary_metric)
+    table = Table(title=f"distill: {result.run_dir}")
+    for column in header:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    verdict = verdict_line(result.rows, result.primary_metric, result.higher_is_better)
+    for line in (verdict, footnote(result.rows)):
+        if line:
+            console.print(line)
+    console.print(f"report: {result.run_dir / 'report.html'}")
+
+
+def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
+    from distill.run import run
+
+    result = run(recipe, overrides, resume=resume, overwrite=overwrite)
+    if result is not None:  # None on processes other than rank 0
+        _print_result(result)
+
+
+@app.command("run")
+def run_command(recipe: str = typer.Argument(..., help="Recipe YAML (or builtin:<name>)."),
+                set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in the output directory.")):
+    """Distill a teacher into a student as the recipe says; write the run directory."""
+    _run(recipe, set_, resume, overwrite)
+
+
+@app.command()
+def demo(seed: int = typer.Option(0, help="Seed of the student init, data order and data."),
+         output: Optional[str] = typer.Option(None, help="Run directory (default runs/demo-seed<seed>)."),
+         set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run.")):
+    """The built-in oracle task end to end: teacher vs student alone vs distilled student."""
+    overrides = [f"train.seed={seed}", f"data.seed={seed}", f"output={output or f'runs/demo-seed{seed}'}", *set_]
+    _run("builtin:oracle-demo", overrides, False, overwrite)
+
+
+@app.command("train-teacher")
+def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle or builtin:arithmetic"),
+                          out: str = typer.Option(..., "--out", help="Directory for the trained teacher."),
+                          steps: int = typer.Option(3000), batch_size: int = typer.Option(32, "--batch-size"),
+                          lr: float = typer.Option(2e-3), train_size: int = typer.Option(50000, "--train-size"),
+                          seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
+                          overwrite: bool = typer.Option(False, "--overwrite"),
+                          resume: bool = typer.Option(False, "--resume")):
+    """Train a built-in task's teacher with the same trainer (plain cross-entropy)."""
+    from distill.teacher.train import train_teacher
+
+    if not task.startswith("builtin:"):
+        raise DistillError(f"`{task}` is not a built-in task", field="TASK", fix="use builtin:oracle or builtin:arithmetic")
+    metrics = train_teacher(task, out, steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
+                            threads=threads, overwrite=overwrite, resume=resume)
+    if metrics:
+        console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def losses():
+    """Every objective with its formula, parameters and paper."""
+    from distill.losses import FORMULAS, PAPERS, REGISTRY, loss_parameters
+
+    table = Table(title="distill objectives: fn(student_logits, teacher_logits, mask, temperature=1.0, **params)")
+    for column in ("name", "formula", "parameters", "paper"):
+        table.add_column(column, overflow="fold")
+    for name in REGISTRY:
+        params = ", ".join(f"{k}={v}" for k, v in loss_parameters(name).items()) or "-"
+        table.add_row(name, FORMULAS[name], params, PAPERS[name])
+    console.print(table)
+
+
+@app.command()
+def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
+    """Print the result table of finished runs."""
+    from distill.run import FINISHED_MARKER, RunResult
+
+    for run_dir in run_dirs:
+        if not (run_dir / FINISHED_MARKER).is_file():
+            raise DistillError(f"`{run_dir}` holds no finished run (no {FINISHED_MARKER})", field="RUN_DIRS",
+                               fix="give the output directory of a run that completed")
+        _print_result(RunResult.load(run_dir))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DistillError as error:
+        errors.print(f"[bold red]error[/bold red] {error.render()}", highlight=False, markup=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted; continue with `distill run RECIPE --resume`")
+        sys.exit(130)
+    except Exception as error:  # click usage errors come through here in non-standalone mode
+        import click
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Examples in, token tensors out: jsonl/parquet records (prompt+completion, text, or chat
+messages), tokenization with completion-only labels, padding, and a resumable batch order."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss; labels[t] is the token at position t
+
+
+def read_records(path: str, field: str) -> list[dict]:
+    """Rows of a .jsonl / .json (list) / .parquet file as dicts."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DistillError(f"no data file at `{path}`", field=field, fix="check the path (relative to the current directory)")
+    if file.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DistillError("reading parquet needs pyarrow", field=field, fix="pip install pyarrow") from None
+        return pq.read_table(file).to_pylist()
+    text = file.read_text()
+    if file.suffix == ".json":
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise DistillError(f"`{path}` holds a {type(rows).__name__}, not a list of rows", field=field,
+                               fix="use a JSON list of objects, or jsonl (one object per line)")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DistillError(f"`{path}` line {number} is not JSON: {error.msg}", field=field,
+                                   fix="write one JSON object per line") from None
+    return rows
+
+
+def _prompt_and_completion(record: dict, tokenizer, index: int, field: str) -> tuple[list[int], list[int]]:
+    """Token ids of the part without loss (prompt) and the part with loss (completion)."""
+    if not isinstance(record, dict):
+        raise DistillError(f"row {index} is a {type(record).__name__}, not an object", field=field,
+                           fix="each row is an object with `prompt`+`completion`, `text`, or `messages`")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+            raise DistillError(f"row {index}: `messages` must be a non-empty list of {{role, content}}",
+                               field=field, fix='e.g. [{"role": "user", "content": "hi"}, {"role": "assistant", ...}]')
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            if not full.startswith(prompt):
+                raise DistillError(f"row {index}: the chat template does not extend the prompt", field=field,
+                                   fix="use prompt/completion rows for this tokenizer")
+            # The template writes its own special tokens.
+            return (tokenizer(prompt, add_special_tokens=False).input_ids,
+                    tokenizer(full[len(prompt):], add_special_tokens=False).input_ids)
+        # No template: a plain "role: content" transcript, the last message is the completion.
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + f"{messages[-1]['role']}: "
+        return tokenizer(prompt).input_ids, tokenizer(messages[-1]["content"], add_special_tokens=False).input_ids
+    if "prompt" in record and "completion" in record:
+        return (tokenizer(str(record["prompt"])).input_ids,
+                tokenizer(str(record["completion"]), add_special_tokens=False).input_ids)
+    if "text" in record:
+        return [], tokenizer(str(record["text"])).input_ids
+    raise DistillError(f"row {index} has keys {sorted(record)}; expected `prompt`+`completion`, `text`, or "
+                       "`messages`", field=field, fix="rename the columns of your data")
+
+
+def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, completion_only: bool,
+             append_eos: bool, field: str) -> list[Example]:
+    """Examples with labels masked on the prompt (if completion_only) and an EOS appended."""
+    if not records:
+        raise DistillError("the dataset is empty", field=field, fix="give a file with at least one row")
+    examples, truncated = [], 0
+    for index, record in enumerate(records):
+        prompt_ids, completion_ids = _prompt_and_completion(record, tokenizer, index, field)
+        if append_eos and tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        input_ids = prompt_ids + completion_ids
+        labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids
+        if len(input_ids) > max_length:
+            if too_long == "refuse":
+                raise DistillError(f"row {index} has {len(input_ids)} tokens, over max_length={max_length}",
+                                   field="data.max_length", fix="raise data.max_length, or set data.too_long=truncate")
+            input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
+        examples.append(Example(input_ids, labels))
+    if truncated:
+        warnings.warn(f"{field}: {truncated} of {len(records)} examples cut to data.max_length={max_length} tokens "
+                      "(set data.too_long=refuse to stop instead)", stacklevel=2)
+    if sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples) == 0:
+        raise DistillError("no example has a token to learn (all labels masked)", field=field,
+                           fix="check completions are non-empty and fit in data.max_length")
+    return examples
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchOrder:
+    """Example indices as a function of (seed, position): an endless series of seeded
+    permutations. Resuming needs only the position, and every process sees the same order."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples, self.seed = num_examples, seed
+
+    def take(self, position: int, count: int) -> list[int]:
+        indices = []
+        while len(indices) < count:
+            epoch, offset = divmod(position + len(indices), self.num_examples)
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            indices.extend(permutation[offset:offset + count - len(indices)].tolist())
+        return indices

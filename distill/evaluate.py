@@ -1,0 +1,75 @@
+"""Metrics for a causal LM on the eval data: NLL, agreement with the teacher, the task's exact
+metric, size, and generation throughput measured on this machine."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distill.data import IGNORE_INDEX, Example, collate
+from distill.models import count_parameters
+
+
+@torch.no_grad()
+def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size: int, pad_token_id: int,
+                  teacher=None) -> dict[str, float]:
+    """Per completion token: NLL of the data, and with a teacher the top-1 agreement and
+    KL(teacher || model), all averaged over every valid token of the eval set."""
+    device = next(model.parameters()).device
+    nll = agreement = teacher_kl = 0.0
+    num_tokens = 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logprobs = torch.log_softmax(model(**inputs).logits[:, :-1, :vocab_size].float(), -1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        token_logprobs = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll -= token_logprobs[mask].sum().item()
+        num_tokens += int(mask.sum())
+        if teacher is not None:
+            teacher_logprobs = torch.log_softmax(teacher(**inputs).logits[:, :-1, :vocab_size].float(), -1)
+            agreement += (logprobs.argmax(-1) == teacher_logprobs.argmax(-1))[mask].sum().item()
+            kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1)
+            teacher_kl += kl[mask].sum().item()
+    metrics = {"nll": nll / max(num_tokens, 1)}
+    if teacher is not None:
+        metrics["teacher_top1_agreement"] = agreement / max(num_tokens, 1)
+        metrics["teacher_kl"] = teacher_kl / max(num_tokens, 1)
+    return metrics
+
+
+@torch.no_grad()
+def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:
+    """Greedy decoding speed of one sequence with the KV cache: best of `repeats` after a warm-up."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+    model.generate(input_ids=input_ids, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.generate(input_ids=input_ids, **options)
+        best = min(best, time.perf_counter() - started)
+    return new_tokens / best
+
+
+def evaluate_model(model, *, task, tokenizer, eval_records: list[dict], eval_examples: list[Example],
+                   vocab_size: int, batch_size: int, generate_size: int, seed: int, teacher=None,
+                   throughput_tokens: int | None = None) -> dict[str, float]:
+    """Every metric of one model; `throughput_tokens` also times generation (final evals)."""
+    was_training = model.training
+    model.eval()
+    metrics = token_metrics(model, eval_examples, vocab_size=vocab_size, batch_size=batch_size,
+                            pad_token_id=tokenizer.pad_token_id or 0, teacher=teacher)
+    if task is not None:
+        metrics.update(task.evaluate(model, tokenizer, eval_records, batch_size=batch_size,
+                                     generate_size=generate_size, seed=seed))
+    if throughput_tokens:
+        first = eval_examples[0]
+        prompt = [t for t, label in zip(first.input_ids, first.labels) if label == IGNORE_INDEX] or first.input_ids[:1]
+        metrics["generation_tokens_per_second"] = generation_tokens_per_second(model, prompt, throughput_tokens)
+        metrics["parameters"] = count_parameters(model)
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,158 @@
+"""Teacher and student models: load from a directory / hub id / built-in checkpoint, or build a
+student from the teacher's config with overrides; check that both speak the same vocabulary."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from distill.errors import DistillError
+
+ASSETS = Path(__file__).parent / "assets"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2,
+                      num_attention_heads: int = 4, intermediate_size: int | None = None,
+                      max_position_embeddings: int = 256, **overrides) -> LlamaConfig:
+    """A Llama-style config for built-in tasks (no dropout, untied head)."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+
+
+def resolve_model_path(path: str, field: str) -> str:
+    """`builtin:oracle-teacher` -> the shipped checkpoint; a local path must exist; else a hub id."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        local = ASSETS / name
+        if not (local / "config.json").is_file():
+            task = name.removesuffix("-teacher")
+            raise DistillError(f"built-in model `{name}` is not in this installation ({local})", field=field,
+                               fix=f"build it with `distill train-teacher builtin:{task} --out {local}`")
+        return str(local)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise DistillError(f"`{path}` has no config.json, so it is not a saved transformers model",
+                               field=field, fix="point at a directory written by save_pretrained")
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise DistillError(f"no model directory at `{path}`", field=field,
+                           fix="check the path (relative paths start at the current directory)")
+    return path  # a hub id: transformers fetches or finds it in the local cache
+
+
+def load_tokenizer(path: str, field: str):
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(path, field))
+    except DistillError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DistillError(f"could not load a tokenizer from `{path}`: {str(error).splitlines()[0]}",
+                           field=field, fix="give a local directory with tokenizer files, or a hub id "
+                                            "that is in the local cache (this machine may be offline)") from None
+
+
+def load_causal_lm(path: str, field: str, dtype: torch.dtype = torch.float32):
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(path, field), dtype=dtype)
+    except DistillError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DistillError(f"could not load a causal LM from `{path}`: {str(error).splitlines()[0]}",
+                           field=field, fix="give a directory written by save_pretrained, or a hub id in "
+                                            "the local cache (this machine may be offline)") from None
+
+
+def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] | None, seed: int):
+    """A student with the teacher's config plus `overrides`, randomly initialised (seeded), and
+    optionally with chosen teacher layers, embeddings, final norm and head copied in."""
+    config = copy.deepcopy(teacher.config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise DistillError(f"`{key}` is not a field of the teacher's {type(config).__name__}",
+                               field=f"student.config.{key}", fix="use a field of the teacher's config.json")
+        setattr(config, key, value)
+    _keep_derived_sizes_consistent(teacher.config, config, overrides)
+    if "num_hidden_layers" in overrides and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    torch.manual_seed(seed)
+    try:
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, AssertionError, RuntimeError) as error:
+        raise DistillError(f"cannot build the student: {error}", field="student.config",
+                           fix="check that sizes are consistent (hidden_size divisible by num_attention_heads)") from None
+    if init_from_teacher_layers is not None:
+        copy_teacher_layers(teacher, student, init_from_teacher_layers)
+    return student
+
+
+def _keep_derived_sizes_consistent(teacher_config, config, overrides: dict) -> None:
+    """Sizes the teacher derived from others (head_dim, kv heads) follow the overrides unless set."""
+    heads = getattr(config, "num_attention_heads", None)
+    teacher_heads = getattr(teacher_config, "num_attention_heads", None)
+    if heads and "head_dim" not in overrides and getattr(teacher_config, "head_dim", None) == (
+            teacher_config.hidden_size // teacher_heads):
+        config.head_dim = config.hidden_size // heads
+    if heads and "num_key_value_heads" not in overrides and getattr(teacher_config, "num_key_value_heads", None) == teacher_heads:
+        config.num_key_value_heads = heads
+
+
+def copy_teacher_layers(teacher, student, layer_indices: list[int]) -> None:
+    """Student layer i <- teacher layer layer_indices[i]; embeddings, final norm and head copied too."""
+    field = "student.init_from_teacher_layers"
+    if teacher.config.hidden_size != student.config.hidden_size:
+        raise DistillError("copying layers needs the same hidden_size in teacher and student", field=field,
+                           fix="drop init_from_teacher_layers or keep the teacher's hidden_size")
+    teacher_layers, student_layers = _decoder_layers(teacher), _decoder_layers(student)
+    if len(layer_indices) != len(student_layers):
+        raise DistillError(f"{len(layer_indices)} layers given for a student of {len(student_layers)}",
+                           field=field, fix="give one teacher layer index per student layer")
+    bad = [i for i in layer_indices if not 0 <= i < len(teacher_layers)]
+    if bad:
+        raise DistillError(f"teacher has layers 0..{len(teacher_layers) - 1}, not {bad}", field=field,
+                           fix="use indices inside the teacher")
+    teacher_state = teacher.state_dict()
+    # Copy everything whose name and shape match (embeddings, norms, head), then the chosen layers.
+    student_state = student.state_dict()
+    for name, tensor in student_state.items():
+        if ".layers." not in name and name in teacher_state and teacher_state[name].shape == tensor.shape:
+            tensor.copy_(teacher_state[name])
+    for student_index, teacher_index in enumerate(layer_indices):
+        student_layers[student_index].load_state_dict(teacher_layers[teacher_index].state_dict())
+
+
+def _decoder_layers(model):
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise DistillError(f"{type(model).__name__} has no `layers`/`h` list to copy from",
+                           field="student.init_from_teacher_layers", fix="drop init_from_teacher_layers")
+    return layers
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student) -> int:
+    """The number of real vocabulary entries both models are compared over.
+
+    Same-family models may pad the embedding matrix differently (e.g. 152064 vs 151936 rows for
+    one tokenizer); logits are compared over the tokenizer's real vocabulary only."""
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise DistillError("teacher and student use different tokenizers", field="student.path",
+                           fix="cross-tokenizer KD is not available yet: use a student of the teacher's "
+                               "family, or build one from the teacher's config with `student.config`")
+    vocab_size = len(teacher_tokenizer)
+    for name, model in (("teacher", teacher), ("student", student)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise DistillError(f"the {name} has {rows} output rows for a tokenizer of {vocab_size} tokens",
+                               field=f"{name}.path", fix="resize the model's embeddings to the tokenizer")
+    return vocab_size
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,292 @@
+"""A recipe is one YAML file that says everything about a run (DESIGN.md, "Recipes").
+
+`load_recipe(path, overrides)` reads YAML, applies `--set a.b=c` overrides and validates with
+pydantic; every problem becomes a `DistillError` naming the field path and a fix, before any
+model loads.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import DistillError
+
+BUILTIN_TASKS = ("oracle", "arithmetic")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSpec(_Strict):
+    """The model whose distribution the student learns."""
+
+    path: str = Field(description="Local directory, hub id, or `builtin:<task>-teacher`.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="The teacher's own dtype; losses always compute in float32.")
+
+
+class StudentSpec(_Strict):
+    """The model being trained: a saved model (`path`) or the teacher's config with overrides."""
+
+    path: str | None = Field(None, description="Local directory or hub id of a causal LM.")
+    config: dict[str, Any] | None = Field(
+        None, description="Overrides of the teacher's config, e.g. {hidden_size: 64, num_hidden_layers: 2}.")
+    init_from_teacher_layers: list[int] | None = Field(
+        None, description="Copy these teacher layers (and embeddings/head) into the student; "
+                          "needs the same hidden size. Default: random init.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentSpec":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `student.path` (a saved model) or `student.config` "
+                             "(overrides of the teacher's config, `{}` for a copy of its shape)")
+        if self.init_from_teacher_layers is not None and self.config is None:
+            raise ValueError("`init_from_teacher_layers` needs `student.config` (a student built from "
+                             "the teacher's config)")
+        return self
+
+
+class DataSpec(_Strict):
+    """Training and evaluation data: a built-in task or local jsonl/parquet files."""
+
+    builtin: Literal["oracle", "arithmetic"] | None = Field(None, description="A built-in task.")
+    train: str | None = Field(None, description="jsonl/parquet with prompt+completion, text, or messages.")
+    eval: str | None = Field(None, description="Eval file; default: the last `eval_size` train rows.")
+    train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task.")
+    eval_size: int = Field(200, gt=0, description="Eval examples (built-in) or held-out rows (files).")
+    seed: int = Field(0, description="Seed of the built-in task's sampled data.")
+    max_length: int = Field(256, gt=1, description="Tokens per example, prompt included.")
+    too_long: Literal["truncate", "refuse"] = Field(
+        "truncate", description="Examples over max_length: cut with a warning, or refuse the run.")
+    completion_only: bool = Field(True, description="Loss on completion tokens only (prompt masked).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.builtin is None) == (self.train is None):
+            raise ValueError("give exactly one of `data.builtin` (oracle | arithmetic) or `data.train` (a file)")
+        if self.eval is not None and self.train is None:
+            raise ValueError("`data.eval` needs `data.train`; built-in tasks make their own eval set")
+        return self
+
+
+class ObjectiveSpec(BaseModel):
+    """The distillation loss; extra keys are the loss's own parameters (e.g. `beta` for jsd)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    loss: str = Field("forward_kl", description="A name from `distill losses`.")
+    temperature: float = Field(1.0, gt=0, description="Divides both logits (no T^2 factor, as GKD/TRL).")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross-entropy mixed in.")
+
+    @model_validator(mode="after")
+    def _known_loss_and_params(self) -> "ObjectiveSpec":
+        from distill.losses import REGISTRY, get_loss, loss_parameters
+
+        try:
+            get_loss(self.loss)
+        except (KeyError, ValueError):
+            close = difflib.get_close_matches(self.loss, list(REGISTRY), n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ValueError(f"unknown loss `{self.loss}`; {hint}known: {', '.join(REGISTRY)}") from None
+        allowed = loss_parameters(self.loss)
+        for key, value in (self.model_extra or {}).items():
+            if key not in allowed:
+                known = ", ".join(allowed) or "none"
+                raise ValueError(f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"`{key}` must be a number, got {value!r}")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        return self
+
+    def loss_params(self) -> dict[str, float]:
+        """The loss-specific parameters with their defaults filled in."""
+        from distill.losses import loss_parameters
+
+        return {**loss_parameters(self.loss), **(self.model_extra or {})}
+
+
+class RegimeSpec(_Strict):
+    """Where the training sequences come from."""
+
+    kind: Literal["off_policy", "on_policy", "sequence", "cache"] = Field(
+        "off_policy", description="off_policy: dataset sequences scored by a live teacher.")
+
+    @model_validator(mode="after")
+    def _available(self) -> "RegimeSpec":
+        if self.kind != "off_policy":
+            raise ValueError(f"regime `{self.kind}` is planned but not available in this version; "
+                             "use `off_policy`")
+        return self
+
+
+class TrainSpec(_Strict):
+    """Optimisation. `batch_size` is per process and micro-step (as in HF `per_device_*`)."""
+
+    steps: int = Field(400, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients; null to disable.")
+    seed: int = Field(0, description="Student init and data order.")
+    checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
+    log_every: int = Field(10, gt=0, description="Steps between loss records.")
+    baseline: bool = Field(True, description="Also train the student alone on hard labels (the 'alone' row).")
+    threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: torch's choice.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainSpec":
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class EvalSpec(_Strict):
+    """Evaluation during and after training."""
+
+    every: int = Field(100, gt=0, description="Steps between evals (metrics.jsonl).")
+    batch_size: int = Field(32, gt=0)
+    generate_size: int = Field(64, ge=0, description="Eval examples scored by generation.")
+    throughput_tokens: int = Field(64, gt=0, description="New tokens per sequence when timing generation.")
+
+
+class Recipe(_Strict):
+    """Everything about one run. Every field has a default where one is sensible."""
+
+    name: str = "run"
+    task: Literal["lm", "classifier", "diffusion"] = "lm"
+    teacher: TeacherSpec
+    student: StudentSpec
+    data: DataSpec
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    regime: RegimeSpec = Field(default_factory=RegimeSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: str | None = Field(None, description="Run directory; default runs/<name>.")
+
+    @model_validator(mode="after")
+    def _task_available(self) -> "Recipe":
+        if self.task != "lm":
+            raise ValueError(f"task `{self.task}` is planned but not available in this version; use `lm`")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading, overrides, readable errors ------------------------------------------------------
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to the nested dict `data` in place."""
+    if "=" not in assignment:
+        raise DistillError(f"`{assignment}` is not of the form key.path=value", field="--set",
+                           fix="write e.g. --set train.steps=50")
+    key_path, raw_value = assignment.split("=", 1)
+    keys = [k for k in key_path.strip().split(".") if k]
+    if not keys:
+        raise DistillError(f"`{assignment}` names no field", field="--set", fix="write e.g. --set train.steps=50")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise DistillError(f"`{'.'.join(keys[:depth + 1])}` is a value, not a section", field="--set",
+                               fix=f"set `{'.'.join(keys[:depth + 1])}=...` directly")
+        node = child
+    node[keys[-1]] = value
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (for 'did you mean' on unknown keys)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if annotation is None:
+            return []
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _readable(error: ValidationError) -> DistillError:
+    lines, first_field = [], None
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        field = ".".join(str(p) for p in loc) or "recipe"
+        first_field = first_field or field
+        kind, message = item["type"], item["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(Recipe, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            message = "unknown key" + (f"; did you mean `{close[0]}`?" if close else "")
+            message += f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        elif kind == "missing":
+            message = "required field is missing"
+        elif "input" in item and kind not in ("value_error", "assertion_error"):
+            message += f" (got {item['input']!r})"
+        lines.append(f"{field}: {message}")
+    fix = "edit the recipe or override with --set FIELD=VALUE; `distill run --help` lists the options"
+    return DistillError("invalid recipe\n  " + "\n  ".join(lines), field=None, fix=fix)
+
+
+def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a recipe given as a dict (after applying `overrides`)."""
+    if not isinstance(data, dict):
+        raise DistillError(f"a recipe is a mapping of sections, got {type(data).__name__}",
+                           fix="start from recipes/oracle-demo.yaml")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise _readable(error) from None
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Recipe from a YAML path, `builtin:<name>`, a dict or a Recipe, with `--set` overrides."""
+    if isinstance(source, Recipe):
+        return parse_recipe(source.model_dump(mode="json"), overrides)
+    if isinstance(source, dict):
+        return parse_recipe(dict(source), overrides)
+    path = builtin_recipe_path(str(source)) if str(source).startswith("builtin:") else Path(source)
+    if not path.is_file():
+        raise DistillError(f"recipe file `{path}` not found", fix="give the path of a YAML recipe, "
+                           "e.g. recipes/oracle-demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DistillError(f"`{path}` is not valid YAML{where}: {getattr(error, 'problem', error)}",
+                           fix="check indentation and `key: value` pairs there") from None
+    return parse_recipe(data if data is not None else {}, overrides)
+
+
+def builtin_recipe_path(name: str) -> Path:
+    """`builtin:oracle-demo` -> the recipe shipped inside the package."""
+    stem = name.removeprefix("builtin:")
+    path = Path(__file__).parent / "recipes" / f"{stem}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise DistillError(f"no built-in recipe `{stem}`", fix=f"use one of: {', '.join(known)}")
+    return path

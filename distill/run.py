@@ -1,0 +1,204 @@
+"""`distill.run()`: recipe -> models, data, teacher signal, trainer, evaluation, report.
+
+Three rows on the same eval data end every run: the teacher, the student trained alone (same
+init, data order and steps, hard labels) and the distilled student.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from distill.data import read_records, tokenize
+from distill.errors import DistillError
+from distill.evaluate import evaluate_model
+from distill.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer)
+from distill.recipe import ObjectiveSpec, Recipe, load_recipe
+from distill.report import ROW_NAMES, format_table, write_report
+from distill.tasks import get_task
+from distill.train.lm import LMTrainer, Phase
+
+FINISHED_MARKER = "results.json"
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the three rows of metrics and where everything was written."""
+
+    run_dir: Path
+    rows: dict[str, dict]
+    primary_metric: str
+    higher_is_better: bool
+    extras: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        return format_table(self.rows, self.primary_metric, self.higher_is_better)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunResult":
+        results = json.loads((Path(run_dir) / FINISHED_MARKER).read_text())
+        return cls(Path(run_dir), results["rows"], results["primary_metric"], results["higher_is_better"],
+                   {k: v for k, v in results.items() if k not in ("rows", "primary_metric", "higher_is_better")})
+
+
+def make_accelerator() -> Accelerator:
+    # Without a GPU, plain Accelerator() under `accelerate launch --multi_gpu` gives independent
+    # world-size-1 processes (measured); cpu=True joins them into one gloo process group.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def prepare_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Never overwrite silently: a finished or unfinished run needs --overwrite (or --resume)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    is_run = (run_dir / "recipe.yaml").is_file()
+    if overwrite:
+        if not is_run:
+            raise DistillError(f"`{run_dir}` is not empty and is not a distill run; refusing to delete it",
+                               field="output", fix="choose another output directory")
+        if is_main:
+            shutil.rmtree(run_dir)
+        return
+    if resume:
+        if not is_run:
+            raise DistillError(f"`{run_dir}` holds no run to resume", field="output", fix="run without --resume")
+        return
+    if (run_dir / FINISHED_MARKER).is_file():
+        raise DistillError(f"`{run_dir}` holds a finished run", field="output",
+                           fix="pass --overwrite to replace it, or set output to a new directory")
+    raise DistillError(f"`{run_dir}` holds an unfinished run" if is_run else f"`{run_dir}` is not empty",
+                       field="output", fix="pass --resume to continue it, --overwrite to start again, "
+                                           "or choose another output directory")
+
+
+def load_data(recipe: Recipe, tokenizer, task):
+    """(train_records, eval_records, train_examples, eval_examples) for a built-in task or files."""
+    spec = recipe.data
+    if task is not None:
+        train_records = task.records(spec.train_size, spec.seed, "train")
+        eval_records = task.records(spec.eval_size, spec.seed, "eval")
+        append_eos = task.append_eos
+    else:
+        train_records = read_records(spec.train, "data.train")
+        if spec.eval is not None:
+            eval_records = read_records(spec.eval, "data.eval")
+        else:
+            if len(train_records) <= spec.eval_size:
+                raise DistillError(f"{len(train_records)} rows cannot spare eval_size={spec.eval_size} for eval",
+                                   field="data.eval_size", fix="give data.eval, or lower data.eval_size")
+            train_records, eval_records = train_records[:-spec.eval_size], train_records[-spec.eval_size:]
+        append_eos = True
+    options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
+                   append_eos=append_eos)
+    return (train_records, eval_records, tokenize(train_records, tokenizer, field="data.train", **options),
+            tokenize(eval_records, tokenizer, field="data.eval", **options))
+
+
+def weights_sha256(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
+        overwrite: bool = False) -> RunResult:
+    """Distill the recipe's teacher into its student; write the run directory; return the rows."""
+    recipe = load_recipe(recipe, overrides)
+    started = time.perf_counter()
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    accelerator = make_accelerator()
+    is_main = accelerator.is_main_process
+    run_dir = recipe.output_dir
+    prepare_output_dir(run_dir, resume=resume, overwrite=overwrite, is_main=is_main)
+    accelerator.wait_for_everyone()
+
+    # Tokenizers and data before any model loads: the cheap checks fail first.
+    task = get_task(recipe.data.builtin) if recipe.data.builtin else None
+    tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
+    student_tokenizer = load_tokenizer(recipe.student.path, "student.path") if recipe.student.path else tokenizer
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        check_same_vocabulary(tokenizer, student_tokenizer, None, None)
+    train_records, eval_records, train_examples, eval_examples = load_data(recipe, tokenizer, task)
+
+    teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
+    teacher.requires_grad_(False)
+
+    def new_student():
+        if recipe.student.path:
+            torch.manual_seed(recipe.train.seed)
+            return load_causal_lm(recipe.student.path, "student.path")
+        return build_student(teacher, recipe.student.config, recipe.student.init_from_teacher_layers, recipe.train.seed)
+
+    student = new_student()
+    vocab_size = check_same_vocabulary(tokenizer, student_tokenizer, teacher, student)
+    longest = max(len(e.input_ids) for e in train_examples + eval_examples)
+    for role, model in (("teacher", teacher), ("student", student)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
+                               field="data.max_length", fix=f"set data.max_length <= {limit}")
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    teacher.to(accelerator.device)
+
+    def evaluate(model, final: bool = False) -> dict:
+        return evaluate_model(model, task=task, tokenizer=tokenizer, eval_records=eval_records,
+                              eval_examples=eval_examples, vocab_size=vocab_size,
+                              batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                              seed=recipe.data.seed, teacher=teacher,
+                              throughput_tokens=recipe.eval.throughput_tokens if final else None)
+
+    phases = [("distilled", "student", Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective))]
+    if recipe.train.baseline:
+        phases.append(("alone", "alone", Phase("alone", run_dir / "checkpoint-alone")))
+    rows, weight_hashes = {}, {}
+    for row, model_dir_name, phase in phases:
+        model_dir = run_dir / model_dir_name
+        model = student if row == "distilled" else new_student()
+        if resume and (model_dir / "config.json").is_file():
+            model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
+        else:
+            trainer = LMTrainer(accelerator=accelerator, student=model, phase=phase, examples=train_examples,
+                                pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size, spec=recipe.train,
+                                eval_every=recipe.eval.every, evaluate=evaluate,
+                                metrics_file=run_dir / "metrics.jsonl", losses_file=run_dir / "losses.jsonl")
+            trainer.fit(resume=resume)
+            model = accelerator.unwrap_model(trainer.student)
+            weight_hashes[row] = gather_object([weights_sha256(model)])
+            if is_main:
+                _save_model_atomically(model, tokenizer, model_dir)
+            accelerator.wait_for_everyone()
+        if is_main:
+            rows[row] = evaluate(model.to(accelerator.device).eval(), final=True)
+    if is_main:
+        rows = {"teacher": evaluate(teacher, final=True), **rows}
+        extras = {"world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
+                  "seconds": time.perf_counter() - started, "recipe": recipe.model_dump(mode="json")}
+        result = RunResult(run_dir, {k: rows[k] for k in ROW_NAMES if k in rows},
+                           task.metric if task else "nll", task.higher_is_better if task else False, extras)
+        write_report(result)
+    accelerator.wait_for_everyone()
+    return result if is_main else None
+
+
+def _save_model_atomically(model, tokenizer, directory: Path) -> None:
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+

@@ -1,0 +1,71 @@
+"""`arithmetic`: `a + b =` prompts with verifiable answers, scored by exact match under greedy
+generation. Answers are written least-significant digit first (the order a left-to-right model
+can compute carries in), space-separated so the word-level tokenizer sees one digit a token."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distill.tasks.vocab import word_level_tokenizer
+
+NUM_DIGITS = 4
+
+
+def format_problem(left: int, right: int) -> dict:
+    """{'prompt': '1 2 + 3 4 =', 'completion': '6 4'} for 12 + 34 (answer 46, reversed)."""
+    return {"prompt": f"{' '.join(str(left))} + {' '.join(str(right))} =",
+            "completion": " ".join(str(left + right)[::-1])}
+
+
+class ArithmeticTask:
+    """Addition of up to `NUM_DIGITS`-digit numbers; metric: exact match of greedy answers."""
+
+    name = "arithmetic"
+    metric = "exact_match"
+    higher_is_better = True
+    append_eos = True  # the model must learn to stop after the answer
+    teacher_config = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
+
+    def tokenizer(self):
+        return word_level_tokenizer([str(d) for d in range(10)] + ["+", "="])
+
+    def records(self, count: int, seed: int, split: str) -> list[dict]:
+        """Seeded problems; eval problems never appear in the train split of the same seed."""
+        stream = {"train": 0, "eval": 1}[split]
+        rng = np.random.default_rng([seed, stream])
+        high = 10 ** NUM_DIGITS
+        held_out = set()
+        if split == "train":  # exclude the eval problems of this seed (they are few)
+            eval_rng = np.random.default_rng([seed, 1])
+            held_out = {tuple(p) for p in eval_rng.integers(0, high, size=(count, 2)).tolist()}
+        problems = []
+        while len(problems) < count:
+            pair = tuple(rng.integers(0, high, size=2).tolist())
+            if pair not in held_out:
+                problems.append(format_problem(*pair))
+        return problems
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, records: list[dict], *, batch_size: int, generate_size: int,
+                 seed: int) -> dict[str, float]:
+        """Fraction of the first `generate_size` eval problems answered exactly (greedy)."""
+        if generate_size == 0:
+            return {}
+        device = next(model.parameters()).device
+        problems = records[:generate_size]
+        correct = 0
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start:start + batch_size]
+            # Prompts of different lengths: left-pad so every answer starts at the same column.
+            encoded = [tokenizer(p["prompt"]).input_ids for p in chunk]
+            width = max(map(len, encoded))
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
+            attention_mask = (torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None])
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
+                max_new_tokens=NUM_DIGITS + 2, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+            for problem, row in zip(chunk, generated[:, width:].tolist()):
+                answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                correct += answer == problem["completion"]
+        return {"exact_match": correct / len(problems)}

@@ -1,0 +1,218 @@
+"""The LM distillation loop on `accelerate` (off-policy, live teacher).
+
+One optimizer step reads top to bottom: take the step's micro-batches -> count valid tokens over
+the whole accumulated batch (all processes) -> per micro-batch: student forward, teacher forward
+under no_grad, divergence (+ hard-label CE) normalised by that count -> backward -> clip, step,
+schedule -> log, eval, checkpoint. With no teacher the same loop trains on hard labels only
+(the "alone" baseline and `distill train-teacher`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
+from distill.errors import DistillError
+from distill.losses import cross_entropy, get_loss
+from distill.recipe import ObjectiveSpec, TrainSpec
+from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+# Testing aid: stop as if killed right after the checkpoint of this step (see tests/test_resume.py).
+CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
+
+
+@dataclass
+class Phase:
+    """One training job inside a run: `distilled` (teacher given), `alone` or `teacher` (CE only)."""
+
+    name: str
+    checkpoint_dir: Path
+    teacher: torch.nn.Module | None = None
+    objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(loss="forward_kl", kd_weight=0.0, ce_weight=1.0))
+
+
+def make_scheduler(optimizer, spec: TrainSpec):
+    """Linear warmup, then cosine / linear decay to zero, or constant."""
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        if spec.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if spec.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LMTrainer:
+    """Trains `student` for `spec.steps` optimizer steps; only the main process writes files."""
+
+    def __init__(self, *, accelerator, student, phase: Phase, examples: list[Example], pad_token_id: int,
+                 vocab_size: int, spec: TrainSpec, eval_every: int, evaluate: Callable[[torch.nn.Module], dict],
+                 metrics_file: Path | None, losses_file: Path | None):
+        self.accelerator, self.phase, self.spec = accelerator, phase, spec
+        self.examples, self.pad_token_id, self.vocab_size = examples, pad_token_id, vocab_size
+        self.eval_every, self.evaluate = eval_every, evaluate
+        self.metrics_file, self.losses_file = metrics_file, losses_file
+        self.divergence = get_loss(phase.objective.loss)
+        self.loss_params = phase.objective.loss_params()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        if phase.teacher is not None:
+            phase.teacher.to(accelerator.device).eval().requires_grad_(False)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to `spec.steps`; returns the eval history (one dict per eval) of this phase."""
+        spec, accelerator = self.spec, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        order = BatchOrder(len(self.examples), spec.seed)
+        step, position, last_checkpoint = 0, 0, None
+        if resume and (found := find_checkpoint(self.phase.checkpoint_dir)) is not None:
+            state = load_checkpoint(found, model=accelerator.unwrap_model(self.student),
+                                    optimizer=self.optimizer, scheduler=self.scheduler)
+            step, position, last_checkpoint = state["step"], state["position"], state["step"]
+        history = self._truncate_logs(step)
+        crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
+        self.student.train()
+        progress = tqdm(total=spec.steps, initial=step, desc=self.phase.name, disable=not accelerator.is_main_process,
+                        dynamic_ncols=True, leave=False)
+        while step < spec.steps:
+            started = time.perf_counter()
+            micro_batches = []
+            for _ in range(spec.grad_accum):
+                indices = order.take(position, spec.batch_size * world)
+                position += spec.batch_size * world
+                mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                micro_batches.append(collate([self.examples[i] for i in mine], self.pad_token_id))
+            # The loss is a mean over every valid token of the accumulated batch on all processes.
+            local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+            num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
+            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+            for index, batch in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                with nullcontext() if last else accelerator.no_sync(self.student):
+                    loss, parts = self._micro_batch_loss(batch, max(num_valid_tokens, 1))
+                    # DDP averages gradients over processes; the loss is already a global mean.
+                    accelerator.backward(loss * world)
+                for key, value in parts.items():
+                    totals[key] += value
+            totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum")) for k, v in totals.items()}
+            grad_norm = self._clip()
+            if not math.isfinite(totals["loss"]) or not math.isfinite(grad_norm):
+                where = (f"the last good checkpoint is step {last_checkpoint} in {self.phase.checkpoint_dir}"
+                         if last_checkpoint is not None else "no checkpoint was written yet")
+                raise DistillError(f"{self.phase.name}: the loss became non-finite at step {step + 1} "
+                                   f"(loss={totals['loss']}, grad norm={grad_norm}); training stopped and {where}",
+                                   field="train.lr", fix="lower train.lr or raise objective.temperature, then run "
+                                                         "again (with --resume to continue from the checkpoint)")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * world
+            tokens_per_second = tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            if step % spec.log_every == 0 or step == spec.steps:
+                self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
+                                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                                "tokens_per_second": tokens_per_second})
+            if step % self.eval_every == 0 or step == spec.steps:
+                history.append(self._run_eval(step))
+            if step % spec.checkpoint_every == 0 or step == spec.steps:
+                self._checkpoint(step, position)
+                last_checkpoint = step
+                if step == crash_after:
+                    progress.close()
+                    raise SystemExit(f"{CRASH_AFTER_STEP_ENV}={crash_after}: simulated crash after the checkpoint")
+        progress.close()
+        return history
+
+    def _micro_batch_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        # Position t predicts token t+1; compare over the tokenizer's real vocabulary only.
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1, :self.vocab_size]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        objective, parts = self.phase.objective, {}
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.phase.teacher is not None and objective.kd_weight > 0:
+            with torch.no_grad():
+                teacher_logits = self.phase.teacher(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"]).logits
+            teacher_logits = teacher_logits[:, :-1, :self.vocab_size]
+            kd = self.divergence(logits, teacher_logits, mask, temperature=objective.temperature,
+                                 num_valid_tokens=num_valid_tokens, **self.loss_params)
+            loss = loss + objective.kd_weight * kd
+            parts["kd"] = kd.item()
+        if objective.ce_weight > 0:
+            ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
+            loss = loss + objective.ce_weight * ce
+            parts["ce"] = ce.item()
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def _clip(self) -> float:
+        if self.spec.max_grad_norm is not None:
+            return float(self.accelerator.clip_grad_norm_(self.student.parameters(), self.spec.max_grad_norm))
+        norms = [p.grad.norm() for p in self.student.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    # ---- eval, logs, checkpoints (main process writes; the others wait) ---------------------
+
+    def _run_eval(self, step: int) -> dict:
+        record = {"phase": self.phase.name, "step": step}
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.student)
+            model.eval()
+            record.update(self.evaluate(model))
+            model.train()
+            self._append(self.metrics_file, record)
+        self.accelerator.wait_for_everyone()
+        return record
+
+    def _checkpoint(self, step: int, position: int) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.phase.checkpoint_dir, model=self.accelerator.unwrap_model(self.student),
+                            optimizer=self.optimizer, scheduler=self.scheduler,
+                            state={"step": step, "position": position, "phase": self.phase.name})
+        self.accelerator.wait_for_everyone()
+
+    def _append(self, file: Path | None, record: dict) -> None:
+        if file is not None and self.accelerator.is_main_process:
+            with open(file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _truncate_logs(self, step: int) -> list[dict]:
+        """Drop this phase's log lines after `step` (written after the checkpoint we resume
+        from); return its eval history up to `step`."""
+        history = []
+        for file in (self.metrics_file, self.losses_file):
+            if file is None or not file.exists():
+                continue
+            kept = []
+            for line in file.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("phase") == self.phase.name and record["step"] > step:
+                    continue
+                kept.append(line)
+                if file == self.metrics_file and record.get("phase") == self.phase.name:
+                    history.append(record)
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                file.write_text("".join(line + "\n" for line in kept))
+        return history
