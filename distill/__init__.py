@@ -17,7 +17,7 @@ __all__ = ["DistillError", "Recipe", "RunResult", "load_recipe", "run", "train_t
 def __getattr__(name: str):
     # The heavy imports (transformers, accelerate) wait until a run is asked for.
     if name in ("run", "RunResult"):
-        from distill import run as run_module
+        from distill import pipeline as run_module
         return getattr(run_module, name)
     if name == "train_teacher":
         from distill.teacher.train import train_teacher

@@ -42,7 +42,7 @@ def _print_result(result) -> None:
 
 
 def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
-    from distill.run import run
+    from distill.pipeline import run
 
     result = run(recipe, overrides, resume=resume, overwrite=overwrite)
     if result is not None:  # None on processes other than rank 0
@@ -104,7 +104,7 @@ def losses():
 @app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
     """Print the result table of finished runs."""
-    from distill.run import FINISHED_MARKER, RunResult
+    from distill.pipeline import FINISHED_MARKER, RunResult
 
     for run_dir in run_dirs:
         if not (run_dir / FINISHED_MARKER).is_file():

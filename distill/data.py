@@ -31,10 +31,22 @@ def read_records(path: str, field: str) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DistillError("reading parquet needs pyarrow", field=field, fix="pip install pyarrow") from None
-        return pq.read_table(file).to_pylist()
-    text = file.read_text()
+        try:
+            return pq.read_table(file).to_pylist()
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise DistillError(f"`{path}` is not a readable parquet file: {str(error).splitlines()[0]}",
+                               field=field, fix="write it with pyarrow/pandas `to_parquet`") from None
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DistillError(f"`{path}` is not UTF-8 text ({error.reason} at byte {error.start})", field=field,
+                           fix="use .parquet for binary data, or save the file as UTF-8") from None
     if file.suffix == ".json":
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DistillError(f"`{path}` is not JSON: {error.msg} at line {error.lineno}, column {error.colno}",
+                               field=field, fix="use a JSON list of objects, or jsonl (one object per line)") from None
         if not isinstance(rows, list):
             raise DistillError(f"`{path}` holds a {type(rows).__name__}, not a list of rows", field=field,
                                fix="use a JSON list of objects, or jsonl (one object per line)")
@@ -90,7 +102,9 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, 
     examples, truncated = [], 0
     for index, record in enumerate(records):
         prompt_ids, completion_ids = _prompt_and_completion(record, tokenizer, index, field)
-        if append_eos and tokenizer.eos_token_id is not None:
+        templated = "messages" in record and bool(getattr(tokenizer, "chat_template", None))
+        if append_eos and tokenizer.eos_token_id is not None and not (
+                templated and tokenizer.eos_token_id in completion_ids):  # the template ended the turn itself
             completion_ids = completion_ids + [tokenizer.eos_token_id]
         input_ids = prompt_ids + completion_ids
         labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids

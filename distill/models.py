@@ -14,6 +14,13 @@ ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_transformers() -> None:
+    """Our own progress bar is the one to watch: no per-load / per-save bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2,
                       num_attention_heads: int = 4, intermediate_size: int | None = None,
                       max_position_embeddings: int = 256, **overrides) -> LlamaConfig:
@@ -117,6 +124,14 @@ def copy_teacher_layers(teacher, student, layer_indices: list[int]) -> None:
     if bad:
         raise DistillError(f"teacher has layers 0..{len(teacher_layers) - 1}, not {bad}", field=field,
                            fix="use indices inside the teacher")
+    for student_index, teacher_index in enumerate(layer_indices):  # check all before copying any
+        source, target = teacher_layers[teacher_index].state_dict(), student_layers[student_index].state_dict()
+        mismatched = [f"{name} {tuple(source[name].shape)} vs {tuple(tensor.shape)}"
+                      for name, tensor in target.items() if name in source and source[name].shape != tensor.shape]
+        if mismatched:
+            raise DistillError(f"teacher layer {teacher_index} does not fit student layer {student_index}: "
+                               f"{'; '.join(mismatched[:3])}", field=field,
+                               fix="keep the teacher's layer sizes (e.g. intermediate_size, heads) when copying layers")
     teacher_state = teacher.state_dict()
     # Copy everything whose name and shape match (embeddings, norms, head), then the chosen layers.
     student_state = student.state_dict()

@@ -6,6 +6,7 @@ model loads.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distill.errors import DistillError
 
 BUILTIN_TASKS = ("oracle", "arithmetic")
+
+
+class _FieldValueError(ValueError):
+    """A model validator's complaint about one field below the model (`field`, dotted), so the
+    error names e.g. `objective.beta` rather than just `objective`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class _Strict(BaseModel):
@@ -46,7 +56,7 @@ class StudentSpec(_Strict):
             raise ValueError("give exactly one of `student.path` (a saved model) or `student.config` "
                              "(overrides of the teacher's config, `{}` for a copy of its shape)")
         if self.init_from_teacher_layers is not None and self.config is None:
-            raise ValueError("`init_from_teacher_layers` needs `student.config` (a student built from "
+            raise _FieldValueError("init_from_teacher_layers", "`init_from_teacher_layers` needs `student.config` (a student built from "
                              "the teacher's config)")
         return self
 
@@ -70,7 +80,7 @@ class DataSpec(_Strict):
         if (self.builtin is None) == (self.train is None):
             raise ValueError("give exactly one of `data.builtin` (oracle | arithmetic) or `data.train` (a file)")
         if self.eval is not None and self.train is None:
-            raise ValueError("`data.eval` needs `data.train`; built-in tasks make their own eval set")
+            raise _FieldValueError("eval", "`data.eval` needs `data.train`; built-in tasks make their own eval set")
         return self
 
 
@@ -92,14 +102,19 @@ class ObjectiveSpec(BaseModel):
         except (KeyError, ValueError):
             close = difflib.get_close_matches(self.loss, list(REGISTRY), n=1)
             hint = f"did you mean `{close[0]}`? " if close else ""
-            raise ValueError(f"unknown loss `{self.loss}`; {hint}known: {', '.join(REGISTRY)}") from None
+            raise _FieldValueError("loss", f"unknown loss `{self.loss}`; {hint}known: {', '.join(REGISTRY)}") from None
         allowed = loss_parameters(self.loss)
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 known = ", ".join(allowed) or "none"
-                raise ValueError(f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
+                raise _FieldValueError(key, f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
+            if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+                try:
+                    value = self.model_extra[key] = float(value)
+                except ValueError:
+                    pass
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"`{key}` must be a number, got {value!r}")
+                raise _FieldValueError(key, f"`{key}` must be a number, got {value!r}")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
         return self
@@ -120,7 +135,7 @@ class RegimeSpec(_Strict):
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
         if self.kind != "off_policy":
-            raise ValueError(f"regime `{self.kind}` is planned but not available in this version; "
+            raise _FieldValueError("kind", f"regime `{self.kind}` is planned but not available in this version; "
                              "use `off_policy`")
         return self
 
@@ -145,7 +160,7 @@ class TrainSpec(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+            raise _FieldValueError("warmup_steps", f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self
 
 
@@ -175,7 +190,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _task_available(self) -> "Recipe":
         if self.task != "lm":
-            raise ValueError(f"task `{self.task}` is planned but not available in this version; use `lm`")
+            raise _FieldValueError("task", f"task `{self.task}` is planned but not available in this version; use `lm`")
         return self
 
     @property
@@ -232,6 +247,9 @@ def _readable(error: ValidationError) -> DistillError:
     lines, first_field = [], None
     for item in error.errors():
         loc = tuple(item["loc"])
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldValueError):
+            loc += tuple(cause.field.split("."))
         field = ".".join(str(p) for p in loc) or "recipe"
         first_field = first_field or field
         kind, message = item["type"], item["msg"].removeprefix("Value error, ")
@@ -254,6 +272,7 @@ def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> Reci
     if not isinstance(data, dict):
         raise DistillError(f"a recipe is a mapping of sections, got {type(data).__name__}",
                            fix="start from recipes/oracle-demo.yaml")
+    data = copy.deepcopy(data)  # overrides must not change the caller's dict
     for assignment in overrides:
         apply_override(data, assignment)
     try:
@@ -275,8 +294,10 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | tuple
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if context is not None and getattr(error, "context", None) and (mark is None or context.line != mark.line):
+            where += f" ({error.context} from line {context.line + 1}, column {context.column + 1})"
         raise DistillError(f"`{path}` is not valid YAML{where}: {getattr(error, 'problem', error)}",
                            fix="check indentation and `key: value` pairs there") from None
     return parse_recipe(data if data is not None else {}, overrides)

@@ -80,12 +80,18 @@ def make_plots(run_dir: Path, primary_metric: str, rows: dict[str, dict]) -> lis
     plots.mkdir(exist_ok=True)
     written = []
     losses, metrics = _read_jsonl(run_dir / "losses.jsonl"), _read_jsonl(run_dir / "metrics.jsonl")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for phase in dict.fromkeys(r["phase"] for r in losses):
+    phases = list(dict.fromkeys(r["phase"] for r in losses)) or ["-"]
+    # One panel per phase: the divergence and cross-entropy live on different scales.
+    figure, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for axis, phase in zip(axes[0], phases):
         points = [r for r in losses if r["phase"] == phase]
-        axis.plot([r["step"] for r in points], [r["loss"] for r in points], label=f"{ROW_LABELS.get(phase, phase)} (training loss)")
-    axis.set(xlabel="step", ylabel="loss", title="training loss (distilled: divergence; alone: CE)")
-    axis.legend(); figure.tight_layout(); figure.savefig(plots / "loss.png", dpi=110); plt.close(figure)
+        parts = [key for key in ("kd", "ce") if any(r.get(key) for r in points)]
+        for key, label in (("loss", "total"), ("kd", "divergence"), ("ce", "hard-label CE")):
+            if key in parts or (key == "loss" and len(parts) > 1):
+                axis.plot([r["step"] for r in points], [r[key] for r in points], label=label)
+        axis.set(xlabel="step", ylabel="training loss", title=ROW_LABELS.get(phase, phase))
+        axis.legend()
+    figure.tight_layout(); figure.savefig(plots / "loss.png", dpi=110); plt.close(figure)
     written.append(plots / "loss.png")
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for phase in dict.fromkeys(r["phase"] for r in metrics):

@@ -1,6 +1,8 @@
 """`arithmetic`: `a + b =` prompts with verifiable answers, scored by exact match under greedy
-generation. Answers are written least-significant digit first (the order a left-to-right model
-can compute carries in), space-separated so the word-level tokenizer sees one digit a token."""
+generation. Operands are zero-padded to a fixed width and answers written least-significant digit
+first (the order in which a left-to-right model can compute carries), space-separated so the
+word-level tokenizer sees one digit a token. (Unpadded operands left a 1M-parameter teacher stuck
+at chance for 900 steps here: digit positions did not line up.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +14,11 @@ NUM_DIGITS = 4
 
 
 def format_problem(left: int, right: int) -> dict:
-    """{'prompt': '1 2 + 3 4 =', 'completion': '6 4'} for 12 + 34 (answer 46, reversed)."""
-    return {"prompt": f"{' '.join(str(left))} + {' '.join(str(right))} =",
-            "completion": " ".join(str(left + right)[::-1])}
+    """{'prompt': '0 0 1 2 + 0 0 3 4 =', 'completion': '6 4 0 0 0'} for 12 + 34 = 46 (4 digits)."""
+    def digits(number: int, width: int) -> str:
+        return " ".join(str(number).zfill(width))
+    return {"prompt": f"{digits(left, NUM_DIGITS)} + {digits(right, NUM_DIGITS)} =",
+            "completion": digits(left + right, NUM_DIGITS + 1)[::-1]}
 
 
 class ArithmeticTask:
@@ -63,7 +67,7 @@ class ArithmeticTask:
             attention_mask = (torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None])
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
-                max_new_tokens=NUM_DIGITS + 2, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=NUM_DIGITS + 2,  # the answer and EOS do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id)
             for problem, row in zip(chunk, generated[:, width:].tolist()):
                 answer = tokenizer.decode(row, skip_special_tokens=True).strip()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model
-from distill.models import count_parameters, tiny_llama_config
+from distill.models import count_parameters, quiet_transformers, tiny_llama_config
 from distill.recipe import TrainSpec
 from distill.tasks import get_task
 from distill.train.lm import LMTrainer, Phase
@@ -24,8 +24,9 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                   model_overrides: dict | None = None) -> dict:
     """Train the teacher of `builtin:<task>` into `out`; returns its final eval metrics."""
     from distill.data import tokenize
-    from distill.run import make_accelerator, _save_model_atomically
+    from distill.pipeline import make_accelerator, _save_model_atomically
 
+    quiet_transformers()
     task = get_task(task_name.removeprefix("builtin:"))
     out = Path(out)
     if (out / "config.json").exists() and not overwrite:

@@ -1,4 +1,5 @@
 """`distill.run()`: recipe -> models, data, teacher signal, trainer, evaluation, report.
+(The module is `pipeline`, not `run`, so that `distill.run` stays the function.)
 
 Three rows on the same eval data end every run: the teacher, the student trained alone (same
 init, data order and steps, hard labels) and the distilled student.
@@ -9,6 +10,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from accelerate.utils import gather_object
 from distill.data import read_records, tokenize
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model
-from distill.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer)
+from distill.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
+                            quiet_transformers)
 from distill.recipe import ObjectiveSpec, Recipe, load_recipe
 from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
@@ -114,6 +117,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     """Distill the recipe's teacher into its student; write the run directory; return the rows."""
     recipe = load_recipe(recipe, overrides)
     started = time.perf_counter()
+    quiet_transformers()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = make_accelerator()
@@ -150,6 +154,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (run_dir / "recipe.yaml").is_file():
+            _warn_changed_fields(load_recipe(run_dir / "recipe.yaml"), recipe)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.wait_for_everyone()
     teacher.to(accelerator.device)
@@ -192,6 +198,21 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         write_report(result)
     accelerator.wait_for_everyone()
     return result if is_main else None
+
+
+def _warn_changed_fields(saved: Recipe, current: Recipe) -> None:
+    """Resuming with a changed recipe is allowed (e.g. a lower lr after a non-finite loss), but said."""
+    def flat(data, prefix=""):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    before, after = dict(flat(saved.model_dump(mode="json"))), dict(flat(current.model_dump(mode="json")))
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+               if before.get(k) != after.get(k)]
+    if changed:
+        warnings.warn("resuming with a recipe that differs from the saved one: " + "; ".join(changed), stacklevel=2)
 
 
 def _save_model_atomically(model, tokenizer, directory: Path) -> None:

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny saved teacher, recipe helpers and a CLI runner.
+
+The machine has 2 CPU cores shared with other jobs, so torch uses one thread in every test
+process and in every CLI subprocess. Nothing here touches the network: models are built from
+configs and saved to temporary directories, and the hub is switched to offline mode.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from a test
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Sizes of the tiny teacher in `tiny_lm_dir` (tests that rebuild it in memory use the same).
+TINY_TEACHER_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
+    return env
+
+
+def run_distill_cli(*args: str, cwd: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m distill ARGS` in a subprocess (one torch thread); text stdout/stderr captured.
+
+    DistillErrors come back as exit code 2 with `error <field>: <message>\\n  fix: ...` on stderr.
+    Plain function so module- or session-scoped fixtures can call it too (see `run_cli`)."""
+    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], cwd=cwd, env=_cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """A function `run_cli(*args, cwd=None)` -> CompletedProcess of `python -m distill ARGS`."""
+    return run_distill_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A directory with a tiny random Llama causal LM (hidden 32, 2 layers, 4 heads) and the
+    oracle task's word-level tokenizer, both written with save_pretrained. Stands in for a
+    teacher (`teacher: {path: str(tiny_lm_dir)}`). Session-scoped: do not modify it."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import tiny_llama_config
+    from distill.tasks.oracle import OracleTask
+
+    directory = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = OracleTask().tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer), **TINY_TEACHER_SHAPE))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """A function `write_recipe(recipe_dict, name="recipe.yaml")` -> Path of the YAML written in tmp_path."""
+
+    def write(recipe: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_recipe(tiny_lm_dir, tmp_path) -> dict:
+    """A minimal valid recipe dict: the tiny teacher, a 1-layer student, 32 oracle examples,
+    4 steps, output in tmp_path/run. A fresh dict per test: edit it freely."""
+    return {
+        "teacher": {"path": str(tiny_lm_dir)},
+        "student": {"config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "intermediate_size": 32}},
+        "data": {"builtin": "oracle", "train_size": 32, "eval_size": 8},
+        "train": {"steps": 4, "batch_size": 4, "threads": 1, "checkpoint_every": 2, "log_every": 1},
+        "eval": {"every": 2, "batch_size": 8, "generate_size": 4, "throughput_tokens": 4},
+        "output": str(tmp_path / "run"),
+    }

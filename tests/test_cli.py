@@ -1,0 +1,83 @@
+"""End to end through the `distill` command: every shipped recipe at tiny size, the demo, the
+run directory's contents, and refusing to overwrite a finished run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "distill" / "recipes").glob("*.yaml"))
+TINY = ["--set", "train.steps=2", "--set", "train.warmup_steps=0", "--set", "train.batch_size=4",
+        "--set", "data.train_size=16", "--set", "data.eval_size=4", "--set", "eval.every=1",
+        "--set", "eval.generate_size=2", "--set", "eval.throughput_tokens=2"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", str(recipe), *TINY, "--set", f"output={out}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["teacher", "alone", "distilled"]
+    for row in results["rows"].values():
+        assert {"nll", "teacher_top1_agreement", "parameters", "generation_tokens_per_second",
+                results["primary_metric"]} <= row.keys()
+    assert results["rows"]["alone"]["parameters"] == results["rows"]["distilled"]["parameters"]
+    assert "distilled" in result.stdout and results["primary_metric"] in result.stdout
+
+
+def test_run_directory_holds_everything_a_user_needs(tiny_recipe, write_recipe, run_cli, tmp_path):
+    recipe = write_recipe(tiny_recipe)
+    result = run_cli("run", str(recipe), "--set", "train.steps=3", "--set", "objective.loss=jsd",
+                     "--set", "objective.beta=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "losses.jsonl", "results.json", "report.md", "report.html",
+                 "plots/loss.png", "plots/eval_metric.png", "student/config.json", "student/model.safetensors",
+                 "student/tokenizer.json", "alone/config.json", "checkpoint/state.json"):
+        assert (run / name).exists(), name
+    saved = (run / "recipe.yaml").read_text()
+    assert "beta: 0.25" in saved and "steps: 3" in saved  # the resolved recipe, overrides applied
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["phase"], e["step"]) for e in evals] == [("distilled", 2), ("distilled", 3), ("alone", 2), ("alone", 3)]
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and 'src="http' not in html  # self-contained
+    # A saved student is a normal transformers model.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(run / "student")
+    AutoTokenizer.from_pretrained(run / "student")
+
+    again = run_cli("run", str(recipe))
+    assert again.returncode == 2 and "finished run" in again.stderr and "--overwrite" in again.stderr
+    assert (run / "results.json").exists()  # nothing lost
+    listed = run_cli("report", str(run))
+    assert listed.returncode == 0 and "distilled" in listed.stdout
+
+
+def test_overwrite_replaces_a_finished_run_but_never_a_foreign_directory(tiny_recipe, write_recipe, run_cli, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    recipe = write_recipe({**tiny_recipe, "output": str(foreign)})
+    refused = run_cli("run", str(recipe), "--overwrite")
+    assert refused.returncode == 2 and "not a distill run" in refused.stderr
+    assert (foreign / "notes.txt").read_text() == "precious"
+
+
+def test_demo_command_at_tiny_size(run_cli, tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--output", str(out), *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "oracle_forward_kl" in result.stdout and (out / "results.json").exists()
+
+
+def test_losses_command_lists_every_objective(run_cli):
+    from distill.losses import REGISTRY
+
+    result = run_cli("losses")
+    assert result.returncode == 0
+    for name in REGISTRY:
+        assert name in result.stdout
+    assert "KL(p_T" in result.stdout
