@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distill.errors import DistillError
@@ -19,7 +20,7 @@ from distill.errors import DistillError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a large teacher model into a small, fast student.")
 console = Console(width=None if sys.stdout.isatty() else 140)
-errors = Console(stderr=True)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
 
@@ -42,9 +43,12 @@ def _print_result(result) -> None:
 
 
 def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
+    from distill.recipe import load_recipe
+
+    checked = load_recipe(recipe, overrides)  # fails fast, before torch/transformers load
     from distill.pipeline import run
 
-    result = run(recipe, overrides, resume=resume, overwrite=overwrite)
+    result = run(checked, resume=resume, overwrite=overwrite)
     if result is not None:  # None on processes other than rank 0
         _print_result(result)
 
@@ -117,7 +121,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except DistillError as error:
-        errors.print(f"[bold red]error[/bold red] {error.render()}", highlight=False, markup=True)
+        errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted; continue with `distill run RECIPE --resume`")

@@ -94,6 +94,14 @@ def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] 
     except (ValueError, AssertionError, RuntimeError) as error:
         raise DistillError(f"cannot build the student: {error}", field="student.config",
                            fix="check that sizes are consistent (hidden_size divisible by num_attention_heads)") from None
+    try:  # some inconsistent sizes build fine and fail only in forward (e.g. odd head_dim with RoPE)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            student(input_ids=torch.zeros((1, 2), dtype=torch.long))
+    except (ValueError, AssertionError, RuntimeError, IndexError) as error:
+        raise DistillError(f"the student built from these sizes does not run: {str(error).splitlines()[0]}",
+                           field="student.config",
+                           fix="check that sizes are consistent (hidden_size divisible by num_attention_heads "
+                               "into an even head_dim, heads divisible by num_key_value_heads)") from None
     if init_from_teacher_layers is not None:
         copy_teacher_layers(teacher, student, init_from_teacher_layers)
     return student

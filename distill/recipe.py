@@ -56,8 +56,9 @@ class StudentSpec(_Strict):
             raise ValueError("give exactly one of `student.path` (a saved model) or `student.config` "
                              "(overrides of the teacher's config, `{}` for a copy of its shape)")
         if self.init_from_teacher_layers is not None and self.config is None:
-            raise _FieldValueError("init_from_teacher_layers", "`init_from_teacher_layers` needs `student.config` (a student built from "
-                             "the teacher's config)")
+            raise _FieldValueError("init_from_teacher_layers",
+                                   "`init_from_teacher_layers` needs `student.config` (a student built from "
+                                   "the teacher's config)")
         return self
 
 
@@ -107,7 +108,8 @@ class ObjectiveSpec(BaseModel):
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 known = ", ".join(allowed) or "none"
-                raise _FieldValueError(key, f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
+                raise _FieldValueError(
+                    key, f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
             if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
                 try:
                     value = self.model_extra[key] = float(value)
@@ -160,7 +162,8 @@ class TrainSpec(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
-            raise _FieldValueError("warmup_steps", f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+            raise _FieldValueError("warmup_steps",
+                                   f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self
 
 

@@ -31,18 +31,20 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
-def run_distill_cli(*args: str, cwd: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_distill_cli(*args: str, cwd: str | Path | None = None, timeout: float = 300,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m distill ARGS` in a subprocess (one torch thread); text stdout/stderr captured.
 
     DistillErrors come back as exit code 2 with `error <field>: <message>\\n  fix: ...` on stderr.
     Plain function so module- or session-scoped fixtures can call it too (see `run_cli`)."""
-    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], cwd=cwd, env=_cli_env(),
+    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], cwd=cwd, env={**_cli_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """A function `run_cli(*args, cwd=None)` -> CompletedProcess of `python -m distill ARGS`."""
+    """A function `run_cli(*args, cwd=None, env=None)` -> CompletedProcess of `python -m distill ARGS`
+    (`env` adds variables to the subprocess environment)."""
     return run_distill_cli
 
 

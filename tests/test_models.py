@@ -65,10 +65,13 @@ def test_build_student_unknown_override_names_the_key(teacher):
     assert raised.value.field == "student.config.hiden_size"
 
 
-def test_build_student_inconsistent_sizes_is_a_distill_error(teacher):
-    with pytest.raises(DistillError) as raised:
-        build_student(teacher, {"hidden_size": 30, "num_attention_heads": 4, "head_dim": 7}, None, seed=0)
-    assert raised.value.field.startswith("student.config")
+@pytest.mark.parametrize("overrides", [{"hidden_size": 30}, {"num_key_value_heads": 3}],
+                         ids=["odd-head-dim", "kv-heads-not-dividing"])
+def test_build_student_inconsistent_sizes_is_a_distill_error(teacher, overrides):
+    """These build without complaint but would fail in the first training step."""
+    with pytest.raises(DistillError, match="does not run") as raised:
+        build_student(teacher, overrides, None, seed=0)
+    assert raised.value.field == "student.config"
 
 
 def test_build_student_same_seed_same_init(teacher):
