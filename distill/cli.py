@@ -26,7 +26,7 @@ SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
 
 
 def _print_result(result) -> None:
-    from distill.report import footnote, table_rows, verdict_line
+    from distill.report import best_line, footnote, table_rows, verdict_line
 
     header, body = table_rows(result.rows, result.primary_metric)
     table = Table(title=f"distill: {result.run_dir}")
@@ -36,7 +36,7 @@ def _print_result(result) -> None:
         table.add_row(*row)
     console.print(table)
     verdict = verdict_line(result.rows, result.primary_metric, result.higher_is_better)
-    for line in (verdict, footnote(result.rows)):
+    for line in (verdict, best_line(result.extras.get("best_eval", {})), footnote(result.rows)):
         if line:
             console.print(line)
     console.print(f"report: {result.run_dir / 'report.html'}")

@@ -50,6 +50,29 @@ def format_table(rows: dict[str, dict], primary_metric: str, higher_is_better: b
     return "\n".join(lines + [""] + [n for n in notes if n])
 
 
+def best_evals(run_dir: Path, primary_metric: str, higher_is_better: bool) -> dict[str, dict]:
+    """Each phase's best eval of the primary metric during training ({phase: {step, value}}).
+
+    The rows are the final models (same steps for both students); a student alone that overfits
+    its data peaks earlier, and an honest report says so."""
+    best = {}
+    for record in _read_jsonl(Path(run_dir) / "metrics.jsonl"):
+        value = record.get(primary_metric)
+        if value is None:
+            continue
+        current = best.get(record["phase"])
+        if current is None or (value > current["value"] if higher_is_better else value < current["value"]):
+            best[record["phase"]] = {"step": record["step"], "value": value}
+    return best
+
+
+def best_line(best: dict[str, dict]) -> str:
+    if not best:
+        return ""
+    return "best eval during training: " + ", ".join(
+        f"{ROW_LABELS.get(phase, phase)} {b['value']:.4f} at step {b['step']}" for phase, b in best.items())
+
+
 def footnote(rows: dict[str, dict]) -> str:
     entropy = next((r["oracle_entropy"] for r in rows.values() if "oracle_entropy" in r), None)
     return "" if entropy is None else f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"
@@ -108,12 +131,14 @@ def make_plots(run_dir: Path, primary_metric: str, rows: dict[str, dict]) -> lis
 def write_report(result) -> None:
     """results.json, report.md, report.html and plots for a RunResult."""
     run_dir = Path(result.run_dir)
+    best = best_evals(run_dir, result.primary_metric, result.higher_is_better)
+    result.extras["best_eval"] = best
     results = {"rows": result.rows, "primary_metric": result.primary_metric,
                "higher_is_better": result.higher_is_better, **result.extras}
     plots = make_plots(run_dir, result.primary_metric, result.rows)
     table = result.table()
     name = result.extras.get("recipe", {}).get("name", run_dir.name)
-    markdown = [f"# distill run `{name}`", "", table, "",
+    markdown = [f"# distill run `{name}`", "", table, best_line(best), "",
                 f"World size {result.extras.get('world_size', 1)}; {result.extras.get('seconds', 0):.0f} s in all. "
                 "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels with the "
                 "same init, data order and steps.", ""]
@@ -130,7 +155,7 @@ def write_report(result) -> None:
         f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {html.escape(name)}</title><style>"
         "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-        f"<h1>distill run {html.escape(name)}</h1><table><tr>{cells}</tr>{body_html}</table><p>{verdict}</p>"
+        f"<h1>distill run {html.escape(name)}</h1><table><tr>{cells}</tr>{body_html}</table><p>{verdict}</p><p>{html.escape(best_line(best))}</p>"
         f"{images}<details><summary>recipe</summary><pre>{recipe}</pre></details></body></html>\n")
     # Written last: its presence marks a finished run.
     (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,8 +1,10 @@
 """`arithmetic`: `a + b =` prompts with verifiable answers, scored by exact match under greedy
-generation. Operands are zero-padded to a fixed width and answers written least-significant digit
-first (the order in which a left-to-right model can compute carries), space-separated so the
-word-level tokenizer sees one digit a token. (Unpadded operands left a 1M-parameter teacher stuck
-at chance for 900 steps here: digit positions did not line up.)"""
+generation. Every number is zero-padded to a fixed width and written least-significant digit
+first, so answer digit i sits at a fixed distance from operand digits i (and the carry from
+digit i-1): the order in which a left-to-right model can compute an addition. Digits are
+space-separated so the word-level tokenizer sees one digit a token. (Measured here: with
+unpadded operands a 1M-parameter teacher stayed at chance for 900 steps; with padded operands
+written most-significant first it reached 1.6% exact match in 3000 steps.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -14,11 +16,11 @@ NUM_DIGITS = 4
 
 
 def format_problem(left: int, right: int) -> dict:
-    """{'prompt': '0 0 1 2 + 0 0 3 4 =', 'completion': '6 4 0 0 0'} for 12 + 34 = 46 (4 digits)."""
+    """{'prompt': '2 1 0 0 + 4 3 0 0 =', 'completion': '6 4 0 0 0'} for 12 + 34 = 46 (4 digits)."""
     def digits(number: int, width: int) -> str:
-        return " ".join(str(number).zfill(width))
+        return " ".join(str(number).zfill(width)[::-1])
     return {"prompt": f"{digits(left, NUM_DIGITS)} + {digits(right, NUM_DIGITS)} =",
-            "completion": digits(left + right, NUM_DIGITS + 1)[::-1]}
+            "completion": digits(left + right, NUM_DIGITS + 1)}
 
 
 class ArithmeticTask:
