@@ -119,3 +119,39 @@ def test_two_processes_train_one_model(tiny_recipe, write_recipe, tmp_path):
                           "train": {**tiny_recipe["train"], "batch_size": 2 * tiny_recipe["train"]["batch_size"]}})
     for key, value in _weights(single.run_dir).items():
         torch.testing.assert_close(_weights(ddp_dir)[key], value, rtol=1e-4, atol=1e-5)
+
+
+def _save_lm(directory, tokenizer, extra_rows=0, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import tiny_llama_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer) + extra_rows, hidden_size=16,
+                                                               num_hidden_layers=1, num_attention_heads=2))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_same_family_vocabulary_padding_is_compared_over_the_real_vocabulary(tiny_recipe, tmp_path):
+    """A teacher with 5 padded embedding rows (like 152064 vs 151936) and a student without."""
+    from distill.tasks.oracle import OracleTask
+
+    tokenizer = OracleTask().tokenizer()
+    teacher = _save_lm(tmp_path / "teacher", tokenizer, extra_rows=5)
+    student = _save_lm(tmp_path / "student", tokenizer, seed=1)
+    result = distill.run({**tiny_recipe, "teacher": {"path": str(teacher)}, "student": {"path": str(student)}})
+    assert result.rows["distilled"]["teacher_kl"] >= 0
+    saved = json.loads((result.run_dir / "student" / "config.json").read_text())
+    assert saved["vocab_size"] == len(tokenizer)
+
+
+def test_a_student_with_another_tokenizer_is_refused(tiny_recipe, write_recipe, run_cli, tmp_path):
+    from distill.tasks.arithmetic import ArithmeticTask
+
+    student = _save_lm(tmp_path / "student", ArithmeticTask().tokenizer())
+    recipe = write_recipe({**tiny_recipe, "student": {"path": str(student)}})
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2 and "different tokenizers" in result.stderr and "cross-tokenizer" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -143,10 +143,13 @@ def _sample_symbols(model, count: int, length: int, seed: int) -> torch.Tensor:
     """Ancestral samples from the model restricted to symbols (special tokens suppressed)."""
     device = next(model.parameters()).device
     prompt = _with_bos(torch.empty(count, 0, dtype=torch.long), device)
+    # Only symbols may be drawn: not special tokens, nor padded embedding rows past the vocabulary.
+    rows = model.get_output_embeddings().weight.shape[0]
+    outside = list(range(FIRST_SYMBOL_ID)) + list(range(FIRST_SYMBOL_ID + NUM_SYMBOLS, rows))
     with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the training RNG
         torch.manual_seed(seed)
         generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
-                                   min_new_tokens=length, suppress_tokens=list(range(FIRST_SYMBOL_ID)),
+                                   min_new_tokens=length, suppress_tokens=outside,
                                    pad_token_id=0)
     return generated[:, 1:].cpu() - FIRST_SYMBOL_ID
