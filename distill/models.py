@@ -54,26 +54,25 @@ def resolve_model_path(path: str, field: str) -> str:
     return path  # a hub id: transformers fetches or finds it in the local cache
 
 
-def load_tokenizer(path: str, field: str):
+def _from_pretrained(loader, what: str, path: str, field: str, **options):
+    """`loader.from_pretrained` with load failures turned into a DistillError naming `field`."""
+    location = resolve_model_path(path, field)
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(path, field))
-    except DistillError:
-        raise
+        return loader.from_pretrained(location, **options)
     except (OSError, ValueError) as error:
-        raise DistillError(f"could not load a tokenizer from `{path}`: {str(error).splitlines()[0]}",
-                           field=field, fix="give a local directory with tokenizer files, or a hub id "
-                                            "that is in the local cache (this machine may be offline)") from None
+        raise DistillError(f"could not load {what} from `{path}`: {str(error).splitlines()[0]}", field=field,
+                           fix="give a directory written by save_pretrained, or a hub id that is in the local "
+                               "cache (this machine may be offline)") from None
+
+
+def load_tokenizer(path: str, field: str):
+    """The tokenizer at a local directory, hub id or `builtin:` name."""
+    return _from_pretrained(AutoTokenizer, "a tokenizer", path, field)
 
 
 def load_causal_lm(path: str, field: str, dtype: torch.dtype = torch.float32):
-    try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(path, field), dtype=dtype)
-    except DistillError:
-        raise
-    except (OSError, ValueError) as error:
-        raise DistillError(f"could not load a causal LM from `{path}`: {str(error).splitlines()[0]}",
-                           field=field, fix="give a directory written by save_pretrained, or a hub id in "
-                                            "the local cache (this machine may be offline)") from None
+    """The causal LM at a local directory, hub id or `builtin:` name, in `dtype`."""
+    return _from_pretrained(AutoModelForCausalLM, "a causal LM", path, field, dtype=dtype)
 
 
 def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] | None, seed: int):
