@@ -40,6 +40,29 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
 
 
 @torch.no_grad()
+def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> float:
+    """Fraction of prompt/completion `records` whose greedy completion, decoded and stripped,
+    equals the reference completion (stripped). Scored by generating, not by likelihood."""
+    device = next(model.parameters()).device
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    correct = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        # Prompts of different lengths: left-pad so that every completion starts at one column.
+        encoded = [tokenizer(str(r["prompt"])).input_ids for r in chunk]
+        width = max(map(len, encoded))
+        input_ids = torch.tensor([[pad_token_id] * (width - len(e)) + e for e in encoded])
+        attention_mask = torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None]
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        for record, row in zip(chunk, generated[:, width:].tolist()):
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            correct += answer == str(record["completion"]).strip()
+    return correct / max(len(records), 1)
+
+
+@torch.no_grad()
 def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:
     """Greedy decoding speed of one sequence with the KV cache: best of `repeats` after a warm-up."""
     device = next(model.parameters()).device

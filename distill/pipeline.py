@@ -26,6 +26,7 @@ from distill.models import (DTYPES, build_student, check_same_vocabulary, load_c
 from distill.recipe import ObjectiveSpec, Recipe, load_recipe
 from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
+from distill.tasks.completions import CompletionsScorer
 from distill.train.lm import LMTrainer, Phase
 
 FINISHED_MARKER = "results.json"
@@ -133,6 +134,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
         check_same_vocabulary(tokenizer, student_tokenizer, None, None)
     train_records, eval_records, train_examples, eval_examples = load_data(recipe, tokenizer, task)
+    # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
+    scorer = task or CompletionsScorer.for_records(eval_records, tokenizer)
 
     teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
     teacher.requires_grad_(False)
@@ -161,7 +164,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     teacher.to(accelerator.device)
 
     def evaluate(model, final: bool = False) -> dict:
-        return evaluate_model(model, task=task, tokenizer=tokenizer, eval_records=eval_records,
+        return evaluate_model(model, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
                               eval_examples=eval_examples, vocab_size=vocab_size,
                               batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
                               seed=recipe.data.seed, teacher=teacher,
@@ -194,7 +197,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         extras = {"world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
                   "seconds": time.perf_counter() - started, "recipe": recipe.model_dump(mode="json")}
         result = RunResult(run_dir, {k: rows[k] for k in ROW_NAMES if k in rows},
-                           task.metric if task else "nll", task.higher_is_better if task else False, extras)
+                           scorer.metric if scorer else "nll", scorer.higher_is_better if scorer else False, extras)
         write_report(result)
     accelerator.wait_for_everyone()
     return result if is_main else None

@@ -21,7 +21,7 @@ def columns(rows: dict[str, dict], primary_metric: str) -> list[str]:
     present = [key for row in rows.values() for key in row]
     task_metrics = [k for k in dict.fromkeys(present)
                     if k not in COLUMN_ORDER and k != primary_metric and k not in HIDDEN_COLUMNS]
-    return [k for k in [primary_metric, *task_metrics, *COLUMN_ORDER] if k in present]
+    return [k for k in dict.fromkeys([primary_metric, *task_metrics, *COLUMN_ORDER]) if k in present]
 
 
 def _cell(key: str, value) -> str:

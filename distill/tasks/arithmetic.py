@@ -8,8 +8,8 @@ written most-significant first it reached 1.6% exact match in 3000 steps.)"""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from distill.evaluate import greedy_exact_match
 from distill.tasks.vocab import word_level_tokenizer
 
 NUM_DIGITS = 4
@@ -51,27 +51,10 @@ class ArithmeticTask:
                 problems.append(format_problem(*pair))
         return problems
 
-    @torch.no_grad()
     def evaluate(self, model, tokenizer, records: list[dict], *, batch_size: int, generate_size: int,
                  seed: int) -> dict[str, float]:
         """Fraction of the first `generate_size` eval problems answered exactly (greedy)."""
         if generate_size == 0:
             return {}
-        device = next(model.parameters()).device
-        problems = records[:generate_size]
-        correct = 0
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start:start + batch_size]
-            # Prompts of different lengths: left-pad so every answer starts at the same column.
-            encoded = [tokenizer(p["prompt"]).input_ids for p in chunk]
-            width = max(map(len, encoded))
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
-            attention_mask = (torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None])
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
-                max_new_tokens=NUM_DIGITS + 2,  # the answer and EOS do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-            for problem, row in zip(chunk, generated[:, width:].tolist()):
-                answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-                correct += answer == problem["completion"]
-        return {"exact_match": correct / len(problems)}
+        return {"exact_match": greedy_exact_match(model, tokenizer, records[:generate_size], batch_size=batch_size,
+                                                  max_new_tokens=NUM_DIGITS + 2)}  # the answer and EOS
