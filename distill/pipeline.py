@@ -185,7 +185,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
                                 eval_every=recipe.eval.every, evaluate=evaluate,
                                 metrics_file=run_dir / "metrics.jsonl", losses_file=run_dir / "losses.jsonl")
             trainer.fit(resume=resume)
-            model = accelerator.unwrap_model(trainer.student)
+            model = trainer.model
             weight_hashes[row] = gather_object([weights_sha256(model)])
             if is_main:
                 _save_model_atomically(model, tokenizer, model_dir)

@@ -158,6 +158,10 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0, description="Steps between loss records.")
     baseline: bool = Field(True, description="Also train the student alone on hard labels (the 'alone' row).")
     threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: torch's choice.")
+    fused_loss: bool = Field(True, description="Chunked fused-linear loss: full-vocabulary logits never exist "
+                                               "for all tokens at once (falls back to plain logits where a "
+                                               "model or loss does not allow it).")
+    loss_memory_mb: float = Field(512, gt=0, description="Memory budget (MiB) of one chunk of the fused loss.")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":

@@ -155,3 +155,19 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_recipe, write_recipe, 
     result = run_cli("run", str(recipe))
     assert result.returncode == 2 and "different tokenizers" in result.stderr and "cross-tokenizer" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_fused_loss_trains_exactly_like_full_logits(tiny_recipe, tmp_path):
+    """The default fused path (hidden states + head, chunked) and the plain path end with the
+    same weights; tiny chunks force many chunks per micro-batch."""
+    base = {**tiny_recipe, "objective": {"loss": "jsd", "beta": 0.3, "ce_weight": 0.4},
+            "train": {**tiny_recipe["train"], "baseline": False, "lr": 1e-2}}
+    fused = distill.run({**base, "output": str(tmp_path / "fused"),
+                         "train": {**base["train"], "loss_memory_mb": 0.05}})  # ~19 tokens a chunk
+    plain = distill.run({**base, "output": str(tmp_path / "plain"), "train": {**base["train"], "fused_loss": False}})
+    for key, value in _weights(plain.run_dir).items():
+        torch.testing.assert_close(_weights(fused.run_dir)[key], value, rtol=1e-4, atol=1e-5)
+    records = [[json.loads(line) for line in (r.run_dir / "losses.jsonl").read_text().splitlines()]
+               for r in (fused, plain)]
+    assert all(r["fused_loss"] for r in records[0]) and not any(r["fused_loss"] for r in records[1])
+    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], rel=1e-5)

@@ -60,7 +60,7 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                         spec=spec, eval_every=max(steps // 10, 1), evaluate=evaluate,
                         metrics_file=work / "metrics.jsonl", losses_file=work / "losses.jsonl")
     trainer.fit(resume=resume)
-    model = accelerator.unwrap_model(trainer.student).eval()
+    model = trainer.model.eval()
     metrics = evaluate(model, final=True) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         _save_model_atomically(model, tokenizer, out)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
 from distill.errors import DistillError
 from distill.losses import cross_entropy, get_loss
+from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
@@ -38,6 +39,34 @@ class Phase:
     checkpoint_dir: Path
     teacher: torch.nn.Module | None = None
     objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(loss="forward_kl", kd_weight=0.0, ce_weight=1.0))
+
+
+class FinalHiddenStates(torch.nn.Module):
+    """A causal LM up to its final (normed) hidden states: what DDP wraps on the fused path.
+    The head's weight is used by the loss outside forward and still gets its gradient."""
+
+    def __init__(self, causal_lm):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids, attention_mask):
+        base = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+        return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def fused_head(model):
+    """(base model, linear head) when logits are exactly head(base(x).last_hidden_state); else None
+    (e.g. logit soft-capping or scaling, which the fused path would skip)."""
+    if model is None:
+        return None
+    head, base = model.get_output_embeddings(), getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(head, torch.nn.Linear) or base is None:
+        return None
+    config = model.config
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in ("final_logit_softcapping", "logit_scale",
+                                                                        "logits_scaling", "output_multiplier_scale")):
+        return None
+    return base, head
 
 
 def make_scheduler(optimizer, spec: TrainSpec):
@@ -68,7 +97,14 @@ class LMTrainer:
         self.loss_params = phase.objective.loss_params()
         optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        # The fused path runs the model up to its final hidden states and applies the head chunk
+        # by chunk in the loss; `engine` is what accelerate wraps (DDP), `model` the HF model.
+        separable = self.divergence.__name__ not in not_token_separable()
+        self.student_head = fused_head(student) if spec.fused_loss and separable else None
+        self.teacher_head = fused_head(phase.teacher) if self.student_head and phase.teacher is not None else None
+        engine = FinalHiddenStates(student) if self.student_head else student
+        self.model = student
+        self.engine, self.optimizer = accelerator.prepare(engine, optimizer)
         if phase.teacher is not None:
             phase.teacher.to(accelerator.device).eval().requires_grad_(False)
 
@@ -81,12 +117,12 @@ class LMTrainer:
         order = BatchOrder(len(self.examples), spec.seed)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.phase.checkpoint_dir)) is not None:
-            state = load_checkpoint(found, model=accelerator.unwrap_model(self.student),
+            state = load_checkpoint(found, model=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler)
             step, position, last_checkpoint = state["step"], state["position"], state["step"]
         history = self._truncate_logs(step)
         crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
-        self.student.train()
+        self.engine.train()
         progress = tqdm(total=spec.steps, initial=step, desc=self.phase.name, disable=not accelerator.is_main_process,
                         dynamic_ncols=True, leave=False)
         while step < spec.steps:
@@ -103,7 +139,7 @@ class LMTrainer:
             totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
             for index, batch in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
-                with nullcontext() if last else accelerator.no_sync(self.student):
+                with nullcontext() if last else accelerator.no_sync(self.engine):
                     loss, parts = self._micro_batch_loss(batch, max(num_valid_tokens, 1))
                     # DDP averages gradients over processes; the loss is already a global mean.
                     accelerator.backward(loss * world)
@@ -129,6 +165,7 @@ class LMTrainer:
             if step % spec.log_every == 0 or step == spec.steps:
                 self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
                                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                                "fused_loss": self.student_head is not None,
                                                 "tokens_per_second": tokens_per_second})
             if step % self.eval_every == 0 or step == spec.steps:
                 history.append(self._run_eval(step))
@@ -143,18 +180,19 @@ class LMTrainer:
 
     def _micro_batch_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        # Position t predicts token t+1; compare over the tokenizer's real vocabulary only.
-        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1, :self.vocab_size]
-        labels = batch["labels"][:, 1:]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX
-        objective, parts = self.phase.objective, {}
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if self.phase.teacher is not None and objective.kd_weight > 0:
+        objective = self.phase.objective
+        use_teacher = self.phase.teacher is not None and objective.kd_weight > 0
+        if self.student_head is not None:
+            return self._fused_loss(inputs, labels, mask, num_valid_tokens, use_teacher)
+        # Plain path: full logits, compared over the tokenizer's real vocabulary only.
+        logits = self.engine(**inputs).logits[:, :-1, :self.vocab_size]
+        loss, parts = logits.new_zeros((), dtype=torch.float32), {}
+        if use_teacher:
             with torch.no_grad():
-                teacher_logits = self.phase.teacher(input_ids=batch["input_ids"],
-                                                    attention_mask=batch["attention_mask"]).logits
-            teacher_logits = teacher_logits[:, :-1, :self.vocab_size]
+                teacher_logits = self.phase.teacher(**inputs).logits[:, :-1, :self.vocab_size]
             kd = self.divergence(logits, teacher_logits, mask, temperature=objective.temperature,
                                  num_valid_tokens=num_valid_tokens, **self.loss_params)
             loss = loss + objective.kd_weight * kd
@@ -166,10 +204,41 @@ class LMTrainer:
         parts["loss"] = loss.item()
         return loss, parts
 
+    def _fused_loss(self, inputs, labels, mask, num_valid_tokens, use_teacher) -> tuple[torch.Tensor, dict]:
+        """Hidden states + head, chunked: full-vocabulary logits never exist for all tokens."""
+        objective = self.phase.objective
+        hidden = self.engine(**inputs)[:, :-1]
+        teacher = None
+        if use_teacher:
+            with torch.no_grad():
+                teacher_base, teacher_lm_head = self.teacher_head or (None, None)
+                if teacher_base is not None:
+                    teacher = TeacherSignal(hidden=teacher_base(**inputs).last_hidden_state[:, :-1],
+                                            weight=teacher_lm_head.weight, bias=teacher_lm_head.bias)
+                else:  # a teacher without a plain linear head: its logits, as they come
+                    teacher = TeacherSignal(logits=self.phase.teacher(**inputs).logits[:, :-1])
+        head = self.student_head[1]
+        common = dict(labels=labels, mask=mask, temperature=objective.temperature, student_bias=head.bias,
+                      vocab_size=self.vocab_size, num_valid_tokens=num_valid_tokens,
+                      memory_budget_bytes=int(self.spec.loss_memory_mb * 2**20))
+        loss, parts = hidden.new_zeros((), dtype=torch.float32), {}
+        # Separate calls so that the log shows both terms; each is chunked the same way.
+        if use_teacher:
+            kd = fused_linear_distillation(hidden, head.weight, teacher, loss=objective.loss, **common,
+                                           **self.loss_params)
+            loss = loss + objective.kd_weight * kd
+            parts["kd"] = kd.item()
+        if objective.ce_weight > 0:
+            ce = fused_linear_distillation(hidden, head.weight, None, kd_weight=0.0, ce_weight=1.0, **common)
+            loss = loss + objective.ce_weight * ce
+            parts["ce"] = ce.item()
+        parts["loss"] = loss.item()
+        return loss, parts
+
     def _clip(self) -> float:
         if self.spec.max_grad_norm is not None:
-            return float(self.accelerator.clip_grad_norm_(self.student.parameters(), self.spec.max_grad_norm))
-        norms = [p.grad.norm() for p in self.student.parameters() if p.grad is not None]
+            return float(self.accelerator.clip_grad_norm_(self.engine.parameters(), self.spec.max_grad_norm))
+        norms = [p.grad.norm() for p in self.engine.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     # ---- eval, logs, checkpoints (main process writes; the others wait) ---------------------
@@ -177,17 +246,16 @@ class LMTrainer:
     def _run_eval(self, step: int) -> dict:
         record = {"phase": self.phase.name, "step": step}
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.student)
-            model.eval()
-            record.update(self.evaluate(model))
-            model.train()
+            self.model.eval()
+            record.update(self.evaluate(self.model))
+            self.model.train()
             self._append(self.metrics_file, record)
         self.accelerator.wait_for_everyone()
         return record
 
     def _checkpoint(self, step: int, position: int) -> None:
         if self.accelerator.is_main_process:
-            save_checkpoint(self.phase.checkpoint_dir, model=self.accelerator.unwrap_model(self.student),
+            save_checkpoint(self.phase.checkpoint_dir, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler,
                             state={"step": step, "position": position, "phase": self.phase.name})
         self.accelerator.wait_for_everyone()

@@ -1,0 +1,113 @@
+"""The chunked fused-linear loss equals the plain loss on materialised logits, values and
+gradients, for every divergence, every teacher form and chunk sizes that split unevenly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.losses import REGISTRY, cross_entropy, get_loss
+from distill.losses.fused import TeacherSignal, chunk_size_for, fused_linear_distillation, not_token_separable
+
+TOKEN_SEPARABLE = [name for name in REGISTRY if name not in not_token_separable()]
+
+
+def _problem(dtype, vocab=37, hidden=11, shape=(3, 7), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    def randn(*size):
+        return torch.randn(*size, generator=generator, dtype=dtype)
+    student_hidden = randn(*shape, hidden).requires_grad_()
+    weight = (randn(vocab, hidden) * 0.7).requires_grad_()
+    bias = (randn(vocab) * 0.1).requires_grad_()
+    teacher_hidden, teacher_weight, teacher_bias = randn(*shape, 13), randn(vocab, 13), randn(vocab) * 0.1
+    labels = torch.randint(0, vocab, shape, generator=generator)
+    labels[0, :2] = -100  # e.g. a prompt
+    mask = torch.rand(shape, generator=generator) > 0.2
+    return student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask
+
+
+def _naive(loss, student_hidden, weight, bias, teacher_logits, labels, mask, kd_weight, ce_weight, **params):
+    logits = student_hidden @ weight.T + bias
+    valid = mask & (labels != -100)
+    value = kd_weight * get_loss(loss)(logits, teacher_logits, valid, temperature=1.5, **params)
+    return value + ce_weight * cross_entropy(logits, labels, valid)
+
+
+@pytest.mark.parametrize("loss", TOKEN_SEPARABLE)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_fused_equals_naive_values_and_gradients(loss, dtype, tolerance):
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(dtype)
+    teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias
+    expected = _naive(loss, student_hidden, weight, bias, teacher_logits, labels, mask, 0.7, 0.3)
+    expected_grads = torch.autograd.grad(expected, [student_hidden, weight, bias])
+    for chunk_size in (1, 4, 5, 1000):
+        teacher = TeacherSignal(hidden=teacher_hidden, weight=teacher_weight, bias=teacher_bias)
+        value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, loss=loss,
+                                          kd_weight=0.7, ce_weight=0.3, temperature=1.5, student_bias=bias,
+                                          chunk_size=chunk_size)
+        grads = torch.autograd.grad(value * 2.0, [student_hidden, weight, bias])  # upstream gradient 2
+        torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, 2.0 * want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("form", ["hidden", "logits", "topk"])
+def test_every_teacher_form_gives_the_same_loss(form):
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias
+    if form == "topk":
+        # A sparse teacher: its top-8 log-probs; the naive reference puts -inf elsewhere.
+        top = torch.log_softmax(teacher_logits, -1).topk(8, dim=-1)
+        teacher = TeacherSignal(topk_ids=top.indices, topk_logprobs=top.values)
+        teacher_logits = torch.full_like(teacher_logits, float("-inf")).scatter(-1, top.indices, top.values)
+    elif form == "logits":
+        teacher = TeacherSignal(logits=teacher_logits)
+    else:
+        teacher = TeacherSignal(hidden=teacher_hidden, weight=teacher_weight, bias=teacher_bias)
+    expected = _naive("jsd", student_hidden, weight, bias, teacher_logits, labels, mask, 1.0, 0.0, beta=0.3)
+    value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, loss="jsd",
+                                      beta=0.3, temperature=1.5, student_bias=bias, chunk_size=3)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(value, weight)[0], torch.autograd.grad(expected, weight)[0])
+
+
+def test_padded_vocabulary_rows_are_ignored_and_get_no_gradient():
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    labels = labels.clamp(max=29)
+    teacher = TeacherSignal(hidden=teacher_hidden, weight=teacher_weight, bias=teacher_bias)
+    value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, vocab_size=30,
+                                      ce_weight=1.0, chunk_size=4)
+    logits = (student_hidden @ weight.T)[..., :30]
+    valid = mask & (labels != -100)
+    expected = get_loss("forward_kl")(logits, (teacher_hidden @ teacher_weight.T + teacher_bias)[..., :30], valid) \
+        + cross_entropy(logits, labels, valid)
+    torch.testing.assert_close(value, expected)
+    grad_weight = torch.autograd.grad(value, weight)[0]
+    assert grad_weight[30:].abs().max() == 0
+
+
+def test_num_valid_tokens_makes_micro_batches_add_up():
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    teacher_logits = teacher_hidden @ teacher_weight.T
+    total = int((mask & (labels != -100)).sum())
+    full = fused_linear_distillation(student_hidden, weight, TeacherSignal(logits=teacher_logits), labels=labels,
+                                     mask=mask, chunk_size=2)
+    parts = sum(fused_linear_distillation(student_hidden[i:i + 1], weight, TeacherSignal(logits=teacher_logits[i:i + 1]),
+                                          labels=labels[i:i + 1], mask=mask[i:i + 1], num_valid_tokens=total,
+                                          chunk_size=2) for i in range(3))
+    torch.testing.assert_close(parts, full)
+
+
+def test_chunk_size_follows_the_memory_budget():
+    assert chunk_size_for(151936, 512 * 2**20) == 88
+    assert chunk_size_for(32000, 512 * 2**20) == 419
+    assert chunk_size_for(10**9, 1) == 1
+
+
+def test_bad_input_is_refused():
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    with pytest.raises(ValueError, match="exactly one"):
+        TeacherSignal(logits=teacher_hidden, hidden=teacher_hidden, weight=teacher_weight)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_linear_distillation(student_hidden, weight, None, kd_weight=0.0, ce_weight=1.0)
+    with pytest.raises(ValueError, match="token rows"):
+        fused_linear_distillation(student_hidden, weight, TeacherSignal(logits=torch.zeros(5, 37, dtype=torch.float64)))
