@@ -159,14 +159,15 @@ class LMTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * world
-            tokens_per_second = tokens / max(time.perf_counter() - started, 1e-9)
+            step_seconds = time.perf_counter() - started
+            tokens_per_second = tokens / max(step_seconds, 1e-9)
             progress.update(1)
             progress.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
             if step % spec.log_every == 0 or step == spec.steps:
                 self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
                                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                                 "fused_loss": self.student_head is not None,
-                                                "tokens_per_second": tokens_per_second})
+                                                "tokens_per_second": tokens_per_second, "step_seconds": step_seconds})
             if step % self.eval_every == 0 or step == spec.steps:
                 history.append(self._run_eval(step))
             if step % spec.checkpoint_every == 0 or step == spec.steps:
