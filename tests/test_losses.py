@@ -14,7 +14,10 @@ from distill.losses import (
 
 torch.set_num_threads(1)
 
-LOSS_NAMES = list(REGISTRY)
+# The first six; the rest of the family has its own naive references in test_losses_family.py.
+from distill.losses.family import FAMILY_REGISTRY  # noqa: E402
+
+LOSS_NAMES = [name for name in REGISTRY if name not in FAMILY_REGISTRY]
 SHAPES = [(3, 7, 31), (2, 5, 3, 13)]
 
 

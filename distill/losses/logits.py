@@ -304,3 +304,32 @@ def loss_parameters(name: str) -> dict[str, object]:
     signature = inspect.signature(get_loss(name))
     return {parameter.name: parameter.default for parameter in signature.parameters.values()
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name not in _COMMON_PARAMETERS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Further divergences (ABKD, AKL, TAID, SinKD) live in family.py; they are registered here so REGISTRY
+# stays one dict however the package is imported. family.py imports the helpers above from this
+# module; the package __init__ always imports this module first, so this bottom import is never circular.
+# ---------------------------------------------------------------------------------------------
+
+from distill.losses.family import (  # noqa: E402
+    FAMILY_ALIASES,
+    FAMILY_FORMULAS,
+    FAMILY_PAPERS,
+    FAMILY_REGISTRY,
+    NOT_TOKEN_SEPARABLE,
+    TaidSchedule,
+    ab_divergence,
+    adaptive_kl,
+    select_tokens,
+    sinkhorn,
+    student_entropy,
+    taid,
+)
+
+REGISTRY.update(FAMILY_REGISTRY)
+ALIASES.update(FAMILY_ALIASES)
+FORMULAS.update(FAMILY_FORMULAS)
+PAPERS.update(FAMILY_PAPERS)
+__all__ += ["NOT_TOKEN_SEPARABLE", "TaidSchedule", "ab_divergence", "adaptive_kl", "select_tokens", "sinkhorn",
+            "student_entropy", "taid"]
