@@ -102,6 +102,10 @@ def _floored(logprobs: Tensor) -> Tensor:
     still corrected.
     """
     info = torch.finfo(logprobs.dtype)
+    # The common case has nothing below the floor: one reduction instead of five full-size ops
+    # (and their backward) on a [tokens, vocabulary] tensor.
+    if logprobs.numel() == 0 or bool(logprobs.min() > math.log(info.tiny)):
+        return logprobs
     finite = logprobs.clamp(min=info.min)
     straight_through = math.log(info.tiny) + (finite - finite.detach())
     return torch.where(finite > math.log(info.tiny), finite, straight_through)
