@@ -85,6 +85,17 @@ class DataSpec(_Strict):
         return self
 
 
+class TaidSpec(_Strict):
+    """TAID's interpolation schedule (Shing et al. 2025): t rises from t_start to t_end, faster
+    while the loss keeps falling (momentum of the relative loss change)."""
+
+    t_start: float = Field(0.4, ge=0, lt=1)
+    t_end: float = Field(1.0, gt=0, le=1)
+    alpha: float = Field(5e-4, ge=0, le=1, description="Step size of the adaptive update.")
+    beta: float = Field(0.99, ge=0, le=1, description="Momentum of the relative loss change.")
+    adaptive: bool = Field(True, description="False: t follows the linear ramp only.")
+
+
 class ObjectiveSpec(BaseModel):
     """The distillation loss; extra keys are the loss's own parameters (e.g. `beta` for jsd)."""
 
@@ -93,6 +104,12 @@ class ObjectiveSpec(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Divides both logits (no T^2 factor, as GKD/TRL).")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross-entropy mixed in.")
+    entropy_weight: float = Field(0.0, description="Adds entropy_weight * H(student): > 0 sharpens the student "
+                                                   "(as TSD-KD), < 0 is a confidence penalty (Pereyra et al. 2017).")
+    token_selection: float | None = Field(None, gt=0, le=1, description="Distil only this fraction of tokens, "
+                                          "those where the student is least sure relative to the teacher (TSD-KD).")
+    taid: "TaidSpec | None" = Field(None, description="TAID's adaptive schedule of t (loss `taid` only); "
+                                                      "default {} when the loss is taid.")
 
     @model_validator(mode="after")
     def _known_loss_and_params(self) -> "ObjectiveSpec":
@@ -117,6 +134,14 @@ class ObjectiveSpec(BaseModel):
                     pass
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise _FieldValueError(key, f"`{key}` must be a number, got {value!r}")
+        if self.taid is not None and get_loss(self.loss).__name__ != "taid":
+            raise _FieldValueError("taid", "`objective.taid` (the schedule) needs `loss: taid`")
+        if get_loss(self.loss).__name__ == "taid":
+            # A fixed `t` is a constant interpolation; without it, TAID's adaptive schedule sets t.
+            if "t" in (self.model_extra or {}) and self.taid is not None:
+                raise _FieldValueError("t", "give either a fixed `t` or the schedule `objective.taid`, not both")
+            if "t" not in (self.model_extra or {}) and self.taid is None:
+                self.__dict__["taid"] = TaidSpec()  # (not assignment: that would re-run this validator)
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
         return self

@@ -219,3 +219,16 @@ def test_defaults_of_a_minimal_recipe(tiny_recipe):
     assert recipe.objective.loss == "forward_kl" and recipe.regime.kind == "off_policy"
     assert recipe.output_dir.name == "run"
     assert load_recipe({**tiny_recipe, "output": None, "name": "x"}).output_dir.as_posix() == "runs/x"
+
+
+def test_taid_schedule_needs_the_taid_loss_and_a_fixed_t_replaces_it():
+    from distill.recipe import parse_recipe
+
+    recipe = parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "taid"}})
+    assert recipe.objective.taid.t_start == 0.4  # the default schedule is filled in
+    with pytest.raises(DistillError, match="objective.taid"):
+        parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "jsd", "taid": {"t_start": 0.2}}})
+    fixed = parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "taid", "t": 0.5}})
+    assert fixed.objective.taid is None and fixed.objective.loss_params()["t"] == 0.5  # constant t, no schedule
+    with pytest.raises(DistillError, match="objective.t"):
+        parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "taid", "t": 0.5, "taid": {}}})

@@ -171,3 +171,31 @@ def test_fused_loss_trains_exactly_like_full_logits(tiny_recipe, tmp_path):
                for r in (fused, plain)]
     assert all(r["fused_loss"] for r in records[0]) and not any(r["fused_loss"] for r in records[1])
     assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], rel=1e-5)
+
+
+def test_taid_schedule_is_trainer_state_that_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
+    recipe = {**tiny_recipe, "objective": {"loss": "taid", "taid": {"t_start": 0.3, "alpha": 0.05}},
+              "train": {**tiny_recipe["train"], "steps": 6, "baseline": False, "lr": 1e-2}}
+    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
+    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "4")
+    with pytest.raises(SystemExit):
+        distill.run({**recipe, "output": str(tmp_path / "resumed")})
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert 0.3 < state["taid"]["t"] <= 1.0  # t moved up from t_start and was checkpointed
+    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
+    resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
+    for key, value in _weights(straight.run_dir).items():
+        assert torch.equal(value, _weights(resumed.run_dir)[key]), key
+    final = json.loads((straight.run_dir / "checkpoint" / "state.json").read_text())["taid"]["t"]
+    assert final == json.loads((resumed.run_dir / "checkpoint" / "state.json").read_text())["taid"]["t"]
+
+
+def test_token_selection_and_entropy_terms_train_on_the_plain_path(tiny_recipe, tmp_path):
+    result = distill.run({**tiny_recipe, "objective": {"loss": "adaptive_kl", "token_selection": 0.5,
+                                                       "entropy_weight": -0.1},
+                          "train": {**tiny_recipe["train"], "baseline": False}})
+    records = [json.loads(line) for line in (result.run_dir / "losses.jsonl").read_text().splitlines()]
+    assert not any(r["fused_loss"] for r in records)
+    for r in records:  # the total is the divergence plus the weighted entropy
+        assert r["loss"] == pytest.approx(r["kd"] - 0.1 * r["entropy"], rel=1e-5)
+        assert r["entropy"] > 0

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
 from distill.errors import DistillError
-from distill.losses import cross_entropy, get_loss
+from distill.losses import TaidSchedule, cross_entropy, get_loss, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -99,8 +99,17 @@ class LMTrainer:
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
         # The fused path runs the model up to its final hidden states and applies the head chunk
         # by chunk in the loss; `engine` is what accelerate wraps (DDP), `model` the HF model.
-        separable = self.divergence.__name__ not in not_token_separable()
-        self.student_head = fused_head(student) if spec.fused_loss and separable else None
+        objective = phase.objective
+        # Terms that need full logits of the micro-batch take the plain path.
+        plain_only = (self.divergence.__name__ in not_token_separable() or objective.entropy_weight != 0
+                      or objective.token_selection is not None)
+        self.student_head = fused_head(student) if spec.fused_loss and not plain_only else None
+        self.taid = None
+        if phase.teacher is not None and objective.taid is not None:
+            taid = objective.taid
+            self.taid = TaidSchedule(t_start=taid.t_start, t_end=taid.t_end, alpha=taid.alpha, beta=taid.beta,
+                                     disable_adaptive=not taid.adaptive)
+            self.loss_params["t"] = self.taid.t
         self.teacher_head = fused_head(phase.teacher) if self.student_head and phase.teacher is not None else None
         engine = FinalHiddenStates(student) if self.student_head else student
         self.model = student
@@ -120,6 +129,9 @@ class LMTrainer:
             state = load_checkpoint(found, model=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler)
             step, position, last_checkpoint = state["step"], state["position"], state["step"]
+            if self.taid is not None:
+                self.taid.load_state_dict(state["taid"])
+                self.loss_params["t"] = self.taid.t
         history = self._truncate_logs(step)
         crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
         self.engine.train()
@@ -136,7 +148,7 @@ class LMTrainer:
             # The loss is a mean over every valid token of the accumulated batch on all processes.
             local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
             num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
-            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "entropy": 0.0}
             for index, batch in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
                 with nullcontext() if last else accelerator.no_sync(self.engine):
@@ -146,6 +158,8 @@ class LMTrainer:
                 for key, value in parts.items():
                     totals[key] += value
             totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum")) for k, v in totals.items()}
+            if self.taid is not None:  # t for the next step, from this step's loss (TAID's schedule)
+                self.loss_params["t"] = self.taid.update(totals["kd"], progress=(step + 1) / spec.steps)
             grad_norm = self._clip()
             if not math.isfinite(totals["loss"]) or not math.isfinite(grad_norm):
                 where = (f"the last good checkpoint is step {last_checkpoint} in {self.phase.checkpoint_dir}"
@@ -194,14 +208,23 @@ class LMTrainer:
         if use_teacher:
             with torch.no_grad():
                 teacher_logits = self.phase.teacher(**inputs).logits[:, :-1, :self.vocab_size]
-            kd = self.divergence(logits, teacher_logits, mask, temperature=objective.temperature,
-                                 num_valid_tokens=num_valid_tokens, **self.loss_params)
+            kd_mask, kd_count = mask, num_valid_tokens
+            if objective.token_selection is not None:  # distil only the selected share of tokens
+                kd_mask = select_tokens(logits, teacher_logits, mask, ratio=objective.token_selection,
+                                        temperature=objective.temperature)
+                kd_count = max(1, round(num_valid_tokens * objective.token_selection))
+            kd = self.divergence(logits, teacher_logits, kd_mask, temperature=objective.temperature,
+                                 num_valid_tokens=kd_count, **self.loss_params)
             loss = loss + objective.kd_weight * kd
             parts["kd"] = kd.item()
         if objective.ce_weight > 0:
             ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
             loss = loss + objective.ce_weight * ce
             parts["ce"] = ce.item()
+        if objective.entropy_weight != 0:
+            entropy = student_entropy(logits, mask, num_valid_tokens=num_valid_tokens)
+            loss = loss + objective.entropy_weight * entropy
+            parts["entropy"] = entropy.item()
         parts["loss"] = loss.item()
         return loss, parts
 
@@ -258,7 +281,8 @@ class LMTrainer:
         if self.accelerator.is_main_process:
             save_checkpoint(self.phase.checkpoint_dir, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler,
-                            state={"step": step, "position": position, "phase": self.phase.name})
+                            state={"step": step, "position": position, "phase": self.phase.name,
+                                   "taid": self.taid.state_dict() if self.taid is not None else None})
         self.accelerator.wait_for_everyone()
 
     def _append(self, file: Path | None, record: dict) -> None:
