@@ -97,10 +97,10 @@ class LMTrainer:
         self.loss_params = phase.objective.loss_params()
         optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
-        # The fused path runs the model up to its final hidden states and applies the head chunk
-        # by chunk in the loss; `engine` is what accelerate wraps (DDP), `model` the HF model.
         objective = phase.objective
-        # Terms that need full logits of the micro-batch take the plain path.
+        # The fused path runs the model up to its final hidden states and applies the head chunk
+        # by chunk in the loss; terms that need a micro-batch's full logits take the plain path.
+        # `engine` is what accelerate wraps (DDP), `model` the HF model (eval, checkpoints).
         plain_only = (self.divergence.__name__ in not_token_separable() or objective.entropy_weight != 0
                       or objective.token_selection is not None)
         self.student_head = fused_head(student) if spec.fused_loss and not plain_only else None
