@@ -50,8 +50,9 @@ def test_fused_equals_naive_values_and_gradients(loss, dtype, tolerance):
             torch.testing.assert_close(got, 2.0 * want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("loss, params", [("jsd", {"beta": 0.3}), ("forward_kl", {})])  # generic, closed form
 @pytest.mark.parametrize("form", ["hidden", "logits", "topk"])
-def test_every_teacher_form_gives_the_same_loss(form):
+def test_every_teacher_form_gives_the_same_loss(form, loss, params):
     student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
     teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias
     if form == "topk":
@@ -63,11 +64,13 @@ def test_every_teacher_form_gives_the_same_loss(form):
         teacher = TeacherSignal(logits=teacher_logits)
     else:
         teacher = TeacherSignal(hidden=teacher_hidden, weight=teacher_weight, bias=teacher_bias)
-    expected = _naive("jsd", student_hidden, weight, bias, teacher_logits, labels, mask, 1.0, 0.0, beta=0.3)
-    value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, loss="jsd",
-                                      beta=0.3, temperature=1.5, student_bias=bias, chunk_size=3)
+    expected = _naive(loss, student_hidden, weight, bias, teacher_logits, labels, mask, 1.0, 0.0, **params)
+    value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, loss=loss,
+                                      temperature=1.5, student_bias=bias, chunk_size=3, **params)
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(value, weight)[0], torch.autograd.grad(expected, weight)[0])
+    for got, want in zip(torch.autograd.grad(value, [student_hidden, weight, bias]),
+                         torch.autograd.grad(expected, [student_hidden, weight, bias])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_padded_vocabulary_rows_are_ignored_and_get_no_gradient():

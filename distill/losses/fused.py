@@ -12,12 +12,13 @@ losses, each normalised by the total count, is the full loss; gradients equal th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from distill.losses.logits import IGNORE_INDEX, cross_entropy, get_loss
+from distill.losses.logits import IGNORE_INDEX, cross_entropy, forward_kl, get_loss
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # Full-vocabulary float32 tensors alive per token while a chunk is processed: student logits,
@@ -96,8 +97,24 @@ class _FusedLinearLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         weight_leaf = weight.detach().requires_grad_()
         bias_leaf = bias.detach().requires_grad_() if bias is not None else None
+        closed_form = getattr(loss_fn, "closed_form", None)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
+            if closed_form is not None:  # value and logit gradient in closed form: no autograd graph
+                with torch.no_grad():
+                    hidden_chunk = hidden[start:end].detach()
+                    logits = hidden_chunk @ weight[:vocab_size].T
+                    if bias is not None:
+                        logits = logits + bias[:vocab_size]
+                    teacher_logits = teacher.chunk_logits(start, end, vocab_size) if teacher is not None else None
+                    value, grad_logits = closed_form(logits, teacher_logits, labels[start:end], num_valid_tokens)
+                    grad_logits = grad_logits.to(hidden.dtype)
+                    grad_hidden[start:end] = grad_logits @ weight[:vocab_size]
+                    grad_weight[:vocab_size] += grad_logits.T @ hidden_chunk
+                    if grad_bias is not None:
+                        grad_bias[:vocab_size] += grad_logits.sum(0)
+                total += value
+                continue
             hidden_chunk = hidden[start:end].detach().requires_grad_()
             with torch.enable_grad():
                 logits = hidden_chunk @ weight_leaf[:vocab_size].T
@@ -124,6 +141,36 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_hidden, grad_weight = saved[0] * grad_output, saved[1] * grad_output
         grad_bias = saved[2] * grad_output if ctx.has_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _closed_form_forward_kl_and_ce(kd_weight: float, ce_weight: float, temperature: float):
+    """(value, d value / d logits) of kd_weight * forward KL + ce_weight * CE for one chunk.
+
+    With s = z_S / T: d KL(p_T || p_S) / d z_S = (p_S - p_T) / T per token, and
+    d CE / d z_S = p_S(T=1) - onehot(label); both divided by the valid-token count. Skipping
+    autograd's saved intermediates makes the chunk ~1.5x cheaper than the generic path."""
+    def closed_form(logits, teacher_logits, labels, num_valid):
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        logits = logits.to(compute_dtype)
+        count = float(num_valid)
+        value = logits.new_zeros(())
+        grad = torch.zeros_like(logits)
+        if kd_weight > 0:
+            student_logprobs = torch.log_softmax(logits / temperature, dim=-1)
+            teacher_logprobs = torch.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
+            teacher_probs = teacher_logprobs.exp()
+            floor = math.log(torch.finfo(compute_dtype).tiny)  # as the generic path's log-prob floor
+            terms = teacher_probs * (teacher_logprobs.clamp(min=floor) - student_logprobs.clamp(min=floor))
+            value = value + kd_weight * torch.where(teacher_probs > 0, terms, 0.0).sum() / count
+            grad += (kd_weight / (temperature * count)) * (student_logprobs.exp() - teacher_probs)
+        if ce_weight > 0:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            value = value - ce_weight * logprobs.gather(-1, labels[:, None]).sum() / count
+            probs = logprobs.exp()
+            probs.scatter_add_(-1, labels[:, None], -torch.ones_like(labels[:, None], dtype=probs.dtype))
+            grad += (ce_weight / count) * probs
+        return value, grad
+    return closed_form
 
 
 def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, teacher: TeacherSignal | None, *,
@@ -173,5 +220,8 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
             value = value + ce_weight * cross_entropy(logits, chunk_labels, num_valid_tokens=num_valid)
         return value
 
+    if divergence is None or divergence is forward_kl:
+        chunk_loss.closed_form = _closed_form_forward_kl_and_ce(kd_weight if divergence else 0.0, ce_weight,
+                                                                temperature)
     return _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher_rows, flat_labels, chunk_loss,
                                   params, count, chunk, vocab_size)
