@@ -114,3 +114,17 @@ def test_bad_input_is_refused():
         fused_linear_distillation(student_hidden, weight, None, kd_weight=0.0, ce_weight=1.0)
     with pytest.raises(ValueError, match="token rows"):
         fused_linear_distillation(student_hidden, weight, TeacherSignal(logits=torch.zeros(5, 37, dtype=torch.float64)))
+
+
+def test_parts_report_each_unweighted_term_of_one_pass():
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    teacher = TeacherSignal(hidden=teacher_hidden, weight=teacher_weight)
+    for loss in ("forward_kl", "jsd"):  # closed-form and generic chunks
+        parts = {}
+        value = fused_linear_distillation(student_hidden, weight, teacher, labels=labels, mask=mask, loss=loss,
+                                          kd_weight=0.7, ce_weight=0.3, chunk_size=4, parts=parts)
+        logits = student_hidden @ weight.T
+        valid = mask & (labels != -100)
+        assert parts["kd"] == pytest.approx(float(get_loss(loss)(logits, teacher_hidden @ teacher_weight.T, valid)))
+        assert parts["ce"] == pytest.approx(float(cross_entropy(logits, labels, valid)))
+        assert float(value) == pytest.approx(0.7 * parts["kd"] + 0.3 * parts["ce"])

@@ -143,7 +143,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _closed_form_forward_kl_and_ce(kd_weight: float, ce_weight: float, temperature: float):
+def _closed_form_forward_kl_and_ce(kd_weight: float, ce_weight: float, temperature: float, terms: dict):
     """(value, d value / d logits) of kd_weight * forward KL + ce_weight * CE for one chunk.
 
     With s = z_S / T: d KL(p_T || p_S) / d z_S = (p_S - p_T) / T per token, and
@@ -160,12 +160,16 @@ def _closed_form_forward_kl_and_ce(kd_weight: float, ce_weight: float, temperatu
             teacher_logprobs = torch.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
             teacher_probs = teacher_logprobs.exp()
             floor = math.log(torch.finfo(compute_dtype).tiny)  # as the generic path's log-prob floor
-            terms = teacher_probs * (teacher_logprobs.clamp(min=floor) - student_logprobs.clamp(min=floor))
-            value = value + kd_weight * torch.where(teacher_probs > 0, terms, 0.0).sum() / count
+            pointwise = teacher_probs * (teacher_logprobs.clamp(min=floor) - student_logprobs.clamp(min=floor))
+            kd = torch.where(teacher_probs > 0, pointwise, 0.0).sum() / count
+            terms["kd"] = terms.get("kd", 0.0) + float(kd.detach())
+            value = value + kd_weight * kd
             grad += (kd_weight / (temperature * count)) * (student_logprobs.exp() - teacher_probs)
         if ce_weight > 0:
             logprobs = torch.log_softmax(logits, dim=-1)
-            value = value - ce_weight * logprobs.gather(-1, labels[:, None]).sum() / count
+            ce = -logprobs.gather(-1, labels[:, None]).sum() / count
+            terms["ce"] = terms.get("ce", 0.0) + float(ce.detach())
+            value = value + ce_weight * ce
             probs = logprobs.exp()
             probs.scatter_add_(-1, labels[:, None], -torch.ones_like(labels[:, None], dtype=probs.dtype))
             grad += (ce_weight / count) * probs
@@ -178,7 +182,8 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
                               kd_weight: float = 1.0, ce_weight: float = 0.0, temperature: float = 1.0,
                               student_bias: Tensor | None = None, vocab_size: int | None = None,
                               num_valid_tokens: int | Tensor | None = None, chunk_size: int | None = None,
-                              memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, **params) -> Tensor:
+                              memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, parts: dict | None = None,
+                              **params) -> Tensor:
     """kd_weight * divergence(student, teacher) + ce_weight * CE(student, labels), chunked.
 
     student_hidden [..., H] and the head weight [V, H] (+ bias [V]) define the student logits
@@ -186,7 +191,8 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     Only valid tokens are computed at all. `vocab_size` compares over the first entries only
     (same-family models with padded embedding rows). The result and its gradients equal
     `kd_weight * get_loss(loss)(logits, teacher_logits, mask, ...) + ce_weight * cross_entropy(...)`
-    on the materialised logits."""
+    on the materialised logits. A `parts` dict, if given, receives the unweighted `kd` and `ce`
+    values (for logging: one pass computes both)."""
     divergence = get_loss(loss) if kd_weight > 0 else None
     if divergence is not None and divergence.__name__ in not_token_separable():
         raise ValueError(f"loss `{loss}` couples tokens, so it cannot be computed chunk by chunk; "
@@ -211,17 +217,22 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     count = num_valid_tokens if num_valid_tokens is not None else max(int(rows.shape[0]), 1)
     chunk = chunk_size or chunk_size_for(vocab_size, memory_budget_bytes)
 
+    terms = parts if parts is not None else {}  # unweighted kd / ce, summed over chunks
+
     def chunk_loss(logits, teacher_logits, chunk_labels, num_valid, loss_params):
         value = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if divergence is not None:
-            value = value + kd_weight * divergence(logits, teacher_logits, temperature=temperature,
-                                                   num_valid_tokens=num_valid, **loss_params)
+            kd = divergence(logits, teacher_logits, temperature=temperature, num_valid_tokens=num_valid, **loss_params)
+            terms["kd"] = terms.get("kd", 0.0) + float(kd.detach())
+            value = value + kd_weight * kd
         if ce_weight > 0:
-            value = value + ce_weight * cross_entropy(logits, chunk_labels, num_valid_tokens=num_valid)
+            ce = cross_entropy(logits, chunk_labels, num_valid_tokens=num_valid)
+            terms["ce"] = terms.get("ce", 0.0) + float(ce.detach())
+            value = value + ce_weight * ce
         return value
 
     if divergence is None or divergence is forward_kl:
         chunk_loss.closed_form = _closed_form_forward_kl_and_ce(kd_weight if divergence else 0.0, ce_weight,
-                                                                temperature)
+                                                                temperature, terms)
     return _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher_rows, flat_labels, chunk_loss,
                                   params, count, chunk, vocab_size)

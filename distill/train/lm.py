@@ -242,20 +242,14 @@ class LMTrainer:
                 else:  # a teacher without a plain linear head: its logits, as they come
                     teacher = TeacherSignal(logits=self.phase.teacher(**inputs).logits[:, :-1])
         head = self.student_head[1]
-        common = dict(labels=labels, mask=mask, temperature=objective.temperature, student_bias=head.bias,
-                      vocab_size=self.vocab_size, num_valid_tokens=num_valid_tokens,
-                      memory_budget_bytes=int(self.spec.loss_memory_mb * 2**20))
-        loss, parts = hidden.new_zeros((), dtype=torch.float32), {}
-        # Separate calls so that the log shows both terms; each is chunked the same way.
-        if use_teacher:
-            kd = fused_linear_distillation(hidden, head.weight, teacher, loss=objective.loss, **common,
-                                           **self.loss_params)
-            loss = loss + objective.kd_weight * kd
-            parts["kd"] = kd.item()
-        if objective.ce_weight > 0:
-            ce = fused_linear_distillation(hidden, head.weight, None, kd_weight=0.0, ce_weight=1.0, **common)
-            loss = loss + objective.ce_weight * ce
-            parts["ce"] = ce.item()
+        parts = {}
+        # One chunked pass computes the divergence and CE together (each chunk's logits once).
+        loss = fused_linear_distillation(
+            hidden, head.weight, teacher, labels=labels, mask=mask, loss=objective.loss,
+            kd_weight=objective.kd_weight if use_teacher else 0.0, ce_weight=objective.ce_weight,
+            temperature=objective.temperature, student_bias=head.bias, vocab_size=self.vocab_size,
+            num_valid_tokens=num_valid_tokens, memory_budget_bytes=int(self.spec.loss_memory_mb * 2**20),
+            parts=parts, **(self.loss_params if use_teacher else {}))
         parts["loss"] = loss.item()
         return loss, parts
 
