@@ -2,10 +2,13 @@
 gradients, for every divergence, every teacher form and chunk sizes that split unevenly."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from distill.losses import REGISTRY, cross_entropy, get_loss
+from distill.losses.closed_form import closed_form_for
 from distill.losses.fused import TeacherSignal, chunk_size_for, fused_linear_distillation, not_token_separable
 
 TOKEN_SEPARABLE = [name for name in REGISTRY if name not in not_token_separable()]
@@ -50,7 +53,53 @@ def test_fused_equals_naive_values_and_gradients(loss, dtype, tolerance):
             torch.testing.assert_close(got, 2.0 * want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("loss, params", [("jsd", {"beta": 0.3}), ("forward_kl", {})])  # generic, closed form
+CLOSED_FORMS = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 0.0}),
+                ("jsd", {"beta": 1.0})]
+
+
+@pytest.mark.parametrize("loss, params", CLOSED_FORMS)
+@pytest.mark.parametrize("temperature, kd_weight, ce_weight", [(1.0, 0.7, 0.3), (1.5, 1.0, 0.0), (1.0, 0.0, 1.0),
+                                                               (0.8, 0.6, 0.4)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_closed_form_chunks_equal_naive(loss, params, temperature, kd_weight, ce_weight, dtype, tolerance):
+    """The in-place closed-form chunk math (no autograd) against autograd on materialised logits."""
+    divergence = get_loss(loss) if kd_weight > 0 else None
+    closed = closed_form_for(divergence, params, kd_weight, ce_weight, temperature)
+    uses_generic = loss != "forward_kl" and params.get("beta") != 0.0 and ce_weight > 0 and temperature != 1.0
+    assert (closed is None) == uses_generic  # CE at T != 1 beside reverse KL / JSD stays on autograd
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(dtype, seed=3)
+    teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias
+    logits = student_hidden @ weight.T + bias
+    valid = mask & (labels != -100)
+    expected = ce_weight * cross_entropy(logits, labels, valid)
+    if kd_weight > 0:
+        expected = expected + kd_weight * get_loss(loss)(logits, teacher_logits, valid, temperature=temperature,
+                                                         **params)
+    expected_grads = torch.autograd.grad(expected, [student_hidden, weight, bias])
+    for chunk_size in (1, 5, 1000):
+        value = fused_linear_distillation(student_hidden, weight, TeacherSignal(logits=teacher_logits), labels=labels,
+                                          mask=mask, loss=loss, kd_weight=kd_weight, ce_weight=ce_weight,
+                                          temperature=temperature, student_bias=bias, chunk_size=chunk_size, **params)
+        torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance)
+        for got, want in zip(torch.autograd.grad(value, [student_hidden, weight, bias]), expected_grads):
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_closed_form_hand_value():
+    """One token, two classes, no head bias: forward KL by hand and its gradient (p_S - p_T) h."""
+    hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)  # p_S = (1/2, 1/2)
+    teacher_logits = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)  # p_T = (3/4, 1/4)
+    value = fused_linear_distillation(hidden, weight, TeacherSignal(logits=teacher_logits))
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert value.item() == pytest.approx(expected, abs=1e-12)
+    value.backward()
+    # d/dz = p_S - p_T = (-1/4, 1/4); d/dW = outer(d/dz, h)
+    torch.testing.assert_close(weight.grad, torch.tensor([[-0.25, 0.0], [0.25, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss, params", [("jsd", {"beta": 0.3}), ("forward_kl", {}), ("reverse_kl", {}),
+                                          ("tvd", {})])  # closed forms and generic
 @pytest.mark.parametrize("form", ["hidden", "logits", "topk"])
 def test_every_teacher_form_gives_the_same_loss(form, loss, params):
     student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)

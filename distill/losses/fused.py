@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distill.losses.logits import IGNORE_INDEX, cross_entropy, forward_kl, get_loss
+from distill.losses.closed_form import closed_form_for
+from distill.losses.logits import IGNORE_INDEX, cross_entropy, get_loss
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # Full-vocabulary float32 tensors alive per token while a chunk is processed: student logits,
@@ -63,16 +64,18 @@ class TeacherSignal:
         return TeacherSignal(hidden=take("hidden"), weight=self.weight, bias=self.bias, logits=take("logits"),
                              topk_ids=take("topk_ids"), topk_logprobs=take("topk_logprobs"))
 
-    def chunk_logits(self, start: int, end: int, vocab_size: int) -> Tensor:
-        """Teacher logits of rows start:end over the first `vocab_size` entries."""
+    def write_chunk_logits(self, out: Tensor, start: int, end: int) -> Tensor:
+        """out <- teacher logits of rows start:end over the first out.shape[-1] vocabulary entries."""
+        vocab_size = out.shape[-1]
         if self.logits is not None:
-            return self.logits[start:end, :vocab_size]
+            return out.copy_(self.logits[start:end, :vocab_size])
         if self.hidden is not None:
-            logits = self.hidden[start:end] @ self.weight[:vocab_size].T
-            return logits + self.bias[:vocab_size] if self.bias is not None else logits
-        ids, logprobs = self.topk_ids[start:end], self.topk_logprobs[start:end]
-        dense = torch.full((ids.shape[0], vocab_size), float("-inf"), dtype=logprobs.dtype, device=logprobs.device)
-        return dense.scatter(1, ids, logprobs)
+            return _linear_into(out, self.hidden[start:end], self.weight[:vocab_size],
+                                self.bias[:vocab_size] if self.bias is not None else None)
+        ids = self.topk_ids[start:end]
+        if ids.numel() and int(ids.max()) >= vocab_size:
+            raise ValueError(f"teacher top-k ids reach {int(ids.max())}, beyond the vocabulary of {vocab_size}")
+        return out.fill_(float("-inf")).scatter_(1, ids, self.topk_logprobs[start:end].to(out.dtype))
 
 
 def not_token_separable() -> set[str]:
@@ -82,55 +85,76 @@ def not_token_separable() -> set[str]:
     return set(getattr(distill.losses, "NOT_TOKEN_SEPARABLE", ()))
 
 
-def chunk_size_for(vocab_size: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> int:
+def chunk_size_for(vocab_size: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                   copies_per_token: int = LOGIT_COPIES_PER_TOKEN) -> int:
     """Tokens per chunk so that a chunk's full-vocabulary float32 tensors fit the budget."""
-    return max(1, memory_budget_bytes // (vocab_size * 4 * LOGIT_COPIES_PER_TOKEN))
+    return max(1, memory_budget_bytes // (vocab_size * 4 * copies_per_token))
+
+
+class _Workspace:
+    """[chunk, V] buffers in the compute dtype, allocated once per loss call and reused by every
+    chunk (a fresh allocation per chunk costs page faults as expensive as the arithmetic)."""
+
+    def __init__(self, rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.vocab_size, self.dtype, self.device = rows, vocab_size, dtype, device
+        self.buffers: list[Tensor] = []
+
+    def take(self, count: int, rows: int) -> list[Tensor]:
+        while len(self.buffers) < count:
+            self.buffers.append(torch.empty(self.rows, self.vocab_size, dtype=self.dtype, device=self.device))
+        return [buffer[:rows] for buffer in self.buffers[:count]]
+
+
+def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out <- hidden @ weight^T + bias (computed in the inputs' dtype, stored in out's)."""
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        torch.mm(hidden, weight.T, out=out)
+        return out.add_(bias) if bias is not None else out
+    logits = hidden @ weight.T
+    return out.copy_(logits + bias if bias is not None else logits)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, loss_fn, params, num_valid_tokens, chunk_size,
+    def forward(ctx, hidden, weight, bias, teacher, labels, chunk_loss, closed_form, num_valid_tokens, chunk_size,
                 vocab_size):
-        grad_hidden = torch.zeros_like(hidden)
+        compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight)
         grad_bias = torch.zeros_like(bias) if bias is not None else None
-        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        weight_leaf = weight.detach().requires_grad_()
-        bias_leaf = bias.detach().requires_grad_() if bias is not None else None
-        closed_form = getattr(loss_fn, "closed_form", None)
+        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        workspace = _Workspace(min(chunk_size, hidden.shape[0]), vocab_size, compute_dtype, hidden.device)
+        head_weight = weight.detach()[:vocab_size]
+        head_bias = bias.detach()[:vocab_size] if bias is not None else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            if closed_form is not None:  # value and logit gradient in closed form: no autograd graph
-                with torch.no_grad():
-                    hidden_chunk = hidden[start:end].detach()
-                    logits = hidden_chunk @ weight[:vocab_size].T
-                    if bias is not None:
-                        logits = logits + bias[:vocab_size]
-                    teacher_logits = teacher.chunk_logits(start, end, vocab_size) if teacher is not None else None
-                    value, grad_logits = closed_form(logits, teacher_logits, labels[start:end], num_valid_tokens)
-                    grad_logits = grad_logits.to(hidden.dtype)
-                    grad_hidden[start:end] = grad_logits @ weight[:vocab_size]
-                    grad_weight[:vocab_size] += grad_logits.T @ hidden_chunk
-                    if grad_bias is not None:
-                        grad_bias[:vocab_size] += grad_logits.sum(0)
-                total += value
-                continue
-            hidden_chunk = hidden[start:end].detach().requires_grad_()
-            with torch.enable_grad():
-                logits = hidden_chunk @ weight_leaf[:vocab_size].T
-                if bias_leaf is not None:
-                    logits = logits + bias_leaf[:vocab_size]
-                with torch.no_grad():
-                    teacher_logits = teacher.chunk_logits(start, end, vocab_size) if teacher is not None else None
-                chunk_loss = loss_fn(logits, teacher_logits, labels[start:end], num_valid_tokens, params)
-            inputs = [hidden_chunk, weight_leaf] + ([bias_leaf] if bias_leaf is not None else [])
-            grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
-            grad_hidden[start:end] = grads[0]
-            if grads[1] is not None:
-                grad_weight += grads[1]
-            if bias_leaf is not None and grads[2] is not None:
-                grad_bias += grads[2]
-            total += chunk_loss.detach()
+            hidden_chunk = hidden[start:end].detach()
+            with torch.no_grad():
+                if closed_form is not None:  # value and logit gradient in closed form, in place
+                    chunk_fn, num_buffers = closed_form
+                    buffers = workspace.take(num_buffers, end - start)
+                    _linear_into(buffers[0], hidden_chunk, head_weight, head_bias)
+                    if teacher is not None:
+                        teacher.write_chunk_logits(buffers[1], start, end)
+                    terms, grad_logits = chunk_fn(buffers, labels[start:end], float(num_valid_tokens))
+                    chunk_value = chunk_loss.combine(terms, num_valid_tokens)
+                else:  # autograd through the divergence, from the logits only
+                    student_buffer, teacher_buffer = workspace.take(2, end - start)
+                    logits = _linear_into(student_buffer, hidden_chunk, head_weight, head_bias)
+                    teacher_logits = (teacher.write_chunk_logits(teacher_buffer, start, end)
+                                      if teacher is not None else None)
+                    with torch.enable_grad():
+                        logits = logits.detach().requires_grad_()
+                        chunk_value = chunk_loss(logits, teacher_logits, labels[start:end], num_valid_tokens)
+                        grad_logits, = torch.autograd.grad(chunk_value, [logits])
+                    chunk_value = chunk_value.detach()
+                # The head's matmuls, shared by both paths: accumulate in place (no [V, H] temporaries).
+                grad_logits = grad_logits.to(hidden.dtype)
+                torch.mm(grad_logits, head_weight, out=grad_hidden[start:end])
+                grad_weight[:vocab_size].addmm_(grad_logits.T, hidden_chunk)
+                if grad_bias is not None:
+                    grad_bias[:vocab_size] += grad_logits.sum(0)
+            total += chunk_value
         ctx.save_for_backward(grad_hidden, grad_weight, *([grad_bias] if grad_bias is not None else []))
         ctx.has_bias = grad_bias is not None
         return total
@@ -141,40 +165,6 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_hidden, grad_weight = saved[0] * grad_output, saved[1] * grad_output
         grad_bias = saved[2] * grad_output if ctx.has_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-def _closed_form_forward_kl_and_ce(kd_weight: float, ce_weight: float, temperature: float, terms: dict):
-    """(value, d value / d logits) of kd_weight * forward KL + ce_weight * CE for one chunk.
-
-    With s = z_S / T: d KL(p_T || p_S) / d z_S = (p_S - p_T) / T per token, and
-    d CE / d z_S = p_S(T=1) - onehot(label); both divided by the valid-token count. Skipping
-    autograd's saved intermediates makes the chunk ~1.5x cheaper than the generic path."""
-    def closed_form(logits, teacher_logits, labels, num_valid):
-        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-        logits = logits.to(compute_dtype)
-        count = float(num_valid)
-        value = logits.new_zeros(())
-        grad = torch.zeros_like(logits)
-        if kd_weight > 0:
-            student_logprobs = torch.log_softmax(logits / temperature, dim=-1)
-            teacher_logprobs = torch.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
-            teacher_probs = teacher_logprobs.exp()
-            floor = math.log(torch.finfo(compute_dtype).tiny)  # as the generic path's log-prob floor
-            pointwise = teacher_probs * (teacher_logprobs.clamp(min=floor) - student_logprobs.clamp(min=floor))
-            kd = torch.where(teacher_probs > 0, pointwise, 0.0).sum() / count
-            terms["kd"] = terms.get("kd", 0.0) + float(kd.detach())
-            value = value + kd_weight * kd
-            grad += (kd_weight / (temperature * count)) * (student_logprobs.exp() - teacher_probs)
-        if ce_weight > 0:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            ce = -logprobs.gather(-1, labels[:, None]).sum() / count
-            terms["ce"] = terms.get("ce", 0.0) + float(ce.detach())
-            value = value + ce_weight * ce
-            probs = logprobs.exp()
-            probs.scatter_add_(-1, labels[:, None], -torch.ones_like(labels[:, None], dtype=probs.dtype))
-            grad += (ce_weight / count) * probs
-        return value, grad
-    return closed_form
 
 
 def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, teacher: TeacherSignal | None, *,
@@ -215,14 +205,12 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     teacher_rows = teacher.token_rows(rows, flat_valid.shape[0]) if teacher is not None else None
     vocab_size = vocab_size or student_weight.shape[0]
     count = num_valid_tokens if num_valid_tokens is not None else max(int(rows.shape[0]), 1)
-    chunk = chunk_size or chunk_size_for(vocab_size, memory_budget_bytes)
-
     terms = parts if parts is not None else {}  # unweighted kd / ce, summed over chunks
 
-    def chunk_loss(logits, teacher_logits, chunk_labels, num_valid, loss_params):
+    def chunk_loss(logits, teacher_logits, chunk_labels, num_valid):
         value = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if divergence is not None:
-            kd = divergence(logits, teacher_logits, temperature=temperature, num_valid_tokens=num_valid, **loss_params)
+            kd = divergence(logits, teacher_logits, temperature=temperature, num_valid_tokens=num_valid, **params)
             terms["kd"] = terms.get("kd", 0.0) + float(kd.detach())
             value = value + kd_weight * kd
         if ce_weight > 0:
@@ -231,8 +219,19 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
             value = value + ce_weight * ce
         return value
 
-    if divergence is None or divergence is forward_kl:
-        chunk_loss.closed_form = _closed_form_forward_kl_and_ce(kd_weight if divergence else 0.0, ce_weight,
-                                                                temperature, terms)
+    def combine(chunk_terms, num_valid):
+        """A closed-form chunk's weighted value from its unweighted sums."""
+        value = 0.0
+        for name, weight in (("kd", kd_weight), ("ce", ce_weight)):
+            if name in chunk_terms:
+                term = chunk_terms[name] / float(num_valid)
+                terms[name] = terms.get(name, 0.0) + float(term)
+                value = value + weight * term
+        return value
+
+    chunk_loss.combine = combine
+    closed_form = closed_form_for(divergence, params, kd_weight, ce_weight, temperature)
+    copies = closed_form[1] if closed_form is not None else LOGIT_COPIES_PER_TOKEN
+    chunk = chunk_size or chunk_size_for(vocab_size, memory_budget_bytes, copies)
     return _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher_rows, flat_labels, chunk_loss,
-                                  params, count, chunk, vocab_size)
+                                  closed_form, count, chunk, vocab_size)
