@@ -85,6 +85,18 @@ def test_closed_form_chunks_equal_naive(loss, params, temperature, kd_weight, ce
             torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("loss, params", CLOSED_FORMS[:3])
+def test_closed_form_float32_value_keeps_its_digits_at_a_large_vocabulary(loss, params):
+    """Sums over ~10^6 float32 terms: the chunk value must stay as exact as the per-token path."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(48, 32, generator=generator), torch.randn(20000, 32, generator=generator) * 0.5
+    teacher_logits = torch.randn(48, 20000, generator=generator) * 3
+    expected = get_loss(loss)(hidden.double() @ weight.double().T, teacher_logits.double(), **params)
+    value = fused_linear_distillation(hidden, weight, TeacherSignal(logits=teacher_logits), loss=loss, chunk_size=48,
+                                      **params)
+    assert value.item() == pytest.approx(expected.item(), rel=3e-7)  # naive float32: ~1e-6
+
+
 def test_closed_form_hand_value():
     """One token, two classes, no head bias: forward KL by hand and its gradient (p_S - p_T) h."""
     hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
