@@ -20,6 +20,7 @@ from torch import Tensor
 
 from distill.losses.closed_form import closed_form_for
 from distill.losses.logits import IGNORE_INDEX, cross_entropy, get_loss
+from distill.losses.sparse import student_topk_tail_logits, teacher_topk_tail_logits
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # Full-vocabulary float32 tensors alive per token while a chunk is processed: student logits,
@@ -33,7 +34,9 @@ class TeacherSignal:
     - `hidden` [N, H] + `weight` [V, H] (+ `bias` [V]): logits are made per chunk;
     - `logits` [N, V]: already materialised (e.g. a live teacher without a fused head);
     - `topk_ids` [N, k] + `topk_logprobs` [N, k]: a sparse distribution; entries outside the
-      top-k get zero probability (the top-k mass is renormalised by the softmax)."""
+      top-k get zero probability (the top-k mass is renormalised by the softmax);
+    - the same + `tail_logmass` [N]: top-k + one bucket for the rest: teacher and student are
+      compared over k + 1 outcomes (`distill/losses/sparse.py`)."""
 
     hidden: Tensor | None = None
     weight: Tensor | None = None
@@ -41,6 +44,7 @@ class TeacherSignal:
     logits: Tensor | None = None
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
+    tail_logmass: Tensor | None = None
 
     def __post_init__(self):
         forms = [self.hidden is not None, self.logits is not None, self.topk_ids is not None]
@@ -50,6 +54,8 @@ class TeacherSignal:
             raise ValueError("teacher hidden states need the teacher's lm_head weight")
         if self.topk_ids is not None and self.topk_logprobs is None:
             raise ValueError("topk_ids need topk_logprobs")
+        if self.tail_logmass is not None and self.topk_ids is None:
+            raise ValueError("tail_logmass goes with topk_ids + topk_logprobs")
 
     def token_rows(self, rows: Tensor, num_tokens: int) -> "TeacherSignal":
         """The signal flattened to [tokens, ...] and restricted to token `rows`."""
@@ -57,12 +63,13 @@ class TeacherSignal:
             value = getattr(self, name)
             if value is None:
                 return None
-            flat = value.reshape(-1, value.shape[-1])
+            flat = value.reshape(-1) if name == "tail_logmass" else value.reshape(-1, value.shape[-1])
             if flat.shape[0] != num_tokens:
                 raise ValueError(f"teacher {name} has {flat.shape[0]} token rows, the student {num_tokens}")
             return flat[rows]
         return TeacherSignal(hidden=take("hidden"), weight=self.weight, bias=self.bias, logits=take("logits"),
-                             topk_ids=take("topk_ids"), topk_logprobs=take("topk_logprobs"))
+                             topk_ids=take("topk_ids"), topk_logprobs=take("topk_logprobs"),
+                             tail_logmass=take("tail_logmass"))
 
     def write_chunk_logits(self, out: Tensor, start: int, end: int) -> Tensor:
         """out <- teacher logits of rows start:end over the first out.shape[-1] vocabulary entries."""
@@ -72,10 +79,8 @@ class TeacherSignal:
         if self.hidden is not None:
             return _linear_into(out, self.hidden[start:end], self.weight[:vocab_size],
                                 self.bias[:vocab_size] if self.bias is not None else None)
-        ids = self.topk_ids[start:end]
-        if ids.numel() and int(ids.max()) >= vocab_size:
-            raise ValueError(f"teacher top-k ids reach {int(ids.max())}, beyond the vocabulary of {vocab_size}")
-        return out.fill_(float("-inf")).scatter_(1, ids, self.topk_logprobs[start:end].to(out.dtype))
+        return out.fill_(float("-inf")).scatter_(1, self.topk_ids[start:end],
+                                                  self.topk_logprobs[start:end].to(out.dtype))
 
 
 def not_token_separable() -> set[str]:
@@ -141,11 +146,21 @@ class _FusedLinearLoss(torch.autograd.Function):
                 else:  # autograd through the divergence, from the logits only
                     student_buffer, teacher_buffer = workspace.take(2, end - start)
                     logits = _linear_into(student_buffer, hidden_chunk, head_weight, head_bias)
-                    teacher_logits = (teacher.write_chunk_logits(teacher_buffer, start, end)
-                                      if teacher is not None else None)
+                    bucketed = teacher is not None and teacher.tail_logmass is not None
+                    if bucketed:  # top-k + tail: k + 1 outcomes
+                        teacher_logits = teacher_topk_tail_logits(teacher.topk_logprobs[start:end],
+                                                                  teacher.tail_logmass[start:end])
+                    else:
+                        teacher_logits = (teacher.write_chunk_logits(teacher_buffer, start, end)
+                                          if teacher is not None else None)
                     with torch.enable_grad():
                         logits = logits.detach().requires_grad_()
-                        chunk_value = chunk_loss(logits, teacher_logits, labels[start:end], num_valid_tokens)
+                        kd_logits = logits
+                        if bucketed:
+                            kd_logits = student_topk_tail_logits(logits, teacher.topk_ids[start:end],
+                                                                 chunk_loss.temperature)
+                        chunk_value = chunk_loss(logits, teacher_logits, labels[start:end], num_valid_tokens,
+                                                 kd_logits)
                         grad_logits, = torch.autograd.grad(chunk_value, [logits])
                     chunk_value = chunk_value.detach()
                 # The head's matmuls, shared by both paths: accumulate in place (no [V, H] temporaries).
@@ -204,13 +219,17 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
                    else torch.zeros(rows.shape[0], dtype=torch.long, device=hidden.device))
     teacher_rows = teacher.token_rows(rows, flat_valid.shape[0]) if teacher is not None else None
     vocab_size = vocab_size or student_weight.shape[0]
+    if teacher_rows is not None and teacher_rows.topk_ids is not None and teacher_rows.topk_ids.numel():
+        largest = int(teacher_rows.topk_ids.max())
+        if largest >= vocab_size or int(teacher_rows.topk_ids.min()) < 0:
+            raise ValueError(f"teacher top-k ids reach {largest}, outside the vocabulary of {vocab_size}")
     count = num_valid_tokens if num_valid_tokens is not None else max(int(rows.shape[0]), 1)
     terms = parts if parts is not None else {}  # unweighted kd / ce, summed over chunks
 
-    def chunk_loss(logits, teacher_logits, chunk_labels, num_valid):
+    def chunk_loss(logits, teacher_logits, chunk_labels, num_valid, kd_logits):
         value = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if divergence is not None:
-            kd = divergence(logits, teacher_logits, temperature=temperature, num_valid_tokens=num_valid, **params)
+            kd = divergence(kd_logits, teacher_logits, temperature=temperature, num_valid_tokens=num_valid, **params)
             terms["kd"] = terms.get("kd", 0.0) + float(kd.detach())
             value = value + kd_weight * kd
         if ce_weight > 0:
@@ -229,8 +248,9 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
                 value = value + weight * term
         return value
 
-    chunk_loss.combine = combine
-    closed_form = closed_form_for(divergence, params, kd_weight, ce_weight, temperature)
+    chunk_loss.combine, chunk_loss.temperature = combine, temperature
+    bucketed = teacher is not None and teacher.tail_logmass is not None
+    closed_form = None if bucketed else closed_form_for(divergence, params, kd_weight, ce_weight, temperature)
     copies = closed_form[1] if closed_form is not None else LOGIT_COPIES_PER_TOKEN
     chunk = chunk_size or chunk_size_for(vocab_size, memory_budget_bytes, copies)
     return _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher_rows, flat_labels, chunk_loss,
