@@ -1,4 +1,4 @@
-"""The `distill` command line: demo, run, train-teacher, losses, report.
+"""The `distill` command line: demo, run, cache, train-teacher, losses, report.
 
 Every user-fixable problem is a `DistillError`: printed as `field: message` + `fix:`, exit code 2,
 no traceback.
@@ -70,6 +70,44 @@ def demo(seed: int = typer.Option(0, help="Seed of the student init, data order 
     """The built-in oracle task end to end: teacher vs student alone vs distilled student."""
     overrides = [f"train.seed={seed}", f"data.seed={seed}", f"output={output or f'runs/demo-seed{seed}'}", *set_]
     _run("builtin:oracle-demo", overrides, False, overwrite)
+
+
+@app.command()
+def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose teacher and data to cache."),
+          out: Optional[str] = typer.Option(None, "--out", help="Cache directory (default: the recipe's regime.path)."),
+          k: Optional[int] = typer.Option(None, "--k", help="Top-k entries per token (default: regime.k, 64)."),
+          ids: Optional[str] = typer.Option(None, "--ids", help="Id coding: rice (default) or packed."),
+          values: Optional[str] = typer.Option(None, "--values", help="Log-prob storage: int8 (default) or float16."),
+          set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+          verify: Optional[Path] = typer.Option(None, "--verify", help="Check every shard of the cache in DIR "
+                                                                       "against its checksum, and stop.")):
+    """Run the teacher once over the recipe's data and store its top-k per token (resumable)."""
+    if verify is not None:
+        from distill.cache.store import read_manifest, verify_cache
+
+        manifest = read_manifest(verify, field="--verify")
+        problems = verify_cache(verify)
+        for problem in problems:
+            errors.print(f"[red]bad[/red] {escape(problem)}", highlight=False)
+        if problems:
+            raise DistillError(f"{len(problems)} of {len(manifest['shards'])} shards in `{verify}` failed the check",
+                               field="--verify", fix="rebuild the cache into a new directory with `distill cache`")
+        console.print(f"ok: {len(manifest['shards'])} shards, {manifest['num_tokens']:,} tokens, "
+                      f"{manifest['bytes_per_token']:.1f} bytes/token, every checksum matches")
+        return
+    if recipe is None:
+        raise DistillError("give a recipe to build a cache from, or --verify DIR", field="RECIPE",
+                           fix="distill cache recipe.yaml  (or: distill cache --verify DIR)")
+    from distill.recipe import load_recipe
+
+    checked = load_recipe(recipe, set_)
+    for name, value, allowed in (("--ids", ids, ("rice", "packed")), ("--values", values, ("int8", "float16"))):
+        if value is not None and value not in allowed:
+            raise DistillError(f"{name} must be one of {', '.join(allowed)}, got `{value}`", field=name,
+                               fix=f"{name} {allowed[0]}")
+    from distill.cache.build import build_cache
+
+    build_cache(checked, out=out, k=k, ids=ids, values=values)
 
 
 @app.command("train-teacher")

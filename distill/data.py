@@ -19,6 +19,7 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss; labels[t] is the token at position t
+    id: str = ""  # the row's `id` field, else its index in the file: the key of cached teacher rows
 
 
 def read_records(path: str, field: str) -> list[dict]:
@@ -113,7 +114,7 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, 
                 raise DistillError(f"row {index} has {len(input_ids)} tokens, over max_length={max_length}",
                                    field="data.max_length", fix="raise data.max_length, or set data.too_long=truncate")
             input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
-        examples.append(Example(input_ids, labels))
+        examples.append(Example(input_ids, labels, str(record.get("id", index))))
     if truncated:
         warnings.warn(f"{field}: {truncated} of {len(records)} examples cut to data.max_length={max_length} tokens "
                       "(set data.too_long=refuse to stop instead)", stacklevel=2)

@@ -7,14 +7,19 @@ import time
 import torch
 
 from distill.data import IGNORE_INDEX, Example, collate
+from distill.losses.logits import forward_kl
+from distill.losses.sparse import student_topk_tail_logits, teacher_topk_tail_logits
 from distill.models import count_parameters
 
 
 @torch.no_grad()
 def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size: int, pad_token_id: int,
-                  teacher=None) -> dict[str, float]:
+                  teacher=None, teacher_cache=None) -> dict[str, float]:
     """Per completion token: NLL of the data, and with a teacher the top-1 agreement and
-    KL(teacher || model), all averaged over every valid token of the eval set."""
+    KL(teacher || model), all averaged over every valid token of the eval set.
+
+    `teacher_cache` = (TeacherCache, spans of `examples`) stands in for the teacher: agreement
+    with its top-1, and the KL over its top-k + tail buckets (a lower bound of the full KL)."""
     device = next(model.parameters()).device
     nll = agreement = teacher_kl = 0.0
     num_tokens = 0
@@ -32,8 +37,16 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
             agreement += (logprobs.argmax(-1) == teacher_logprobs.argmax(-1))[mask].sum().item()
             kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1)
             teacher_kl += kl[mask].sum().item()
+        elif teacher_cache is not None:
+            cache, spans = teacher_cache
+            ids, top_logprobs, tail = (t.to(device) for t in cache.batch(spans[start:start + batch_size], mask.cpu()))
+            teacher_top1 = ids.gather(-1, top_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+            agreement += (logprobs.argmax(-1) == teacher_top1)[mask].sum().item()
+            student_buckets = student_topk_tail_logits(logprobs, ids)
+            teacher_buckets = teacher_topk_tail_logits(top_logprobs.float(), tail.float())
+            teacher_kl += forward_kl(student_buckets, teacher_buckets, mask).item() * int(mask.sum())
     metrics = {"nll": nll / max(num_tokens, 1)}
-    if teacher is not None:
+    if teacher is not None or teacher_cache is not None:
         metrics["teacher_top1_agreement"] = agreement / max(num_tokens, 1)
         metrics["teacher_kl"] = teacher_kl / max(num_tokens, 1)
     return metrics
@@ -80,12 +93,12 @@ def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, 
 
 def evaluate_model(model, *, task, tokenizer, eval_records: list[dict], eval_examples: list[Example],
                    vocab_size: int, batch_size: int, generate_size: int, seed: int, teacher=None,
-                   throughput_tokens: int | None = None) -> dict[str, float]:
+                   teacher_cache=None, throughput_tokens: int | None = None) -> dict[str, float]:
     """Every metric of one model; `throughput_tokens` also times generation (final evals)."""
     was_training = model.training
     model.eval()
     metrics = token_metrics(model, eval_examples, vocab_size=vocab_size, batch_size=batch_size,
-                            pad_token_id=tokenizer.pad_token_id or 0, teacher=teacher)
+                            pad_token_id=tokenizer.pad_token_id or 0, teacher=teacher, teacher_cache=teacher_cache)
     if task is not None:
         metrics.update(task.evaluate(model, tokenizer, eval_records, batch_size=batch_size,
                                      generate_size=generate_size, seed=seed))

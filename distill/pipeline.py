@@ -14,15 +14,18 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 from accelerate import Accelerator
+from transformers import AutoConfig
 from accelerate.utils import gather_object
 
 from distill.data import read_records, tokenize
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model
 from distill.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
-                            quiet_transformers)
+                            quiet_transformers, resolve_model_path)
 from distill.recipe import ObjectiveSpec, Recipe, load_recipe
 from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
@@ -105,6 +108,25 @@ def load_data(recipe: Recipe, tokenizer, task):
             tokenize(eval_records, tokenizer, field="data.eval", **options))
 
 
+def open_cache(recipe: Recipe, tokenizer, train_examples) -> "TeacherCache":
+    """The recipe's teacher cache, checked against this run's teacher, tokenizer and data."""
+    from distill.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
+
+    regime = recipe.regime
+    cache = TeacherCache(regime.path, k=regime.k if "k" in regime.model_fields_set else None)
+    built = cache.manifest["identity"]
+    current = {"tokenizer_sha256": tokenizer_sha256(tokenizer),
+               "teacher": teacher_identity(resolve_model_path(recipe.teacher.path, "teacher.path"))}
+    differences = identity_differences({k: built[k] for k in current}, current)
+    if differences:
+        raise DistillError(f"the cache at `{regime.path}` was built with another {', '.join(differences)} than "
+                           "this recipe's", field="regime.path",
+                           fix="rebuild it with `distill cache <recipe>` into a new directory, or point "
+                               "teacher.path at the teacher it was built with")
+    cache.rows_for("train", train_examples)  # every training example is cached, with the same tokens
+    return cache
+
+
 def weights_sha256(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -137,20 +159,30 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
     scorer = task or CompletionsScorer.for_records(eval_records, tokenizer)
 
-    teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
-    teacher.requires_grad_(False)
+    cache = open_cache(recipe, tokenizer, train_examples) if recipe.regime.kind == "cache" else None
+    if cache is None:
+        teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
+        teacher.requires_grad_(False)
+    else:  # no teacher in memory: its config builds the student; its layers only if asked to copy them
+        teacher = None
 
     def new_student():
         if recipe.student.path:
             torch.manual_seed(recipe.train.seed)
             return load_causal_lm(recipe.student.path, "student.path")
-        return build_student(teacher, recipe.student.config, recipe.student.init_from_teacher_layers, recipe.train.seed)
+        source = teacher
+        if source is None:
+            layers = recipe.student.init_from_teacher_layers
+            source = (load_causal_lm(recipe.teacher.path, "teacher.path") if layers is not None
+                      else SimpleNamespace(config=AutoConfig.from_pretrained(resolve_model_path(
+                          recipe.teacher.path, "teacher.path"))))
+        return build_student(source, recipe.student.config, recipe.student.init_from_teacher_layers, recipe.train.seed)
 
     student = new_student()
-    vocab_size = check_same_vocabulary(tokenizer, student_tokenizer, teacher, student)
+    vocab_size = check_same_vocabulary(tokenizer, student_tokenizer, teacher or student, student)
     longest = max(len(e.input_ids) for e in train_examples + eval_examples)
     for role, model in (("teacher", teacher), ("student", student)):
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
         if limit is not None and longest > limit:
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
@@ -161,16 +193,23 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
             _warn_changed_fields(load_recipe(run_dir / "recipe.yaml"), recipe)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.wait_for_everyone()
-    teacher.to(accelerator.device)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    eval_cache = (cache, cache.rows_for("eval", eval_examples, field="data.eval")) if cache is not None else None
 
     def evaluate(model, final: bool = False) -> dict:
         return evaluate_model(model, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
                               eval_examples=eval_examples, vocab_size=vocab_size,
                               batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                              seed=recipe.data.seed, teacher=teacher,
+                              seed=recipe.data.seed, teacher=teacher, teacher_cache=eval_cache,
                               throughput_tokens=recipe.eval.throughput_tokens if final else None)
 
-    phases = [("distilled", "student", Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective))]
+    distilled = Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective)
+    if cache is not None:
+        distilled.cache, distilled.sparse = cache, recipe.regime.sparse
+        distilled.cache_spans = cache.rows_for("train", train_examples)
+    phases = [("distilled", "student", distilled)]
     if recipe.train.baseline:
         phases.append(("alone", "alone", Phase("alone", run_dir / "checkpoint-alone")))
     rows, weight_hashes = {}, {}
@@ -193,7 +232,9 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         if is_main:
             rows[row] = evaluate(model.to(accelerator.device).eval(), final=True)
     if is_main:
-        rows = {"teacher": evaluate(teacher, final=True), **rows}
+        # From a cache, the teacher row is the evaluation made when the cache was built.
+        teacher_row = evaluate(teacher, final=True) if teacher is not None else dict(cache.manifest["teacher_eval"])
+        rows = {"teacher": teacher_row, **rows}
         extras = {"world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
                   "seconds": time.perf_counter() - started, "recipe": recipe.model_dump(mode="json")}
         result = RunResult(run_dir, {k: rows[k] for k in ROW_NAMES if k in rows},

@@ -154,16 +154,29 @@ class ObjectiveSpec(BaseModel):
 
 
 class RegimeSpec(_Strict):
-    """Where the training sequences come from."""
+    """Where the training sequences and the teacher signal come from."""
 
     kind: Literal["off_policy", "on_policy", "sequence", "cache"] = Field(
-        "off_policy", description="off_policy: dataset sequences scored by a live teacher.")
+        "off_policy", description="off_policy: dataset sequences scored by a live teacher; cache: the teacher's "
+                                  "stored top-k (`distill cache`), no teacher in memory.")
+    path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
+    k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
+    ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
+                                           "Golomb-Rice gaps) or packed (ceil(log2 V) bits each).")
+    values: Literal["int8", "float16"] = Field("int8", description="cache: log-prob storage; int8 quantised per "
+                                               "token or float16.")
+    shard_examples: int = Field(256, gt=0, description="cache: examples per shard file (the unit of resume).")
+    sparse: Literal["tail", "renormalize"] = Field(
+        "tail", description="cache: compare over top-k + one tail bucket (proper distributions), or renormalise "
+                            "the teacher's top-k to 1.")
 
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
-        if self.kind != "off_policy":
+        if self.kind not in ("off_policy", "cache"):
             raise _FieldValueError("kind", f"regime `{self.kind}` is planned but not available in this version; "
-                             "use `off_policy`")
+                                           "use `off_policy` or `cache`")
+        if self.kind == "cache" and not self.path:
+            raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self
 
 

@@ -68,3 +68,22 @@ def test_fused_path_with_a_top_k_and_tail_teacher_equals_the_plain_one(loss):
     torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
     for got, want in zip(torch.autograd.grad(value, [hidden, weight]), torch.autograd.grad(expected, [hidden, weight])):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss", list(REGISTRY))
+@pytest.mark.parametrize("mode", ["tail", "renormalize"])
+def test_every_divergence_is_finite_on_a_sparse_teacher(loss, mode):
+    """Both views of a top-k teacher (zeros outside the top-k in `renormalize`) give finite values and
+    gradients for every registered divergence, including the ones that couple tokens."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 19, generator=generator).requires_grad_()
+    teacher_logprobs = torch.log_softmax(torch.randn(2, 4, 19, generator=generator) * 3, -1)
+    top = teacher_logprobs.topk(5, -1)
+    if mode == "tail":
+        tail = teacher_logprobs.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+        student, teacher = student_topk_tail_logits(logits, top.indices), teacher_topk_tail_logits(top.values, tail)
+    else:
+        student, teacher = logits, dense_teacher_logits(top.indices, top.values, 19)
+    value = get_loss(loss)(student, teacher, torch.ones(2, 4, dtype=torch.bool))
+    grad, = torch.autograd.grad(value, logits)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()

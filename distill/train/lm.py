@@ -1,4 +1,4 @@
-"""The LM distillation loop on `accelerate` (off-policy, live teacher).
+"""The LM distillation loop on `accelerate` (off-policy: a live teacher, or its cached top-k).
 
 One optimizer step reads top to bottom: take the step's micro-batches -> count valid tokens over
 the whole accumulated batch (all processes) -> per micro-batch: student forward, teacher forward
@@ -24,6 +24,7 @@ from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
 from distill.errors import DistillError
 from distill.losses import TaidSchedule, cross_entropy, get_loss, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
+from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
@@ -39,6 +40,15 @@ class Phase:
     checkpoint_dir: Path
     teacher: torch.nn.Module | None = None
     objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(loss="forward_kl", kd_weight=0.0, ce_weight=1.0))
+    # Instead of `teacher`: its stored top-k (distill/cache), the cache row span of every training
+    # example (by index), and how a sparse teacher meets the student ("tail" or "renormalize").
+    cache: "TeacherCache | None" = None
+    cache_spans: list[tuple[int, int]] | None = None
+    sparse: str = "tail"
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.cache is not None
 
 
 class FinalHiddenStates(torch.nn.Module):
@@ -105,7 +115,7 @@ class LMTrainer:
                       or objective.token_selection is not None)
         self.student_head = fused_head(student) if spec.fused_loss and not plain_only else None
         self.taid = None
-        if phase.teacher is not None and objective.taid is not None:
+        if phase.has_teacher and objective.taid is not None:
             taid = objective.taid
             self.taid = TaidSchedule(t_start=taid.t_start, t_end=taid.t_end, alpha=taid.alpha, beta=taid.beta,
                                      disable_adaptive=not taid.adaptive)
@@ -145,6 +155,7 @@ class LMTrainer:
                 position += spec.batch_size * world
                 mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
                 micro_batches.append(collate([self.examples[i] for i in mine], self.pad_token_id))
+                micro_batches[-1]["example_index"] = torch.tensor(mine, dtype=torch.long)
             # The loss is a mean over every valid token of the accumulated batch on all processes.
             local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
             num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
@@ -199,21 +210,29 @@ class LMTrainer:
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX
         objective = self.phase.objective
-        use_teacher = self.phase.teacher is not None and objective.kd_weight > 0
+        use_teacher = self.phase.has_teacher and objective.kd_weight > 0
+        cached = self._cached_teacher(batch["example_index"], mask) if use_teacher and self.phase.cache else None
         if self.student_head is not None:
-            return self._fused_loss(inputs, labels, mask, num_valid_tokens, use_teacher)
+            return self._fused_loss(inputs, labels, mask, num_valid_tokens, use_teacher, cached)
         # Plain path: full logits, compared over the tokenizer's real vocabulary only.
         logits = self.engine(**inputs).logits[:, :-1, :self.vocab_size]
         loss, parts = logits.new_zeros((), dtype=torch.float32), {}
         if use_teacher:
-            with torch.no_grad():
-                teacher_logits = self.phase.teacher(**inputs).logits[:, :-1, :self.vocab_size]
+            kd_logits = logits
+            if cached is None:
+                with torch.no_grad():
+                    teacher_logits = self.phase.teacher(**inputs).logits[:, :-1, :self.vocab_size]
+            elif self.phase.sparse == "tail":  # top-k + tail bucket: k + 1 outcomes on both sides
+                kd_logits = student_topk_tail_logits(logits, cached.topk_ids, objective.temperature)
+                teacher_logits = teacher_topk_tail_logits(cached.topk_logprobs, cached.tail_logmass)
+            else:
+                teacher_logits = dense_teacher_logits(cached.topk_ids, cached.topk_logprobs, self.vocab_size)
             kd_mask, kd_count = mask, num_valid_tokens
             if objective.token_selection is not None:  # distil only the selected share of tokens
-                kd_mask = select_tokens(logits, teacher_logits, mask, ratio=objective.token_selection,
+                kd_mask = select_tokens(kd_logits, teacher_logits, mask, ratio=objective.token_selection,
                                         temperature=objective.temperature)
                 kd_count = max(1, round(num_valid_tokens * objective.token_selection))
-            kd = self.divergence(logits, teacher_logits, kd_mask, temperature=objective.temperature,
+            kd = self.divergence(kd_logits, teacher_logits, kd_mask, temperature=objective.temperature,
                                  num_valid_tokens=kd_count, **self.loss_params)
             loss = loss + objective.kd_weight * kd
             parts["kd"] = kd.item()
@@ -228,12 +247,20 @@ class LMTrainer:
         parts["loss"] = loss.item()
         return loss, parts
 
-    def _fused_loss(self, inputs, labels, mask, num_valid_tokens, use_teacher) -> tuple[torch.Tensor, dict]:
+    def _cached_teacher(self, example_index: torch.Tensor, mask: torch.Tensor) -> TeacherSignal:
+        """The batch's teacher from the cache: top-k ids, log-probs and tail at the loss positions."""
+        spans = [self.phase.cache_spans[i] for i in example_index.tolist()]
+        ids, logprobs, tail = (t.to(mask.device) for t in self.phase.cache.batch(spans, mask.cpu()))
+        return TeacherSignal(topk_ids=ids, topk_logprobs=logprobs,
+                             tail_logmass=tail if self.phase.sparse == "tail" else None)
+
+    def _fused_loss(self, inputs, labels, mask, num_valid_tokens, use_teacher,
+                    cached: TeacherSignal | None) -> tuple[torch.Tensor, dict]:
         """Hidden states + head, chunked: full-vocabulary logits never exist for all tokens."""
         objective = self.phase.objective
         hidden = self.engine(**inputs)[:, :-1]
-        teacher = None
-        if use_teacher:
+        teacher = cached
+        if use_teacher and cached is None:
             with torch.no_grad():
                 teacher_base, teacher_lm_head = self.teacher_head or (None, None)
                 if teacher_base is not None:

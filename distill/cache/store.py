@@ -1,0 +1,253 @@
+"""The on-disk teacher cache: shards, manifest, identities, verification, and lookup by example id.
+
+Layout of a cache directory:
+
+    manifest.json              written last: the cache is complete when it exists
+    progress-rank<r>.json      shards finished by process r (kept: they make builds resumable)
+    train-00000.safetensors    one shard = up to `shard_examples` consecutive examples of a split
+    eval-00003.safetensors     (the eval split is cached too: the report's teacher row and the
+                               students' agreement with the teacher come from it)
+
+A shard holds the codec's arrays (`distill/cache/codec.py`) for all its tokens plus `tokens`
+(int32 [examples]: completion tokens per example); its safetensors metadata holds the example
+ids and each example's content hash (input ids + labels), so rows are matched to examples by
+id and a changed example is caught rather than trained on with another example's teacher.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.cache.codec import decode_topk
+from distill.errors import DistillError
+
+FORMAT = "distill-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FIELD = "regime.path"
+
+
+# ---- identities: what a cache was built from -------------------------------------------------
+
+def example_hash(input_ids: list[int], labels: list[int]) -> str:
+    """16 hex digits of sha256 over an example's tokens and labels."""
+    payload = np.asarray(input_ids, dtype=np.int64).tobytes() + b"|" + np.asarray(labels, dtype=np.int64).tobytes()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def dataset_fingerprint(ids: list[str], hashes: list[str]) -> str:
+    return hashlib.sha256(json.dumps([ids, hashes]).encode()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return hashlib.sha256(json.dumps([vocabulary, special]).encode()).hexdigest()
+
+
+def teacher_identity(model_dir: str) -> dict:
+    """The teacher's config hash and a weights fingerprint (file names, sizes and the sha256 of
+    each weight file's first MiB: cheap for a 140 GB teacher, and any re-save changes it)."""
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():  # a hub id: its config as transformers resolves it
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir).to_dict()
+        config.pop("transformers_version", None), config.pop("_name_or_path", None)
+        return {"path": str(model_dir), "config_sha256": hashlib.sha256(json.dumps(
+            config, sort_keys=True, default=str).encode()).hexdigest(), "weights": []}
+    config = json.loads((directory / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path"):
+        config.pop(volatile, None)
+    weights = []
+    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        with open(file, "rb") as handle:
+            head = hashlib.sha256(handle.read(2**20)).hexdigest()
+        weights.append({"file": file.name, "bytes": file.stat().st_size, "head_sha256": head})
+    return {"path": str(model_dir),
+            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "weights": weights}
+
+
+def identity_differences(cached: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable keys where two identity dicts differ (paths are informative, not compared)."""
+    differences = []
+    for key in sorted(cached.keys() | current.keys()):
+        if key == "path":
+            continue
+        before, after = cached.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += identity_differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            differences.append(f"{prefix}{key}")
+    return differences
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(data, indent=1))
+    os.replace(staging, path)
+
+
+def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> dict:
+    """Write atomically (a killed build never leaves a half shard under the final name); return
+    the shard's manifest entry without its example counts."""
+    from safetensors.numpy import save_file
+
+    staging = path.with_name(path.name + ".tmp")
+    # One metadata key: safetensors writes several in hash-map order, so the bytes (and checksum)
+    # of identical shards would differ from one process to the next.
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staging),
+              metadata={"distill": json.dumps(metadata, sort_keys=True)})
+    os.replace(staging, path)
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def read_manifest(directory: Path, field: str = FIELD) -> dict:
+    file = directory / MANIFEST
+    if not file.is_file():
+        partial = any(directory.glob("progress-rank*.json"))
+        raise DistillError(f"`{directory}` has no {MANIFEST}" + (": its cache build did not finish" if partial else ""),
+                           field=field, fix=f"run `distill cache <recipe>` to {'finish' if partial else 'build'} it")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise DistillError(f"`{file}` is not JSON ({error.msg})", field=field,
+                           fix="rebuild the cache with `distill cache`") from None
+    if manifest.get("format") != FORMAT:
+        raise DistillError(f"`{file}` is not a distill teacher cache manifest", field=field,
+                           fix="point regime.path at a directory written by `distill cache`")
+    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise DistillError(f"`{file}` has cache format version {manifest['version']}, newer than this distill "
+                           f"reads ({FORMAT_VERSION})", field=field, fix="upgrade distill, or rebuild the cache")
+    return manifest
+
+
+def verify_cache(directory: Path) -> list[str]:
+    """Every problem found (missing, truncated or corrupted shards by checksum); [] when sound."""
+    manifest = read_manifest(directory, field="cache")
+    problems = []
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        if not path.is_file():
+            problems.append(f"{shard['file']}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['file']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                            "(truncated or replaced)")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{shard['file']}: checksum differs from the manifest (corrupted)")
+    return problems
+
+
+def load_shard(directory: Path, shard: dict, manifest: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(metadata, ids [T, k], logprobs [T, k], tail [T]) of one shard, its checksum verified."""
+    from safetensors.numpy import load
+
+    path = directory / shard["file"]
+    if not path.is_file():
+        raise DistillError(f"cache shard `{path}` is missing", field=FIELD,
+                           fix=f"run `distill cache --verify {directory}`, then rebuild the cache")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise DistillError(f"cache shard `{path}` does not match its checksum (truncated or corrupted)", field=FIELD,
+                           fix=f"run `distill cache --verify {directory}`, then rebuild the cache")
+    from safetensors import safe_open  # metadata only; the arrays come from the verified bytes
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("distill", "{}"))
+    arrays = load(data)
+    tokens = arrays.pop("tokens")
+    ids, logprobs, tail = decode_topk(arrays, num_tokens=int(tokens.sum()), k=manifest["k"],
+                                      vocab_size=manifest["vocab_size"], ids_scheme=manifest["ids"],
+                                      values=manifest["values"])
+    metadata["tokens"] = tokens
+    return metadata, ids, logprobs, tail
+
+
+class TeacherCache:
+    """A finished cache, decoded in memory, looked up by example id.
+
+    `k` may be lower than the cache's: the smallest entries are folded into the tail mass."""
+
+    def __init__(self, directory: str | Path, k: int | None = None):
+        self.directory = Path(directory).expanduser()
+        self.manifest = read_manifest(self.directory)
+        stored_k = self.manifest["k"]
+        self.k = k or stored_k
+        if self.k > stored_k:
+            raise DistillError(f"the cache holds the teacher's top-{stored_k}, fewer than k={self.k}", field="regime.k",
+                               fix=f"set regime.k <= {stored_k}, or rebuild the cache with a larger k")
+        self.rows: dict[str, dict[str, tuple[str, int, int]]] = {}  # split -> id -> (hash, offset, count)
+        ids, logprobs, tails, offset = [], [], [], 0
+        for shard in self.manifest["shards"]:
+            metadata, shard_ids, shard_logprobs, shard_tail = load_shard(self.directory, shard, self.manifest)
+            split = self.rows.setdefault(shard["split"], {})
+            for example_id, content, count in zip(metadata["example_ids"], metadata["example_hashes"],
+                                                  metadata["tokens"].tolist()):
+                split[example_id] = (content, offset, count)
+                offset += count
+            ids.append(shard_ids)
+            logprobs.append(shard_logprobs)
+            tails.append(shard_tail)
+        self.ids = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, stored_k, dtype=torch.long)
+        self.logprobs = torch.from_numpy(np.concatenate(logprobs)) if logprobs else torch.zeros(0, stored_k)
+        self.tail = torch.from_numpy(np.concatenate(tails)) if tails else torch.zeros(0)
+        if self.k < stored_k:
+            self._keep_top(self.k)
+
+    def _keep_top(self, k: int) -> None:
+        order = self.logprobs.argsort(-1, descending=True)
+        ids, logprobs = self.ids.gather(-1, order), self.logprobs.gather(-1, order)
+        dropped = logprobs[:, k:].logsumexp(-1)
+        self.tail = torch.logaddexp(self.tail, dropped)
+        self.ids, self.logprobs = ids[:, :k].contiguous(), logprobs[:, :k].contiguous()
+
+    def rows_for(self, split: str, examples: list, field: str = "data.train") -> list[tuple[int, int]]:
+        """(offset, count) per example, matched by id; refuses missing or changed examples."""
+        table = self.rows.get(split, {})
+        spans = []
+        for example in examples:
+            found = table.get(example.id)
+            if found is None:
+                raise DistillError(f"example id `{example.id}` of the {split} data is not in the cache at "
+                                   f"`{self.directory}` ({len(table)} {split} examples cached)", field=field,
+                                   fix="rebuild the cache for this data with `distill cache <recipe>`")
+            content, offset, count = found
+            if content != example_hash(example.input_ids, example.labels):
+                raise DistillError(f"example id `{example.id}` has other tokens than when the cache was built "
+                                   "(the data, the tokenizer or data.max_length changed)", field=field,
+                                   fix="rebuild the cache for this data with `distill cache <recipe>`")
+            spans.append((offset, count))
+        return spans
+
+    def batch(self, spans: list[tuple[int, int]], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k ids [B, L, k], log-probs [B, L, k] and tail [B, L] placed at the True entries of
+        `mask` [B, L] (row b's entries in order are its example's cached tokens)."""
+        batch_size, length = mask.shape
+        ids = torch.zeros(batch_size, length, self.k, dtype=torch.long)
+        logprobs = torch.zeros(batch_size, length, self.k, dtype=self.logprobs.dtype)
+        tail = torch.zeros(batch_size, length, dtype=self.tail.dtype)
+        for row, (offset, count) in enumerate(spans):
+            positions = mask[row].nonzero().squeeze(-1)
+            if positions.numel() != count:
+                raise DistillError(f"a batch row has {positions.numel()} completion tokens but its cache entry "
+                                   f"{count}", field=FIELD, fix="rebuild the cache for this data")
+            ids[row, positions] = self.ids[offset:offset + count]
+            logprobs[row, positions] = self.logprobs[offset:offset + count]
+            tail[row, positions] = self.tail[offset:offset + count]
+        return ids, logprobs, tail
