@@ -100,7 +100,7 @@ def quality(task: str, seeds: list[int], k: int, workdir: Path, steps: int | Non
     per_seed = []
     for seed in seeds:
         seeded = ["--set", f"train.seed={seed}", "--set", f"data.seed={seed}"]
-        cache_dir = workdir / f"{task}-cache-seed{seed}"
+        cache_dir = workdir / f"{task}-teacher-cache-seed{seed}"
         started = time.perf_counter()
         run_cli("cache", str(recipe), *seeded, "--out", str(cache_dir), "--k", str(k))
         cache_seconds = time.perf_counter() - started
