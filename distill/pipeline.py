@@ -30,7 +30,7 @@ from distill.recipe import ObjectiveSpec, Recipe, load_recipe
 from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
 from distill.tasks.completions import CompletionsScorer
-from distill.train.lm import LMTrainer, Phase
+from distill.train.lm import LMTrainer, OnPolicy, Phase, prompt_of
 
 FINISHED_MARKER = "results.json"
 
@@ -106,6 +106,28 @@ def load_data(recipe: Recipe, tokenizer, task):
                    append_eos=append_eos)
     return (train_records, eval_records, tokenize(train_records, tokenizer, field="data.train", **options),
             tokenize(eval_records, tokenizer, field="data.eval", **options))
+
+
+def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) -> OnPolicy:
+    """GKD's sampling settings, checked before training: prompts exist, completions fit the context."""
+    regime = recipe.regime
+    prompts = [prompt_of(e) for e in train_examples]
+    if task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
+        raise DistillError("on_policy samples completions for the data's prompts, and these rows have none "
+                           "(`text` rows)", field="data.train",
+                           fix="use prompt/completion or chat `messages` rows, or regime.kind: off_policy")
+    completions = [len(e.input_ids) - len(p) for e, p in zip(train_examples, prompts)]
+    max_new_tokens = regime.max_new_tokens or max(completions)
+    longest = max(map(len, prompts)) + max_new_tokens
+    for model in models:
+        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
+        if limit is not None and longest > limit:
+            raise DistillError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={max_new_tokens} "
+                               f"reaches {longest} positions, over the model's {limit}", field="regime.max_new_tokens",
+                               fix=f"set regime.max_new_tokens <= {limit - max(map(len, prompts))}")
+    eos = tokenizer.eos_token_id if (task is None or task.append_eos) else None
+    return OnPolicy(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
+                    top_p=regime.top_p, eos_token_id=eos)
 
 
 def open_cache(recipe: Recipe, tokenizer, train_examples) -> "TeacherCache":
@@ -186,6 +208,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         if limit is not None and longest > limit:
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
+    on_policy = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
+                 if recipe.regime.kind == "on_policy" else None)
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +230,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
                               throughput_tokens=recipe.eval.throughput_tokens if final else None)
 
     distilled = Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective)
+    distilled.on_policy = on_policy
     if cache is not None:
         distilled.cache, distilled.sparse = cache, recipe.regime.sparse
         distilled.cache_spans = cache.rows_for("train", train_examples)

@@ -128,6 +128,26 @@ def make_plots(run_dir: Path, primary_metric: str, rows: dict[str, dict]) -> lis
     return written
 
 
+def step_time_line(run_dir: Path) -> str:
+    """Median seconds per step of each phase, split into generation, teacher and the rest (student
+    forward, loss, backward, optimizer), from losses.jsonl."""
+    records = _read_jsonl(run_dir / "losses.jsonl")
+    parts = []
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        mine = [r for r in records if r["phase"] == phase and "step_seconds" in r]
+        if not mine:
+            continue
+
+        def median(key):
+            values = sorted(r.get(key, 0.0) for r in mine)
+            return values[len(values) // 2]
+        total, generate, teacher = median("step_seconds"), median("generate_seconds"), median("teacher_seconds")
+        split = f"generate {generate:.3f}, " if any("generate_seconds" in r for r in mine) else ""
+        student = max(total - generate - teacher, 0.0)
+        parts.append(f"{phase} {total:.3f} s ({split}teacher {teacher:.3f}, student {student:.3f})")
+    return ("Median step time: " + "; ".join(parts) + ".") if parts else ""
+
+
 def write_report(result) -> None:
     """results.json, report.md, report.html and plots for a RunResult."""
     run_dir = Path(result.run_dir)
@@ -141,7 +161,7 @@ def write_report(result) -> None:
     markdown = [f"# distill run `{name}`", "", table, best_line(best), "",
                 f"World size {result.extras.get('world_size', 1)}; {result.extras.get('seconds', 0):.0f} s in all. "
                 "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels with the "
-                "same init, data order and steps.", ""]
+                "same init, data order and steps.", step_time_line(run_dir), ""]
     markdown += [f"![{p.stem}](plots/{p.name})" for p in plots]
     (run_dir / "report.md").write_text("\n".join(markdown) + "\n")
     header, body = table_rows(result.rows, result.primary_metric)
@@ -155,7 +175,7 @@ def write_report(result) -> None:
         f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {html.escape(name)}</title><style>"
         "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-        f"<h1>distill run {html.escape(name)}</h1><table><tr>{cells}</tr>{body_html}</table><p>{verdict}</p><p>{html.escape(best_line(best))}</p>"
+        f"<h1>distill run {html.escape(name)}</h1><table><tr>{cells}</tr>{body_html}</table><p>{verdict}</p><p>{html.escape(best_line(best))}</p><p>{html.escape(step_time_line(run_dir))}</p>"
         f"{images}<details><summary>recipe</summary><pre>{recipe}</pre></details></body></html>\n")
     # Written last: its presence marks a finished run.
     (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -45,10 +45,38 @@ class Phase:
     cache: "TeacherCache | None" = None
     cache_spans: list[tuple[int, int]] | None = None
     sparse: str = "tail"
+    # On-policy (GKD): with probability lmbda a micro-batch's completions are the student's samples.
+    on_policy: "OnPolicy | None" = None
 
     @property
     def has_teacher(self) -> bool:
         return self.teacher is not None or self.cache is not None
+
+
+@dataclass
+class OnPolicy:
+    """How the student samples its own completions (GKD's on-policy mixture)."""
+
+    lmbda: float
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+
+
+def prompt_of(example: Example) -> list[int]:
+    """The tokens before the first one with a loss; at least the first token (e.g. BOS for text rows)."""
+    first = next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX and t > 0), len(example.labels))
+    return example.input_ids[:max(first, 1)]
+
+
+def sampling_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A generator from (seed, step, micro-batch, rank): the coin flip and the samples of a step are
+    the same after a resume, with no RNG state to save."""
+    import numpy as np
+
+    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(state)
 
 
 class FinalHiddenStates(torch.nn.Module):
@@ -149,12 +177,16 @@ class LMTrainer:
                         dynamic_ncols=True, leave=False)
         while step < spec.steps:
             started = time.perf_counter()
-            micro_batches = []
-            for _ in range(spec.grad_accum):
+            micro_batches, timing = [], {"generate_seconds": 0.0, "generated_tokens": 0, "sampled_batches": 0}
+            self.teacher_seconds = 0.0  # the teacher's share of the step (forward, or reading the cache)
+            for micro in range(spec.grad_accum):
                 indices = order.take(position, spec.batch_size * world)
                 position += spec.batch_size * world
                 mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
-                micro_batches.append(collate([self.examples[i] for i in mine], self.pad_token_id))
+                examples = [self.examples[i] for i in mine]
+                if self.phase.on_policy is not None:
+                    examples = self._maybe_student_samples(examples, step, micro, rank, timing)
+                micro_batches.append(collate(examples, self.pad_token_id))
                 micro_batches[-1]["example_index"] = torch.tensor(mine, dtype=torch.long)
             # The loss is a mean over every valid token of the accumulated batch on all processes.
             local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -192,7 +224,9 @@ class LMTrainer:
                 self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
                                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                                 "fused_loss": self.student_head is not None,
-                                                "tokens_per_second": tokens_per_second, "step_seconds": step_seconds})
+                                                **(timing if self.phase.on_policy is not None else {}),
+                                                "tokens_per_second": tokens_per_second, "step_seconds": step_seconds,
+                                                "teacher_seconds": self.teacher_seconds})
             if step % self.eval_every == 0 or step == spec.steps:
                 history.append(self._run_eval(step))
             if step % spec.checkpoint_every == 0 or step == spec.steps:
@@ -204,6 +238,25 @@ class LMTrainer:
         progress.close()
         return history
 
+    def _maybe_student_samples(self, examples: list[Example], step: int, micro: int, rank: int,
+                               timing: dict) -> list[Example]:
+        """With probability lmbda, the batch's prompts completed by the current student (sampled)."""
+        policy = self.phase.on_policy
+        generator = sampling_generator(self.spec.seed, step, micro, rank)
+        if policy.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= policy.lmbda:
+            return examples
+        from distill.teacher.generate import sample
+
+        generation = sample(self.model, [prompt_of(e) for e in examples], max_new_tokens=policy.max_new_tokens,
+                            pad_token_id=self.pad_token_id, eos_token_id=policy.eos_token_id,
+                            temperature=policy.temperature, top_p=policy.top_p, generator=generator,
+                            greedy=policy.temperature == 0, vocab_size=self.vocab_size)
+        self.engine.train()  # sampling ran in eval mode
+        timing["generate_seconds"] += generation.seconds
+        timing["generated_tokens"] += generation.new_tokens
+        timing["sampled_batches"] += 1
+        return generation.to_examples()
+
     def _micro_batch_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -211,7 +264,9 @@ class LMTrainer:
         mask = labels != IGNORE_INDEX
         objective = self.phase.objective
         use_teacher = self.phase.has_teacher and objective.kd_weight > 0
+        started = time.perf_counter()
         cached = self._cached_teacher(batch["example_index"], mask) if use_teacher and self.phase.cache else None
+        self.teacher_seconds += time.perf_counter() - started
         if self.student_head is not None:
             return self._fused_loss(inputs, labels, mask, num_valid_tokens, use_teacher, cached)
         # Plain path: full logits, compared over the tokenizer's real vocabulary only.
@@ -220,8 +275,10 @@ class LMTrainer:
         if use_teacher:
             kd_logits = logits
             if cached is None:
+                started = time.perf_counter()
                 with torch.no_grad():
                     teacher_logits = self.phase.teacher(**inputs).logits[:, :-1, :self.vocab_size]
+                self.teacher_seconds += time.perf_counter() - started
             elif self.phase.sparse == "tail":  # top-k + tail bucket: k + 1 outcomes on both sides
                 kd_logits = student_topk_tail_logits(logits, cached.topk_ids, objective.temperature)
                 teacher_logits = teacher_topk_tail_logits(cached.topk_logprobs, cached.tail_logmass)
@@ -261,6 +318,7 @@ class LMTrainer:
         hidden = self.engine(**inputs)[:, :-1]
         teacher = cached
         if use_teacher and cached is None:
+            started = time.perf_counter()
             with torch.no_grad():
                 teacher_base, teacher_lm_head = self.teacher_head or (None, None)
                 if teacher_base is not None:
@@ -268,6 +326,7 @@ class LMTrainer:
                                             weight=teacher_lm_head.weight, bias=teacher_lm_head.bias)
                 else:  # a teacher without a plain linear head: its logits, as they come
                     teacher = TeacherSignal(logits=self.phase.teacher(**inputs).logits[:, :-1])
+            self.teacher_seconds += time.perf_counter() - started
         head = self.student_head[1]
         parts = {}
         # One chunked pass computes the divergence and CE together (each chunk's logits once).
