@@ -30,6 +30,7 @@ from distill.recipe import ObjectiveSpec, Recipe, load_recipe
 from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
 from distill.tasks.completions import CompletionsScorer
+from distill.teacher.sequences import teacher_sequences
 from distill.train.lm import LMTrainer, OnPolicy, Phase, prompt_of
 
 FINISHED_MARKER = "results.json"
@@ -109,12 +110,13 @@ def load_data(recipe: Recipe, tokenizer, task):
 
 
 def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) -> OnPolicy:
-    """GKD's sampling settings, checked before training: prompts exist, completions fit the context."""
+    """Sampling settings of on_policy / sequence, checked before training: prompts exist, completions
+    fit the context."""
     regime = recipe.regime
     prompts = [prompt_of(e) for e in train_examples]
     if task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
-        raise DistillError("on_policy samples completions for the data's prompts, and these rows have none "
-                           "(`text` rows)", field="data.train",
+        raise DistillError(f"regime {regime.kind} samples completions for the data's prompts, and these rows have "
+                           "none (`text` rows)", field="data.train",
                            fix="use prompt/completion or chat `messages` rows, or regime.kind: off_policy")
     completions = [len(e.input_ids) - len(p) for e, p in zip(train_examples, prompts)]
     max_new_tokens = regime.max_new_tokens or max(completions)
@@ -208,8 +210,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         if limit is not None and longest > limit:
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
-    on_policy = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
-                 if recipe.regime.kind == "on_policy" else None)
+    sampling = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
+                if recipe.regime.kind in ("on_policy", "sequence") else None)
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +232,13 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
                               throughput_tokens=recipe.eval.throughput_tokens if final else None)
 
     distilled = Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective)
-    distilled.on_policy = on_policy
+    distilled_examples = train_examples
+    if recipe.regime.kind == "on_policy":
+        distilled.on_policy = sampling
+    elif recipe.regime.kind == "sequence":  # the teacher's completions, generated once (resumable)
+        distilled_examples = teacher_sequences(teacher, train_examples, sampling, run_dir, accelerator=accelerator,
+                                               pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,
+                                               seed=recipe.data.seed, batch_size=recipe.eval.batch_size)
     if cache is not None:
         distilled.cache, distilled.sparse = cache, recipe.regime.sparse
         distilled.cache_spans = cache.rows_for("train", train_examples)
@@ -244,7 +252,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         if resume and (model_dir / "config.json").is_file():
             model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
         else:
-            trainer = LMTrainer(accelerator=accelerator, student=model, phase=phase, examples=train_examples,
+            trainer = LMTrainer(accelerator=accelerator, student=model, phase=phase,
+                                examples=distilled_examples if row == "distilled" else train_examples,
                                 pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size, spec=recipe.train,
                                 eval_every=recipe.eval.every, evaluate=evaluate,
                                 metrics_file=run_dir / "metrics.jsonl", losses_file=run_dir / "losses.jsonl")

@@ -159,13 +159,15 @@ class RegimeSpec(_Strict):
     kind: Literal["off_policy", "on_policy", "sequence", "cache"] = Field(
         "off_policy", description="off_policy: dataset sequences scored by a live teacher; on_policy (GKD): with "
                                   "probability lmbda a batch's completions are sampled from the current student; "
+                                  "sequence: the teacher completes the prompts once, the student learns its text; "
                                   "cache: the teacher's stored top-k (`distill cache`), no teacher in memory.")
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: probability that a micro-batch's completions "
                                                       "are the student's own samples (GKD's lambda).")
-    max_new_tokens: int | None = Field(None, gt=0, description="on_policy: tokens sampled per completion "
-                                                               "(default: the longest completion in the data).")
-    sample_temperature: float = Field(1.0, ge=0, description="on_policy: sampling temperature (0: greedy).")
-    top_p: float = Field(1.0, gt=0, le=1, description="on_policy: nucleus sampling mass.")
+    max_new_tokens: int | None = Field(None, gt=0, description="on_policy / sequence: tokens sampled per "
+                                                               "completion (default: the longest in the data).")
+    sample_temperature: float = Field(1.0, ge=0, description="on_policy / sequence: sampling temperature "
+                                                             "(0: greedy, the usual choice for sequence KD).")
+    top_p: float = Field(1.0, gt=0, le=1, description="on_policy / sequence: nucleus sampling mass.")
     path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
     k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
     ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
@@ -179,9 +181,9 @@ class RegimeSpec(_Strict):
 
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
-        if self.kind not in ("off_policy", "on_policy", "cache"):
+        if self.kind not in ("off_policy", "on_policy", "sequence", "cache"):
             raise _FieldValueError("kind", f"regime `{self.kind}` is planned but not available in this version; "
-                                           "use `off_policy`, `on_policy` or `cache`")
+                                           "use `off_policy`, `on_policy`, `sequence` or `cache`")
         if self.kind == "cache" and not self.path:
             raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self
