@@ -6,7 +6,9 @@ init, data order and steps, hard labels) and the distilled student.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import json
 import shutil
 import time
@@ -31,7 +33,7 @@ from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
 from distill.tasks.completions import CompletionsScorer
 from distill.teacher.sequences import teacher_sequences
-from distill.train.lm import LMTrainer, OnPolicy, Phase, prompt_of
+from distill.train.lm import OPD, LMTrainer, OnPolicy, Phase, prompt_of
 
 FINISHED_MARKER = "results.json"
 
@@ -132,6 +134,40 @@ def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) 
                     top_p=regime.top_p, eos_token_id=eos)
 
 
+def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
+    """The opd sequence reward function, imported and probed on two training rows before training."""
+    spec = recipe.regime.reward
+    if spec is None:
+        return None
+    if spec == "builtin":
+        reward_fn = getattr(task, "reward", None)
+        if reward_fn is None:
+            raise DistillError("`builtin` names the task's own reward, and this data has none", field="regime.reward",
+                               fix="use data.builtin: arithmetic, or give `module:function`")
+    else:
+        module_name, _, function_name = spec.partition(":")
+        try:
+            reward_fn = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise DistillError(f"cannot import the reward `{spec}`: {error}", field="regime.reward",
+                               fix="give `package.module:function`, importable from the current directory") from None
+    probe = [r for r in train_records[:2] if isinstance(r, dict) and "prompt" in r and "completion" in r]
+    if probe:
+        try:
+            scores = reward_fn([str(r["prompt"]) for r in probe], [str(r["completion"]) for r in probe])
+        except Exception as error:  # the user's code: any failure is theirs to see, before training
+            raise DistillError(f"the reward `{spec}` failed on two training rows: {error!r}", field="regime.reward",
+                               fix="it takes (prompts, completions), lists of strings, and returns a float each")
+        try:
+            ok = len(scores) == len(probe) and all(isinstance(float(x), float) for x in scores)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DistillError(f"the reward `{spec}` returned {scores!r} for {len(probe)} rows", field="regime.reward",
+                               fix="return one float per completion, in order")
+    return reward_fn
+
+
 def open_cache(recipe: Recipe, tokenizer, train_examples) -> "TeacherCache":
     """The recipe's teacher cache, checked against this run's teacher, tokenizer and data."""
     from distill.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
@@ -211,7 +247,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
     sampling = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
-                if recipe.regime.kind in ("on_policy", "sequence") else None)
+                if recipe.regime.kind in ("on_policy", "opd", "sequence") else None)
+    reward_fn = resolve_reward(recipe, task, train_records) if recipe.regime.kind == "opd" else None
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +272,14 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     distilled_examples = train_examples
     if recipe.regime.kind == "on_policy":
         distilled.on_policy = sampling
+    elif recipe.regime.kind == "opd":
+        regime = recipe.regime
+        reference = None
+        if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out)
+            reference = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
+        distilled.opd = OPD(sampling=sampling, scale=regime.scale, reference=reference, reward_fn=reward_fn,
+                            reward_weight=regime.reward_weight, group_size=regime.group_size,
+                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     elif recipe.regime.kind == "sequence":  # the teacher's completions, generated once (resumable)
         distilled_examples = teacher_sequences(teacher, train_examples, sampling, run_dir, accelerator=accelerator,
                                                pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,

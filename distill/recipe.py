@@ -156,9 +156,10 @@ class ObjectiveSpec(BaseModel):
 class RegimeSpec(_Strict):
     """Where the training sequences and the teacher signal come from."""
 
-    kind: Literal["off_policy", "on_policy", "sequence", "cache"] = Field(
+    kind: Literal["off_policy", "on_policy", "opd", "sequence", "cache"] = Field(
         "off_policy", description="off_policy: dataset sequences scored by a live teacher; on_policy (GKD): with "
                                   "probability lmbda a batch's completions are sampled from the current student; "
+                                  "opd: student samples, per-token teacher reward, policy gradient; "
                                   "sequence: the teacher completes the prompts once, the student learns its text; "
                                   "cache: the teacher's stored top-k (`distill cache`), no teacher in memory.")
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: probability that a micro-batch's completions "
@@ -168,6 +169,14 @@ class RegimeSpec(_Strict):
     sample_temperature: float = Field(1.0, ge=0, description="on_policy / sequence: sampling temperature "
                                                              "(0: greedy, the usual choice for sequence KD).")
     top_p: float = Field(1.0, gt=0, le=1, description="on_policy / sequence: nucleus sampling mass.")
+    scale: float = Field(1.0, gt=0, description="opd: reward scale on the teacher-vs-reference log-ratio; 1 is "
+                                                "on-policy reverse KL, > 1 reward extrapolation (ExOPD).")
+    reward: str | None = Field(None, description="opd: a verifiable sequence reward: `builtin` (the task's own, "
+                                                 "e.g. arithmetic correctness) or `module:function` taking "
+                                                 "(prompts, completions) lists of strings, returning floats.")
+    reward_weight: float = Field(1.0, ge=0, description="opd: weight of the sequence reward's advantage.")
+    group_size: int = Field(1, gt=0, description="opd: samples per prompt; > 1 centres sequence rewards on "
+                                                 "their group mean. train.batch_size counts samples.")
     path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
     k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
     ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
@@ -181,9 +190,9 @@ class RegimeSpec(_Strict):
 
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
-        if self.kind not in ("off_policy", "on_policy", "sequence", "cache"):
+        if self.kind not in ("off_policy", "on_policy", "opd", "sequence", "cache"):
             raise _FieldValueError("kind", f"regime `{self.kind}` is planned but not available in this version; "
-                                           "use `off_policy`, `on_policy`, `sequence` or `cache`")
+                                           "use `off_policy`, `on_policy`, `opd`, `sequence` or `cache`")
         if self.kind == "cache" and not self.path:
             raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self
@@ -245,6 +254,9 @@ class Recipe(_Strict):
     def _task_available(self) -> "Recipe":
         if self.task != "lm":
             raise _FieldValueError("task", f"task `{self.task}` is planned but not available in this version; use `lm`")
+        if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
+            raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
+                             f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
         return self
 
     @property

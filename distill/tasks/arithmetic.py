@@ -23,6 +23,19 @@ def format_problem(left: int, right: int) -> dict:
             "completion": digits(left + right, NUM_DIGITS + 1)}
 
 
+def reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """1.0 where the completion is the correct sum of the prompt's problem, else 0.0 (verifiable)."""
+    scores = []
+    for prompt, completion in zip(prompts, completions):
+        try:
+            left, right = (int("".join(part.split())[::-1]) for part in prompt.rstrip("= ").split("+"))
+        except ValueError:
+            scores.append(0.0)
+            continue
+        scores.append(float(completion.strip() == format_problem(left, right)["completion"]))
+    return scores
+
+
 class ArithmeticTask:
     """Addition of up to `NUM_DIGITS`-digit numbers; metric: exact match of greedy answers."""
 
@@ -30,6 +43,7 @@ class ArithmeticTask:
     metric = "exact_match"
     higher_is_better = True
     append_eos = True  # the model must learn to stop after the answer
+    reward = staticmethod(reward)  # the verifiable sequence reward of regime opd
     teacher_config = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
 
     def tokenizer(self):

@@ -24,6 +24,7 @@ from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
 from distill.errors import DistillError
 from distill.losses import TaidSchedule, cross_entropy, get_loss, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
+from distill.losses.policy import group_advantages, opd_loss
 from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -47,6 +48,8 @@ class Phase:
     sparse: str = "tail"
     # On-policy (GKD): with probability lmbda a micro-batch's completions are the student's samples.
     on_policy: "OnPolicy | None" = None
+    # OPD: every micro-batch is student samples, trained by policy gradient on the teacher's reward.
+    opd: "OPD | None" = None
 
     @property
     def has_teacher(self) -> bool:
@@ -62,6 +65,20 @@ class OnPolicy:
     temperature: float = 1.0
     top_p: float = 1.0
     eos_token_id: int | None = None
+
+
+@dataclass
+class OPD:
+    """On-policy distillation as RL (distill/losses/policy.py): sampling, reward scale, reference
+    model (the initial student, frozen; unused at scale 1), optional verifiable sequence reward."""
+
+    sampling: OnPolicy
+    scale: float = 1.0
+    reference: torch.nn.Module | None = None
+    reward_fn: Callable[[list[str], list[str]], list[float]] | None = None
+    reward_weight: float = 1.0
+    group_size: int = 1
+    decode: Callable[[list[int]], str] | None = None
 
 
 def prompt_of(example: Example) -> list[int]:
@@ -140,7 +157,7 @@ class LMTrainer:
         # by chunk in the loss; terms that need a micro-batch's full logits take the plain path.
         # `engine` is what accelerate wraps (DDP), `model` the HF model (eval, checkpoints).
         plain_only = (self.divergence.__name__ in not_token_separable() or objective.entropy_weight != 0
-                      or objective.token_selection is not None)
+                      or objective.token_selection is not None or phase.opd is not None)
         self.student_head = fused_head(student) if spec.fused_loss and not plain_only else None
         self.taid = None
         if phase.has_teacher and objective.taid is not None:
@@ -184,9 +201,14 @@ class LMTrainer:
                 position += spec.batch_size * world
                 mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
                 examples = [self.examples[i] for i in mine]
+                advantages = None
                 if self.phase.on_policy is not None:
                     examples = self._maybe_student_samples(examples, step, micro, rank, timing)
+                elif self.phase.opd is not None:
+                    examples, advantages = self._opd_samples(examples, step, micro, rank, timing)
                 micro_batches.append(collate(examples, self.pad_token_id))
+                if advantages is not None:
+                    micro_batches[-1]["sequence_advantage"] = advantages
                 micro_batches[-1]["example_index"] = torch.tensor(mine, dtype=torch.long)
             # The loss is a mean over every valid token of the accumulated batch on all processes.
             local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -224,7 +246,7 @@ class LMTrainer:
                 self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
                                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                                 "fused_loss": self.student_head is not None,
-                                                **(timing if self.phase.on_policy is not None else {}),
+                                                **(timing if self.phase.on_policy or self.phase.opd else {}),
                                                 "tokens_per_second": tokens_per_second, "step_seconds": step_seconds,
                                                 "teacher_seconds": self.teacher_seconds})
             if step % self.eval_every == 0 or step == spec.steps:
@@ -257,8 +279,59 @@ class LMTrainer:
         timing["sampled_batches"] += 1
         return generation.to_examples()
 
+    def _opd_samples(self, examples: list[Example], step: int, micro: int, rank: int,
+                     timing: dict) -> tuple[list[Example], torch.Tensor | None]:
+        """batch_size / group_size prompts, each completed group_size times by the student; the
+        sequence rewards' group advantages (None without a reward function)."""
+        opd = self.phase.opd
+        policy = opd.sampling
+        prompts = [prompt_of(e) for e in examples[:len(examples) // opd.group_size] for _ in range(opd.group_size)]
+        from distill.teacher.generate import sample
+
+        generation = sample(self.model, prompts, max_new_tokens=policy.max_new_tokens, pad_token_id=self.pad_token_id,
+                            eos_token_id=policy.eos_token_id, temperature=policy.temperature, top_p=policy.top_p,
+                            generator=sampling_generator(self.spec.seed, step, micro, rank),
+                            greedy=policy.temperature == 0, vocab_size=self.vocab_size)
+        self.engine.train()
+        timing["generate_seconds"] += generation.seconds
+        timing["generated_tokens"] += generation.new_tokens
+        timing["sampled_batches"] += 1
+        advantages = None
+        if opd.reward_fn is not None:
+            rewards = opd.reward_fn([opd.decode(p) for p in generation.prompts()],
+                                    [opd.decode(c) for c in generation.completions()])
+            rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
+            timing["sequence_reward"] = timing.get("sequence_reward", 0.0) + float(rewards.mean()) / self.spec.grad_accum
+            advantages = group_advantages(rewards, opd.group_size)
+        return generation.to_examples(), advantages
+
+    def _opd_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
+        """Policy gradient on the student's samples with the teacher's per-token reward."""
+        opd = self.phase.opd
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        index = labels.clamp(min=0).unsqueeze(-1)
+
+        def sampled_logprobs(model):
+            logits = model(**inputs).logits[:, :-1, :self.vocab_size].float()
+            return torch.log_softmax(logits, -1).gather(-1, index).squeeze(-1)
+
+        student = sampled_logprobs(self.engine)
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher = sampled_logprobs(self.phase.teacher)
+            reference = sampled_logprobs(opd.reference) if opd.reference is not None else None
+        self.teacher_seconds += time.perf_counter() - started
+        loss, diagnostics = opd_loss(student, teacher, mask, reference_logprobs=reference, scale=opd.scale,
+                                     sequence_advantages=batch.get("sequence_advantage"),
+                                     reward_weight=opd.reward_weight, num_valid_tokens=num_valid_tokens)
+        return loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}
+
     def _micro_batch_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        if self.phase.opd is not None:
+            return self._opd_loss(batch, num_valid_tokens)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX
