@@ -156,7 +156,7 @@ class ObjectiveSpec(BaseModel):
 class RegimeSpec(_Strict):
     """Where the training sequences and the teacher signal come from."""
 
-    kind: Literal["off_policy", "on_policy", "opd", "sequence", "cache"] = Field(
+    kind: Literal["off_policy", "on_policy", "opd", "sequence", "self", "cache"] = Field(
         "off_policy", description="off_policy: dataset sequences scored by a live teacher; on_policy (GKD): with "
                                   "probability lmbda a batch's completions are sampled from the current student; "
                                   "opd: student samples, per-token teacher reward, policy gradient; "
