@@ -33,7 +33,8 @@ from distill.report import ROW_NAMES, format_table, write_report
 from distill.tasks import get_task
 from distill.tasks.completions import CompletionsScorer
 from distill.teacher.sequences import teacher_sequences
-from distill.train.lm import OPD, LMTrainer, OnPolicy, Phase, prompt_of
+from distill.train.lm import LMTrainer, Phase
+from distill.train.onpolicy import OPD, OnPolicy, prompt_of
 
 FINISHED_MARKER = "results.json"
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import distill
 from distill.data import Example
-from distill.train.lm import prompt_of, sampling_generator
+from distill.train.onpolicy import prompt_of, sampling_generator
 
 
 def _weights(run_dir):

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.data import IGNORE_INDEX, Example
-from distill.train.lm import OnPolicy, prompt_of, sampling_generator
+from distill.train.onpolicy import OnPolicy, prompt_of, sampling_generator
 
 CHUNK_EXAMPLES = 256
 GENERATIONS_DIR = "teacher-generations"

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,10 +24,14 @@ from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
 from distill.errors import DistillError
 from distill.losses import TaidSchedule, cross_entropy, get_loss, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
-from distill.losses.policy import group_advantages, opd_loss
 from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from distill.train.onpolicy import opd_samples, opd_step_loss, student_samples
+
+if TYPE_CHECKING:
+    from distill.cache.store import TeacherCache
+    from distill.train.onpolicy import OPD, OnPolicy
 
 # Testing aid: stop as if killed right after the checkpoint of this step (see tests/test_resume.py).
 CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
@@ -54,46 +58,6 @@ class Phase:
     @property
     def has_teacher(self) -> bool:
         return self.teacher is not None or self.cache is not None
-
-
-@dataclass
-class OnPolicy:
-    """How the student samples its own completions (GKD's on-policy mixture)."""
-
-    lmbda: float
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eos_token_id: int | None = None
-
-
-@dataclass
-class OPD:
-    """On-policy distillation as RL (distill/losses/policy.py): sampling, reward scale, reference
-    model (the initial student, frozen; unused at scale 1), optional verifiable sequence reward."""
-
-    sampling: OnPolicy
-    scale: float = 1.0
-    reference: torch.nn.Module | None = None
-    reward_fn: Callable[[list[str], list[str]], list[float]] | None = None
-    reward_weight: float = 1.0
-    group_size: int = 1
-    decode: Callable[[list[int]], str] | None = None
-
-
-def prompt_of(example: Example) -> list[int]:
-    """The tokens before the first one with a loss; at least the first token (e.g. BOS for text rows)."""
-    first = next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX and t > 0), len(example.labels))
-    return example.input_ids[:max(first, 1)]
-
-
-def sampling_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """A generator from (seed, step, micro-batch, rank): the coin flip and the samples of a step are
-    the same after a resume, with no RNG state to save."""
-    import numpy as np
-
-    state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(state)
 
 
 class FinalHiddenStates(torch.nn.Module):
@@ -203,9 +167,9 @@ class LMTrainer:
                 examples = [self.examples[i] for i in mine]
                 advantages = None
                 if self.phase.on_policy is not None:
-                    examples = self._maybe_student_samples(examples, step, micro, rank, timing)
+                    examples = student_samples(self, examples, step, micro, rank, timing)
                 elif self.phase.opd is not None:
-                    examples, advantages = self._opd_samples(examples, step, micro, rank, timing)
+                    examples, advantages = opd_samples(self, examples, step, micro, rank, timing)
                 micro_batches.append(collate(examples, self.pad_token_id))
                 if advantages is not None:
                     micro_batches[-1]["sequence_advantage"] = advantages
@@ -260,78 +224,10 @@ class LMTrainer:
         progress.close()
         return history
 
-    def _maybe_student_samples(self, examples: list[Example], step: int, micro: int, rank: int,
-                               timing: dict) -> list[Example]:
-        """With probability lmbda, the batch's prompts completed by the current student (sampled)."""
-        policy = self.phase.on_policy
-        generator = sampling_generator(self.spec.seed, step, micro, rank)
-        if policy.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= policy.lmbda:
-            return examples
-        from distill.teacher.generate import sample
-
-        generation = sample(self.model, [prompt_of(e) for e in examples], max_new_tokens=policy.max_new_tokens,
-                            pad_token_id=self.pad_token_id, eos_token_id=policy.eos_token_id,
-                            temperature=policy.temperature, top_p=policy.top_p, generator=generator,
-                            greedy=policy.temperature == 0, vocab_size=self.vocab_size)
-        self.engine.train()  # sampling ran in eval mode
-        timing["generate_seconds"] += generation.seconds
-        timing["generated_tokens"] += generation.new_tokens
-        timing["sampled_batches"] += 1
-        return generation.to_examples()
-
-    def _opd_samples(self, examples: list[Example], step: int, micro: int, rank: int,
-                     timing: dict) -> tuple[list[Example], torch.Tensor | None]:
-        """batch_size / group_size prompts, each completed group_size times by the student; the
-        sequence rewards' group advantages (None without a reward function)."""
-        opd = self.phase.opd
-        policy = opd.sampling
-        prompts = [prompt_of(e) for e in examples[:len(examples) // opd.group_size] for _ in range(opd.group_size)]
-        from distill.teacher.generate import sample
-
-        generation = sample(self.model, prompts, max_new_tokens=policy.max_new_tokens, pad_token_id=self.pad_token_id,
-                            eos_token_id=policy.eos_token_id, temperature=policy.temperature, top_p=policy.top_p,
-                            generator=sampling_generator(self.spec.seed, step, micro, rank),
-                            greedy=policy.temperature == 0, vocab_size=self.vocab_size)
-        self.engine.train()
-        timing["generate_seconds"] += generation.seconds
-        timing["generated_tokens"] += generation.new_tokens
-        timing["sampled_batches"] += 1
-        advantages = None
-        if opd.reward_fn is not None:
-            rewards = opd.reward_fn([opd.decode(p) for p in generation.prompts()],
-                                    [opd.decode(c) for c in generation.completions()])
-            rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
-            timing["sequence_reward"] = timing.get("sequence_reward", 0.0) + float(rewards.mean()) / self.spec.grad_accum
-            advantages = group_advantages(rewards, opd.group_size)
-        return generation.to_examples(), advantages
-
-    def _opd_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
-        """Policy gradient on the student's samples with the teacher's per-token reward."""
-        opd = self.phase.opd
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        index = labels.clamp(min=0).unsqueeze(-1)
-
-        def sampled_logprobs(model):
-            logits = model(**inputs).logits[:, :-1, :self.vocab_size].float()
-            return torch.log_softmax(logits, -1).gather(-1, index).squeeze(-1)
-
-        student = sampled_logprobs(self.engine)
-        started = time.perf_counter()
-        with torch.no_grad():
-            teacher = sampled_logprobs(self.phase.teacher)
-            reference = sampled_logprobs(opd.reference) if opd.reference is not None else None
-        self.teacher_seconds += time.perf_counter() - started
-        loss, diagnostics = opd_loss(student, teacher, mask, reference_logprobs=reference, scale=opd.scale,
-                                     sequence_advantages=batch.get("sequence_advantage"),
-                                     reward_weight=opd.reward_weight, num_valid_tokens=num_valid_tokens)
-        return loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}
-
     def _micro_batch_loss(self, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         if self.phase.opd is not None:
-            return self._opd_loss(batch, num_valid_tokens)
+            return opd_step_loss(self, batch, num_valid_tokens)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX
