@@ -34,7 +34,7 @@ from distill.tasks import get_task
 from distill.tasks.completions import CompletionsScorer
 from distill.teacher.sequences import teacher_sequences
 from distill.train.lm import LMTrainer, Phase
-from distill.train.onpolicy import OPD, OnPolicy, prompt_of
+from distill.train.onpolicy import OPD, OnPolicy, SelfDistill, prompt_of
 
 FINISHED_MARKER = "results.json"
 
@@ -133,6 +133,21 @@ def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) 
     eos = tokenizer.eos_token_id if (task is None or task.append_eos) else None
     return OnPolicy(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
                     top_p=regime.top_p, eos_token_id=eos)
+
+
+def privileged_prompts(recipe: Recipe, records: list[dict], examples, tokenizer) -> dict[str, list[int]]:
+    """Example id -> tokens of the teacher's prompt (privileged context + prompt), for regime self."""
+    regime = recipe.regime
+    prompts = {}
+    for index, (record, example) in enumerate(zip(records, examples)):
+        if not isinstance(record, dict) or "prompt" not in record or regime.privileged_field not in record:
+            missing = "prompt" if not isinstance(record, dict) or "prompt" not in record else regime.privileged_field
+            raise DistillError(f"regime self: training row {index} has no `{missing}` field", field=(
+                "regime.privileged_field" if missing != "prompt" else "data.train"),
+                fix="give prompt/completion rows with the privileged field (e.g. a reference solution)")
+        text = regime.privileged_template.format(privileged=record[regime.privileged_field], prompt=record["prompt"])
+        prompts[example.id] = tokenizer(text).input_ids
+    return prompts
 
 
 def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
@@ -248,7 +263,9 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
     sampling = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
-                if recipe.regime.kind in ("on_policy", "opd", "sequence") else None)
+                if recipe.regime.kind in ("on_policy", "opd", "sequence", "self") else None)
+    teacher_prompts = privileged_prompts(recipe, train_records, train_examples, tokenizer) \
+        if recipe.regime.kind == "self" else None
     reward_fn = resolve_reward(recipe, task, train_records) if recipe.regime.kind == "opd" else None
 
     if is_main:
@@ -273,6 +290,11 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     distilled_examples = train_examples
     if recipe.regime.kind == "on_policy":
         distilled.on_policy = sampling
+    elif recipe.regime.kind == "self":
+        snapshot = None
+        if recipe.regime.teacher_weights == "snapshot":  # the initial student, frozen
+            snapshot = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
+        distilled.self_distill = SelfDistill(sampling=sampling, teacher_prompts=teacher_prompts, snapshot=snapshot)
     elif recipe.regime.kind == "opd":
         regime = recipe.regime
         reference = None

@@ -161,9 +161,11 @@ class RegimeSpec(_Strict):
                                   "probability lmbda a batch's completions are sampled from the current student; "
                                   "opd: student samples, per-token teacher reward, policy gradient; "
                                   "sequence: the teacher completes the prompts once, the student learns its text; "
+                                  "self (OPSD): the teacher is the student given privileged context; "
                                   "cache: the teacher's stored top-k (`distill cache`), no teacher in memory.")
-    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: probability that a micro-batch's completions "
-                                                      "are the student's own samples (GKD's lambda).")
+    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy / self: probability that a micro-batch's "
+                                                      "completions are the student's own samples (GKD's lambda; "
+                                                      "default 1 for self).")
     max_new_tokens: int | None = Field(None, gt=0, description="on_policy / sequence: tokens sampled per "
                                                                "completion (default: the longest in the data).")
     sample_temperature: float = Field(1.0, ge=0, description="on_policy / sequence: sampling temperature "
@@ -175,6 +177,13 @@ class RegimeSpec(_Strict):
                                                  "e.g. arithmetic correctness) or `module:function` taking "
                                                  "(prompts, completions) lists of strings, returning floats.")
     reward_weight: float = Field(1.0, ge=0, description="opd: weight of the sequence reward's advantage.")
+    privileged_field: str = Field("completion", description="self: the data field the teacher (the student "
+                                                             "itself) sees before the prompt, e.g. the reference "
+                                                             "solution.")
+    privileged_template: str = Field("{privileged} {prompt}", description="self: the teacher's prompt text.")
+    teacher_weights: Literal["snapshot", "current"] = Field(
+        "snapshot", description="self: the teacher is a frozen copy of the initial student, or the current "
+                                "weights under stop-grad.")
     group_size: int = Field(1, gt=0, description="opd: samples per prompt; > 1 centres sequence rewards on "
                                                  "their group mean. train.batch_size counts samples.")
     path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
@@ -190,9 +199,8 @@ class RegimeSpec(_Strict):
 
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
-        if self.kind not in ("off_policy", "on_policy", "opd", "sequence", "cache"):
-            raise _FieldValueError("kind", f"regime `{self.kind}` is planned but not available in this version; "
-                                           "use `off_policy`, `on_policy`, `opd`, `sequence` or `cache`")
+        if self.kind == "self" and "lmbda" not in self.model_fields_set:
+            self.__dict__["lmbda"] = 1.0  # on-policy self-distillation samples every batch by default
         if self.kind == "cache" and not self.path:
             raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self

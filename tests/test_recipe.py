@@ -65,7 +65,7 @@ MALFORMED = [
     ("temperature-zero", _edit("objective", {"temperature": 0}), [], ["objective.temperature"]),
     ("no-loss-weight", _edit("objective", {"kd_weight": 0, "ce_weight": 0}), [],
      ["objective", "kd_weight", "ce_weight"]),
-    ("regime-self", _edit("regime", {"kind": "self"}), [], ["regime.kind", "not available"]),
+    ("regime-unknown", _edit("regime", {"kind": "ppo"}), [], ["regime.kind", "on_policy"]),
     ("task-classifier", {**BASE, "task": "classifier"}, [], ["task", "not available"]),
     ("warmup-not-below-steps", _edit("train.warmup_steps", 4), [], ["train.warmup_steps", "below steps"]),
     ("too-long-literal", _edit("data.too_long", "cut"), [], ["data.too_long", "'cut'"]),

@@ -27,11 +27,12 @@ from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_t
 from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
 from distill.recipe import ObjectiveSpec, TrainSpec
 from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from distill.train.onpolicy import opd_samples, opd_step_loss, student_samples
+from distill.train.onpolicy import (opd_samples, opd_step_loss, self_distill_examples, self_distill_loss,
+                                    student_samples)
 
 if TYPE_CHECKING:
     from distill.cache.store import TeacherCache
-    from distill.train.onpolicy import OPD, OnPolicy
+    from distill.train.onpolicy import OPD, OnPolicy, SelfDistill
 
 # Testing aid: stop as if killed right after the checkpoint of this step (see tests/test_resume.py).
 CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
@@ -54,10 +55,12 @@ class Phase:
     on_policy: "OnPolicy | None" = None
     # OPD: every micro-batch is student samples, trained by policy gradient on the teacher's reward.
     opd: "OPD | None" = None
+    # OPSD: the teacher is the student itself, given privileged context before the prompt.
+    self_distill: "SelfDistill | None" = None
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher is not None or self.cache is not None
+        return self.teacher is not None or self.cache is not None or self.self_distill is not None
 
 
 class FinalHiddenStates(torch.nn.Module):
@@ -121,7 +124,9 @@ class LMTrainer:
         # by chunk in the loss; terms that need a micro-batch's full logits take the plain path.
         # `engine` is what accelerate wraps (DDP), `model` the HF model (eval, checkpoints).
         plain_only = (self.divergence.__name__ in not_token_separable() or objective.entropy_weight != 0
-                      or objective.token_selection is not None or phase.opd is not None)
+                      or objective.token_selection is not None or phase.opd is not None
+                      or phase.self_distill is not None)
+        self.samples_itself = any(x is not None for x in (phase.on_policy, phase.opd, phase.self_distill))
         self.student_head = fused_head(student) if spec.fused_loss and not plain_only else None
         self.taid = None
         if phase.has_teacher and objective.taid is not None:
@@ -170,7 +175,12 @@ class LMTrainer:
                     examples = student_samples(self, examples, step, micro, rank, timing)
                 elif self.phase.opd is not None:
                     examples, advantages = opd_samples(self, examples, step, micro, rank, timing)
+                elif self.phase.self_distill is not None:
+                    examples, teacher_examples = self_distill_examples(self, examples, step, micro, rank, timing)
                 micro_batches.append(collate(examples, self.pad_token_id))
+                if self.phase.self_distill is not None:
+                    teacher_batch = collate(teacher_examples, self.pad_token_id)
+                    micro_batches[-1].update({f"teacher_{k}": v for k, v in teacher_batch.items()})
                 if advantages is not None:
                     micro_batches[-1]["sequence_advantage"] = advantages
                 micro_batches[-1]["example_index"] = torch.tensor(mine, dtype=torch.long)
@@ -210,7 +220,7 @@ class LMTrainer:
                 self._append(self.losses_file, {"phase": self.phase.name, "step": step, **totals,
                                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                                 "fused_loss": self.student_head is not None,
-                                                **(timing if self.phase.on_policy or self.phase.opd else {}),
+                                                **(timing if self.samples_itself else {}),
                                                 "tokens_per_second": tokens_per_second, "step_seconds": step_seconds,
                                                 "teacher_seconds": self.teacher_seconds})
             if step % self.eval_every == 0 or step == spec.steps:
@@ -228,6 +238,8 @@ class LMTrainer:
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         if self.phase.opd is not None:
             return opd_step_loss(self, batch, num_valid_tokens)
+        if self.phase.self_distill is not None:
+            return self_distill_loss(self, batch, num_valid_tokens)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX

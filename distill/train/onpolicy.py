@@ -1,5 +1,5 @@
-"""The regimes where the student samples its own completions: on-policy KD (GKD) and on-policy
-distillation as RL (OPD). The trainer calls these while it builds a step's micro-batches and,
+"""The regimes where the student samples its own completions: on-policy KD (GKD), on-policy
+distillation as RL (OPD) and on-policy self-distillation with privileged context (OPSD). The trainer calls these while it builds a step's micro-batches and,
 for OPD, for the loss; sampling is seeded by (seed, step, micro-batch, rank), so a resumed run
 samples exactly what the uninterrupted one did."""
 from __future__ import annotations
@@ -39,6 +39,17 @@ class OPD:
     decode: Callable[[list[int]], str] | None = None
 
 
+@dataclass
+class SelfDistill:
+    """OPSD: the teacher is the student's own model conditioned on privileged context (e.g. the
+    reference solution) before the prompt; the student sees the prompt only. `snapshot` is a
+    frozen copy of the initial student, or None to use the current weights under no_grad."""
+
+    sampling: OnPolicy
+    teacher_prompts: dict[str, list[int]]  # example id -> privileged context + prompt, tokenized
+    snapshot: torch.nn.Module | None = None
+
+
 def prompt_of(example: Example) -> list[int]:
     """The tokens before the first one with a loss; at least the first token (e.g. BOS for text rows)."""
     first = next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX and t > 0), len(example.labels))
@@ -54,10 +65,10 @@ def sampling_generator(seed: int, step: int, micro: int, rank: int) -> torch.Gen
     return torch.Generator().manual_seed(state)
 
 
-def student_samples(trainer, examples: list[Example], step: int, micro: int, rank: int,
-                    timing: dict) -> list[Example]:
+def student_samples(trainer, examples: list[Example], step: int, micro: int, rank: int, timing: dict,
+                    policy: OnPolicy | None = None) -> list[Example]:
     """With probability lmbda, the batch's prompts completed by the current student (sampled)."""
-    policy = trainer.phase.on_policy
+    policy = policy or trainer.phase.on_policy
     generator = sampling_generator(trainer.spec.seed, step, micro, rank)
     if policy.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= policy.lmbda:
         return examples
@@ -125,3 +136,46 @@ def opd_step_loss(trainer, batch: dict, num_valid_tokens: int) -> tuple[torch.Te
                                  sequence_advantages=batch.get("sequence_advantage"),
                                  reward_weight=opd.reward_weight, num_valid_tokens=num_valid_tokens)
     return loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}
+
+
+def self_distill_examples(trainer, examples: list[Example], step: int, micro: int, rank: int,
+                          timing: dict) -> tuple[list[Example], list[Example]]:
+    """(student examples, teacher examples): the same completions (the student's samples with
+    probability lmbda, else the data's) after the prompt, and after privileged context + prompt."""
+    settings = trainer.phase.self_distill
+    completed = student_samples(trainer, examples, step, micro, rank, timing, policy=settings.sampling)
+    teacher_examples = []
+    for original, example in zip(examples, completed):
+        start = len(prompt_of(example))
+        completion = example.input_ids[start:]
+        prompt = settings.teacher_prompts[original.id]
+        teacher_examples.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, original.id))
+    return completed, teacher_examples
+
+
+def self_distill_loss(trainer, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The objective's divergence between the student on (prompt, y) and its privileged self on
+    (context, prompt, y), over the tokens of y, plus the objective's CE on y."""
+    from distill.losses import cross_entropy
+
+    objective, settings = trainer.phase.objective, trainer.phase.self_distill
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    logits = trainer.engine(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits[:, :-1, :trainer.vocab_size]
+    started = time.perf_counter()
+    with torch.no_grad():
+        teacher = settings.snapshot if settings.snapshot is not None else trainer.model
+        teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                                 attention_mask=batch["teacher_attention_mask"]).logits[:, :-1, :trainer.vocab_size]
+    trainer.teacher_seconds += time.perf_counter() - started
+    teacher_mask = batch["teacher_labels"][:, 1:] != IGNORE_INDEX
+    # Both sides hold the same completion tokens in the same order: align by position in y.
+    kd = trainer.divergence(logits[mask], teacher_logits[teacher_mask], None, temperature=objective.temperature,
+                            num_valid_tokens=num_valid_tokens, **trainer.loss_params)
+    loss, parts = objective.kd_weight * kd, {"kd": kd.item()}
+    if objective.ce_weight > 0:
+        ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
+        loss, parts["ce"] = loss + objective.ce_weight * ce, ce.item()
+    parts["loss"] = loss.item()
+    return loss, parts
