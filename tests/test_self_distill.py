@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import distill
 
@@ -52,3 +54,15 @@ def test_missing_privileged_field_is_refused_before_training(tiny_recipe, write_
     done = run_cli("run", write_recipe(recipe))
     assert done.returncode == 2 and "regime.privileged_field" in done.stderr and "`hint`" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_self_distillation_ends_identical(tiny_recipe, tmp_path, monkeypatch):
+    recipe = _self_recipe(tiny_recipe, tmp_path, lmbda=0.5)
+    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
+    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "2")
+    with pytest.raises(SystemExit):
+        distill.run({**recipe, "output": str(tmp_path / "resumed")})
+    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
+    resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
+    for key, value in load_file(str(straight.run_dir / "student" / "model.safetensors")).items():
+        assert torch.equal(value, load_file(str(resumed.run_dir / "student" / "model.safetensors"))[key]), key
