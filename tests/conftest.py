@@ -83,6 +83,11 @@ def write_recipe(tmp_path):
 def tiny_recipe(tiny_lm_dir, tmp_path) -> dict:
     """A minimal valid recipe dict: the tiny teacher, a 1-layer student, 32 oracle examples,
     4 steps, output in tmp_path/run. A fresh dict per test: edit it freely."""
+    return tiny_recipe_for(tiny_lm_dir, tmp_path)
+
+
+def tiny_recipe_for(tiny_lm_dir: Path, tmp_path: Path) -> dict:
+    """`tiny_recipe` as a plain function (for module-scoped fixtures)."""
     return {
         "teacher": {"path": str(tiny_lm_dir)},
         "student": {"config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -92,3 +97,27 @@ def tiny_recipe(tiny_lm_dir, tmp_path) -> dict:
         "eval": {"every": 2, "batch_size": 8, "generate_size": 4, "throughput_tokens": 4},
         "output": str(tmp_path / "run"),
     }
+
+
+def run_interrupted_and_resumed(recipe: dict, tmp_path: Path, monkeypatch, crash_after: int = 2):
+    """(straight, resumed) RunResults of one recipe: run straight through, and run again killed
+    after the step-`crash_after` checkpoint, then continued with resume=True."""
+    import distill
+
+    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
+    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", str(crash_after))
+    with pytest.raises(SystemExit):
+        distill.run({**recipe, "output": str(tmp_path / "resumed")})
+    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
+    return straight, distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
+
+
+def assert_same_student(first_run_dir: Path, second_run_dir: Path) -> None:
+    """Bit-identical student weights in two run directories."""
+    from safetensors.torch import load_file
+
+    first = load_file(str(first_run_dir / "student" / "model.safetensors"))
+    second = load_file(str(second_run_dir / "student" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key

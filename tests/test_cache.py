@@ -31,10 +31,10 @@ def built_once(tiny_lm_dir, tmp_path_factory):
     """A cache built through the CLI once per module (tests get a copy: they may damage it)."""
     import yaml
 
-    from conftest import run_distill_cli
+    from conftest import run_distill_cli, tiny_recipe_for
 
     directory = tmp_path_factory.mktemp("cache-once")
-    recipe = _cache_recipe(_tiny(tiny_lm_dir, directory), directory)
+    recipe = _cache_recipe(tiny_recipe_for(tiny_lm_dir, directory), directory)
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     done = run_distill_cli("cache", directory / "recipe.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,19 +49,6 @@ def built(built_once, tiny_recipe, write_recipe, tmp_path):
     shutil.copytree(built_once, tmp_path / "cache")
     recipe = _cache_recipe(tiny_recipe, tmp_path)
     return recipe, write_recipe(recipe)
-
-
-def _tiny(tiny_lm_dir, directory):
-    """conftest's tiny_recipe, for module-scoped fixtures."""
-    return {
-        "teacher": {"path": str(tiny_lm_dir)},
-        "student": {"config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "intermediate_size": 32}},
-        "data": {"builtin": "oracle", "train_size": 32, "eval_size": 8},
-        "train": {"steps": 4, "batch_size": 4, "threads": 1, "checkpoint_every": 2, "log_every": 1},
-        "eval": {"every": 2, "batch_size": 8, "generate_size": 4, "throughput_tokens": 4},
-        "output": str(directory / "run"),
-    }
 
 
 def test_teacher_topk_and_tail_make_a_distribution():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import distill
+from conftest import assert_same_student, run_interrupted_and_resumed
 from distill.data import Example
 from distill.train.onpolicy import prompt_of, sampling_generator
 
@@ -68,14 +68,8 @@ def test_on_policy_run_through_the_cli_samples_every_batch(tiny_recipe, write_re
 
 def test_resumed_on_policy_run_samples_the_same_and_ends_identical(tiny_recipe, tmp_path, monkeypatch):
     recipe = _on_policy(tiny_recipe, tmp_path, lmbda=0.5, max_new_tokens=5)
-    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
-    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "2")
-    with pytest.raises(SystemExit):
-        distill.run({**recipe, "output": str(tmp_path / "resumed")})
-    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
-    resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
-    for key, value in _weights(straight.run_dir).items():
-        assert torch.equal(value, _weights(resumed.run_dir)[key]), key
+    straight, resumed = run_interrupted_and_resumed(recipe, tmp_path, monkeypatch)
+    assert_same_student(straight.run_dir, resumed.run_dir)
 
     def sampled(run_dir):
         return [json.loads(line)["sampled_batches"] for line in (run_dir / "losses.jsonl").read_text().splitlines()]

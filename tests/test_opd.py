@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import distill
+from conftest import assert_same_student, run_interrupted_and_resumed
 from distill.losses.policy import group_advantages, opd_loss, opd_token_rewards
 from distill.tasks.arithmetic import format_problem, reward
 
@@ -78,14 +78,8 @@ def test_opd_with_extrapolation_and_a_verifiable_reward_runs_through_the_cli(wri
 
 def test_resumed_opd_run_ends_identical(tmp_path, monkeypatch):
     recipe = _arithmetic_opd(tmp_path, scale=1.25, reward="builtin", group_size=2)
-    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
-    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "2")
-    with pytest.raises(SystemExit):
-        distill.run({**recipe, "output": str(tmp_path / "resumed")})
-    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
-    resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
-    for key, value in load_file(str(straight.run_dir / "student" / "model.safetensors")).items():
-        assert torch.equal(value, load_file(str(resumed.run_dir / "student" / "model.safetensors"))[key]), key
+    straight, resumed = run_interrupted_and_resumed(recipe, tmp_path, monkeypatch)
+    assert_same_student(straight.run_dir, resumed.run_dir)
 
 
 def test_bad_rewards_are_refused_before_training(write_recipe, run_cli, tmp_path):

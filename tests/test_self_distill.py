@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import distill
+from conftest import assert_same_student, run_interrupted_and_resumed
 
 
 def _rows(path, count, field="solution"):
@@ -58,11 +57,5 @@ def test_missing_privileged_field_is_refused_before_training(tiny_recipe, write_
 
 def test_resumed_self_distillation_ends_identical(tiny_recipe, tmp_path, monkeypatch):
     recipe = _self_recipe(tiny_recipe, tmp_path, lmbda=0.5)
-    straight = distill.run({**recipe, "output": str(tmp_path / "straight")})
-    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "2")
-    with pytest.raises(SystemExit):
-        distill.run({**recipe, "output": str(tmp_path / "resumed")})
-    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
-    resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
-    for key, value in load_file(str(straight.run_dir / "student" / "model.safetensors")).items():
-        assert torch.equal(value, load_file(str(resumed.run_dir / "student" / "model.safetensors"))[key]), key
+    straight, resumed = run_interrupted_and_resumed(recipe, tmp_path, monkeypatch)
+    assert_same_student(straight.run_dir, resumed.run_dir)
