@@ -184,8 +184,9 @@ def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
     return reward_fn
 
 
-def open_cache(recipe: Recipe, tokenizer, train_examples) -> "TeacherCache":
-    """The recipe's teacher cache, checked against this run's teacher, tokenizer and data."""
+def open_cache(recipe: Recipe, tokenizer, train_examples) -> tuple["TeacherCache", list[tuple[int, int]]]:
+    """The recipe's teacher cache, checked against this run's teacher, tokenizer and data, and the
+    cache rows (offset, count) of every training example."""
     from distill.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
 
     regime = recipe.regime
@@ -199,8 +200,8 @@ def open_cache(recipe: Recipe, tokenizer, train_examples) -> "TeacherCache":
                            "this recipe's", field="regime.path",
                            fix="rebuild it with `distill cache <recipe>` into a new directory, or point "
                                "teacher.path at the teacher it was built with")
-    cache.rows_for("train", train_examples)  # every training example is cached, with the same tokens
-    return cache
+    # Every training example is cached, with the same tokens: checked now, before any model loads.
+    return cache, cache.rows_for("train", train_examples)
 
 
 def weights_sha256(model) -> str:
@@ -235,7 +236,8 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
     # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
     scorer = task or CompletionsScorer.for_records(eval_records, tokenizer)
 
-    cache = open_cache(recipe, tokenizer, train_examples) if recipe.regime.kind == "cache" else None
+    cache, train_spans = (open_cache(recipe, tokenizer, train_examples) if recipe.regime.kind == "cache"
+                          else (None, None))
     if cache is None:
         teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
         teacher.requires_grad_(False)
@@ -309,7 +311,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
                                                seed=recipe.data.seed, batch_size=recipe.eval.batch_size)
     if cache is not None:
         distilled.cache, distilled.sparse = cache, recipe.regime.sparse
-        distilled.cache_spans = cache.rows_for("train", train_examples)
+        distilled.cache_spans = train_spans
     phases = [("distilled", "student", distilled)]
     if recipe.train.baseline:
         phases.append(("alone", "alone", Phase("alone", run_dir / "checkpoint-alone")))

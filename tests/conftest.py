@@ -6,6 +6,7 @@ configs and saved to temporary directories, and the hub is switched to offline m
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -121,3 +122,21 @@ def assert_same_student(first_run_dir: Path, second_run_dir: Path) -> None:
     assert first.keys() == second.keys()
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
+
+
+# ---- losses: shared inputs of the loss tests --------------------------------------------------
+
+# p_S = [.5, .5] (logits [0, 0]) and p_T = [.75, .25] (logits [ln 3, 0]): hand-computable values.
+HAND_STUDENT = torch.tensor([[0.0, 0.0]])
+HAND_TEACHER = torch.tensor([[math.log(3.0), 0.0]])
+
+
+def random_loss_inputs(shape, dtype=torch.float64, seed=0, requires_grad=True):
+    """(student logits, teacher logits, mask) of `shape` [..., V]: logits ~ 3 N(0, 1), about 70% of
+    tokens valid and the first always."""
+    generator = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    teacher = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    mask = torch.rand(shape[:-1], generator=generator) < 0.7
+    mask.view(-1)[0] = True
+    return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad), mask

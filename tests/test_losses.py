@@ -1,12 +1,12 @@
 """Tests for distill.losses: naive references, hand-computed values, gradcheck, properties, bad input."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import HAND_STUDENT, HAND_TEACHER, random_loss_inputs as _random_inputs
 from distill.losses import (
     ALIASES, FORMULAS, PAPERS, REGISTRY, cross_entropy, forward_kl, get_loss, jsd, loss_parameters,
     masked_mean, reverse_kl, skew_kl, skew_reverse_kl, tvd,
@@ -74,15 +74,6 @@ def _naive_loss(name, student_logits, teacher_logits, mask, temperature=1.0, **p
     return total / max(count, 1)
 
 
-def _random_inputs(shape, dtype=torch.float64, seed=0, requires_grad=True):
-    generator = torch.Generator().manual_seed(seed)
-    student = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-    teacher = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-    mask = torch.rand(shape[:-1], generator=generator) < 0.7
-    mask.view(-1)[0] = True
-    return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad), mask
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Against the naive reference, value and gradient
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +110,6 @@ def test_matches_naive_reference_with_parameters_and_temperature(name, params):
 # 2. Hand-computed values: p_S = [.5, .5] (logits [0, 0]), p_T = [.75, .25] (logits [ln 3, 0])
 # ---------------------------------------------------------------------------------------------
 
-HAND_STUDENT = torch.tensor([[0.0, 0.0]])
-HAND_TEACHER = torch.tensor([[math.log(3.0), 0.0]])
 
 
 @pytest.mark.parametrize("name, params, expected", [

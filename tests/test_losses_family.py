@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import HAND_STUDENT, HAND_TEACHER, random_loss_inputs as _random_inputs
 from distill.losses import (
     ALIASES, FORMULAS, NOT_TOKEN_SEPARABLE, PAPERS, REGISTRY, TaidSchedule, ab_divergence, adaptive_kl, forward_kl,
     get_loss, loss_parameters, reverse_kl, select_tokens, sinkhorn, student_entropy, taid,
@@ -114,15 +115,6 @@ def _naive_loss(name, student, teacher, mask, temperature=1.0, **params):
     return total / max(len(s_rows), 1)
 
 
-def _random_inputs(shape, dtype=torch.float64, seed=0, requires_grad=True):
-    generator = torch.Generator().manual_seed(seed)
-    student = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-    teacher = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-    mask = torch.rand(shape[:-1], generator=generator) < 0.7
-    mask.view(-1)[0] = True
-    return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad), mask
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Against the references, value and gradient (student and teacher)
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +164,6 @@ def test_matches_naive_reference_4d_with_temperature(name, params):
 # 2. Hand-computed values. p_S = [.5, .5] (logits [0, 0]), p_T = [.75, .25] (logits [ln 3, 0])
 # ---------------------------------------------------------------------------------------------
 
-HAND_STUDENT = torch.tensor([[0.0, 0.0]])
-HAND_TEACHER = torch.tensor([[math.log(3.0), 0.0]])
 
 
 @pytest.mark.parametrize("name, params, expected", [

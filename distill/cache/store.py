@@ -166,10 +166,9 @@ def load_shard(directory: Path, shard: dict, manifest: dict) -> tuple[dict, np.n
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise DistillError(f"cache shard `{path}` does not match its checksum (truncated or corrupted)", field=FIELD,
                            fix=f"run `distill cache --verify {directory}`, then rebuild the cache")
-    from safetensors import safe_open  # metadata only; the arrays come from the verified bytes
-
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("distill", "{}"))
+    # The header (8-byte length, then JSON) of the bytes already read and verified: no second read.
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    metadata = json.loads(header.get("__metadata__", {}).get("distill", "{}"))
     arrays = load(data)
     tokens = arrays.pop("tokens")
     ids, logprobs, tail = decode_topk(arrays, num_tokens=int(tokens.sum()), k=manifest["k"],
