@@ -132,7 +132,7 @@ def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) 
                                fix=f"set regime.max_new_tokens <= {limit - max(map(len, prompts))}")
     eos = tokenizer.eos_token_id if (task is None or task.append_eos) else None
     return OnPolicy(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
-                    top_p=regime.top_p, eos_token_id=eos)
+                    top_p=regime.top_p, eos_token_id=eos, filter_threshold=regime.rsd_threshold)
 
 
 def privileged_prompts(recipe: Recipe, records: list[dict], examples, tokenizer) -> dict[str, list[int]]:
@@ -306,9 +306,12 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
                             reward_weight=regime.reward_weight, group_size=regime.group_size,
                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     elif recipe.regime.kind == "sequence":  # the teacher's completions, generated once (resumable)
+        if recipe.regime.rsd_threshold > 0:
+            student.to(accelerator.device)  # it filters the teacher's proposals
         distilled_examples = teacher_sequences(teacher, train_examples, sampling, run_dir, accelerator=accelerator,
                                                pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,
-                                               seed=recipe.data.seed, batch_size=recipe.eval.batch_size)
+                                               seed=recipe.data.seed, batch_size=recipe.eval.batch_size,
+                                               student=student if recipe.regime.rsd_threshold > 0 else None)
     if cache is not None:
         distilled.cache, distilled.sparse = cache, recipe.regime.sparse
         distilled.cache_spans = train_spans

@@ -171,6 +171,9 @@ class RegimeSpec(_Strict):
     sample_temperature: float = Field(1.0, ge=0, description="on_policy / sequence: sampling temperature "
                                                              "(0: greedy, the usual choice for sequence KD).")
     top_p: float = Field(1.0, gt=0, le=1, description="on_policy / sequence: nucleus sampling mass.")
+    rsd_threshold: float = Field(0.0, ge=0, le=1, description="sequence: student-aware filtering (reverse "
+                                 "speculative decoding): the teacher proposes each token, and one whose probability "
+                                 "under the initial student is below this is replaced by a student sample. 0: off.")
     scale: float = Field(1.0, gt=0, description="opd: reward scale on the teacher-vs-reference log-ratio; 1 is "
                                                 "on-policy reverse KL, > 1 reward extrapolation (ExOPD).")
     reward: str | None = Field(None, description="opd: a verifiable sequence reward: `builtin` (the task's own, "
@@ -201,6 +204,10 @@ class RegimeSpec(_Strict):
     def _available(self) -> "RegimeSpec":
         if self.kind == "self" and "lmbda" not in self.model_fields_set:
             self.__dict__["lmbda"] = 1.0  # on-policy self-distillation samples every batch by default
+        if self.rsd_threshold > 0 and self.kind != "sequence":
+            raise _FieldValueError("rsd_threshold", f"rsd_threshold filters teacher generations, which only regime "
+                                                    f"`sequence` makes (this is `{self.kind}`); remove it or set "
+                                                    "kind: sequence")
         if self.kind == "cache" and not self.path:
             raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self

@@ -6,6 +6,7 @@ Arms (same student, init, data, steps and batch; objective JSD(0.5) for the logi
   off_policy            the data's completions, live teacher
   on_policy_0.5 / _1    GKD: a micro-batch is the student's samples with probability 0.5 / 1
   sequence              the teacher's greedy completions, learned with JSD + 0.5 CE
+  sequence_t1           the same with completions sampled from the teacher at temperature 1
   self                  OPSD: the student shown the answer is the teacher (arithmetic only)
   opd_1 / opd_1.25      on-policy distillation as RL, reward scale 1 (reverse KL) / 1.25 (ExOPD)
   opd_reward            scale 1 + correctness reward, 4 samples a problem (KD + RL; arithmetic only)
@@ -34,6 +35,7 @@ ARMS = {  # (objective, regime)
     "on_policy_0.5": (JSD, {"kind": "on_policy", "lmbda": 0.5}),
     "on_policy_1": (JSD, {"kind": "on_policy", "lmbda": 1.0}),
     "sequence": ({**JSD, "ce_weight": 0.5}, {"kind": "sequence", "sample_temperature": 0.0}),
+    "sequence_t1": ({**JSD, "ce_weight": 0.5}, {"kind": "sequence", "sample_temperature": 1.0}),
     "self": (JSD, {"kind": "self", "privileged_field": "completion"}),
     "opd_1": (JSD, {"kind": "opd", "scale": 1.0}),
     "opd_1.25": (JSD, {"kind": "opd", "scale": 1.25}),

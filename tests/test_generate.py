@@ -210,3 +210,58 @@ def test_bad_arguments_name_the_field(prompts, max_new_tokens, field):
         sample(tiny_model(layers=1), prompts, max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=EOS)
     if max_new_tokens == 60:
         assert "64" in str(error.value) and "70" in str(error.value)
+
+
+def naive_filtered_greedy(teacher, student, prompt: list[int], steps: int, threshold: float) -> tuple[list[int], int]:
+    """Reference reverse speculative decoding, greedy: full forwards, no cache; the teacher's argmax unless
+    the student gives it less than `threshold`, then the student's argmax."""
+    ids, replaced = torch.tensor([prompt]), 0
+    for _ in range(steps):
+        proposal = teacher(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+        student_probs = student(input_ids=ids, use_cache=False).logits[0, -1].softmax(-1)
+        if student_probs[proposal] < threshold:
+            proposal, replaced = student_probs.argmax(), replaced + 1
+        ids = torch.cat([ids, proposal.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist(), replaced
+
+
+@torch.no_grad()
+def test_student_filter_matches_a_no_cache_reference_and_its_limits():
+    teacher, student = tiny_model(seed=0), tiny_model(seed=1)
+    plain = sample(teacher, PROMPTS, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None, greedy=True)
+    off = sample(teacher, PROMPTS, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None, greedy=True,
+                 filter_model=student, filter_threshold=0.0)
+    assert off.completions() == plain.completions() and off.replaced == 0
+    # Threshold 1 vetoes every proposal: the text is the student's own greedy text.
+    everything = sample(teacher, PROMPTS, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None, greedy=True,
+                        filter_model=student, filter_threshold=1.0)
+    own = sample(student, PROMPTS, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None, greedy=True)
+    assert everything.completions() == own.completions() and everything.replaced == 8 * len(PROMPTS)
+    # In between, token by token as the reference says, and some but not all tokens replaced.
+    threshold = 0.05
+    mixed = sample(teacher, PROMPTS, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None, greedy=True,
+                   filter_model=student, filter_threshold=threshold)
+    expected = [naive_filtered_greedy(teacher, student, prompt, 8, threshold) for prompt in PROMPTS]
+    assert mixed.completions() == [tokens for tokens, _ in expected]
+    assert mixed.replaced == sum(count for _, count in expected)
+    assert 0 < mixed.replaced < 8 * len(PROMPTS)
+    assert not teacher.training and not student.training
+
+
+def test_student_filter_replaces_only_tokens_the_student_finds_unlikely():
+    # Teacher always proposes token 3 (p=1); the student gives token 3 probability 0.1 and token 4 0.9.
+    teacher_probs = [1e-9] * VOCAB
+    teacher_probs[3] = 1.0
+    student_probs = [1e-9] * VOCAB
+    student_probs[3], student_probs[4] = 0.1, 0.9
+    teacher, student = FixedLogits(distribution(teacher_probs)), FixedLogits(distribution(student_probs))
+    kept = sample(teacher, [[BOS]] * 3, max_new_tokens=4, pad_token_id=PAD, eos_token_id=None, temperature=1.0,
+                  generator=torch.Generator().manual_seed(0), filter_model=student, filter_threshold=0.05)
+    assert kept.completions() == [[3, 3, 3, 3]] * 3 and kept.replaced == 0
+    vetoed = sample(teacher, [[BOS]] * 3, max_new_tokens=4, pad_token_id=PAD, eos_token_id=None, temperature=1.0,
+                    generator=torch.Generator().manual_seed(0), filter_model=student, filter_threshold=0.2)
+    tokens = [t for row in vetoed.completions() for t in row]
+    assert vetoed.replaced == 12 and set(tokens) <= {3, 4} and tokens.count(4) >= 8  # student draws: 0.9 on 4
+    with pytest.raises(ValueError, match="filter_threshold"):
+        sample(teacher, [[BOS]], max_new_tokens=2, pad_token_id=PAD, eos_token_id=None, filter_model=student,
+               filter_threshold=1.5)

@@ -66,3 +66,30 @@ def test_interrupted_generation_resumes_from_its_chunks(tiny_recipe, monkeypatch
     assert _generations(straight.run_dir) == _generations(resumed.run_dir)  # seeded per chunk
     for key, value in load_file(str(straight.run_dir / "student" / "model.safetensors")).items():
         assert torch.equal(value, load_file(str(resumed.run_dir / "student" / "model.safetensors"))[key]), key
+
+
+def test_student_aware_filtering_replaces_tokens_and_resumes(tiny_recipe, write_recipe, run_cli, tmp_path):
+    recipe = _sequence(tiny_recipe, tmp_path, sample_temperature=0.0, rsd_threshold=0.5)
+    done = run_cli("run", write_recipe(recipe))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "run" / "teacher-generations" / "throughput.json").read_text())
+    # An untrained student gives every token ~1/64 < 0.5: it vetoes (nearly) every teacher proposal.
+    assert stats["rsd_threshold"] == 0.5 and stats["replaced_share"] > 0.9
+    plain = _sequence(tiny_recipe, tmp_path, sample_temperature=0.0)
+    done = run_cli("run", write_recipe({**plain, "output": str(tmp_path / "plain")}, "plain.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ([r["completion_ids"] for r in _generations(tmp_path / "run")]
+            != [r["completion_ids"] for r in _generations(tmp_path / "plain")])
+
+
+def test_filtering_outside_sequence_and_greedy_on_one_prompt_are_flagged(tiny_recipe, write_recipe, run_cli,
+                                                                         tmp_path):
+    refused = run_cli("run", write_recipe({**tiny_recipe, "regime": {"kind": "on_policy", "rsd_threshold": 0.1}}))
+    assert refused.returncode == 2 and "rsd_threshold" in refused.stderr and "kind: sequence" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    # The built-in oracle's prompts are all just BOS: greedy decoding would give one completion 32 times.
+    recipe = {**tiny_recipe, "regime": {"kind": "sequence", "sample_temperature": 0.0, "max_new_tokens": 4},
+              "train": {**tiny_recipe["train"], "baseline": False, "steps": 1}}
+    with pytest.warns(UserWarning, match="only 1 distinct prompt"):
+        result = distill.run(recipe)
+    assert len({tuple(r["completion_ids"]) for r in _generations(result.run_dir)}) == 1

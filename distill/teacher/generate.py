@@ -53,6 +53,7 @@ class Generation:
     prompt_length: int  # P, the padded prompt width
     new_tokens: int  # generated tokens that count (sum of completion_mask)
     seconds: float
+    replaced: int = 0  # reverse speculative decoding: proposals replaced by the filter model's own tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,18 +143,51 @@ def _check(model, prompts, max_new_tokens: int, temperature: float, top_p: float
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
 
 
+class _Decoder:
+    """One model's side of the decoding loop: its KV cache and the logits of the last position."""
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+        self.model = model
+        parameters = _forward_parameters(model)
+        self.cache_name = ("past_key_values" if "past_key_values" in parameters and "cache" not in parameters
+                           else "cache")
+        # Only the last position's logits are needed: skip the [B, P, V] head output when the model allows it.
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        self.output = model(input_ids=input_ids, attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **self.extra)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.output.logits[:, -1, :]
+
+    def feed(self, token: torch.Tensor, mask: torch.Tensor) -> None:
+        # Same rule as for the prompt: a stopped row's position freezes, harmless as its token is masked.
+        position = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        self.output = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                                 **{self.cache_name: _cache_of(self.output)})
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
            temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           greedy: bool = False, vocab_size: int | None = None) -> Generation:
+           greedy: bool = False, vocab_size: int | None = None, filter_model=None,
+           filter_threshold: float = 0.0) -> Generation:
     """Complete each prompt (token ids, unpadded, non-empty) with up to `max_new_tokens` tokens.
 
     Sampling divides logits by `temperature` and keeps the `top_p` nucleus; `greedy=True` or
     `temperature=0` takes the argmax instead. Draws use `generator` (same seed, same tokens). A row
     stops after `eos_token_id` (None: never). `vocab_size` restricts choices to the first
     `vocab_size` logits (output rows beyond the tokenizer's vocabulary). The model runs in eval mode
-    and gets its train/eval mode back on return. Raises ValueError on bad arguments."""
+    and gets its train/eval mode back on return. Raises ValueError on bad arguments.
+
+    Reverse speculative decoding (student-aware filtering): with `filter_model` (the student, same
+    vocabulary), `model` proposes each token as above, and a proposal whose probability under
+    `filter_model` (softmax at temperature 1) is below `filter_threshold` is replaced by a token drawn
+    from `filter_model` with the same temperature / top-p / greedy rule. Both models see the chosen
+    tokens. `Generation.replaced` counts the replaced tokens."""
     _check(model, prompts, max_new_tokens, temperature, top_p, vocab_size)
+    if filter_model is not None and not 0 <= filter_threshold <= 1:
+        raise ValueError(f"filter_threshold is a probability in [0, 1], got {filter_threshold}")
     started = time.perf_counter()
     device = _model_device(model)
     batch, width = len(prompts), max(len(prompt) for prompt in prompts)
@@ -164,26 +198,35 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, pad_token_id
         attention_mask[row, width - len(prompt):] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    parameters = _forward_parameters(model)
-    cache_name = "past_key_values" if "past_key_values" in parameters and "cache" not in parameters else "cache"
-    # Only the last position's logits are needed: skip the [B, P, V] head output when the model allows it.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-
-    was_training = getattr(model, "training", False)
-    model.eval()
+    models = [model] + ([filter_model] if filter_model is not None else [])
+    modes = [getattr(m, "training", False) for m in models]
+    for m in models:
+        m.eval()
+    replaced = 0
     try:
         mask = attention_mask
-        output = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True, **extra)
-        if vocab_size is not None and vocab_size > output.logits.shape[-1]:
-            raise ValueError(f"vocab_size={vocab_size} is over the model's {output.logits.shape[-1]} output logits")
+        decoders = [_Decoder(m, input_ids, mask) for m in models]
+        for decoder in decoders:
+            if vocab_size is not None and vocab_size > decoder.logits.shape[-1]:
+                raise ValueError(f"vocab_size={vocab_size} is over the model's {decoder.logits.shape[-1]} output "
+                                 "logits")
         generated, alive_columns = [], []
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            logits = output.logits[:, -1, :vocab_size]
-            token = next_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
-            token = token.to(device).masked_fill(finished, pad_token_id)
+            logits = decoders[0].logits[:, :vocab_size]
+            token = next_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                                generator=generator).to(device)
             alive = ~finished  # this step's token counts for rows that had not stopped before it
+            if filter_model is not None:
+                student_logits = decoders[1].logits[:, :vocab_size].float()
+                proposed = torch.softmax(student_logits, -1).gather(-1, token[:, None]).squeeze(-1)
+                low = alive & (proposed < filter_threshold)
+                if bool(low.any()):
+                    own = next_tokens(student_logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                                      generator=generator).to(device)
+                    token = torch.where(low, own, token)
+                    replaced += int(low.sum())
+            token = token.masked_fill(finished, pad_token_id)
             generated.append(token)
             alive_columns.append(alive)
             if eos_token_id is not None:
@@ -191,16 +234,16 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, pad_token_id
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-            # Same rule as for the prompt: a stopped row's position freezes, harmless as its token is masked.
-            position = mask.sum(-1, keepdim=True) - 1
-            output = model(input_ids=token[:, None], attention_mask=mask, position_ids=position.clamp(min=0),
-                           use_cache=True, **{cache_name: _cache_of(output)})
+            for decoder in decoders:
+                decoder.feed(token, mask)
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
     completion = torch.stack(alive_columns, dim=1)
     sequences = torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
     full_mask = torch.cat([attention_mask, completion.long()], dim=1)
     completion_mask = torch.cat([torch.zeros_like(attention_mask, dtype=torch.bool), completion], dim=1)
     return Generation(sequences=sequences, attention_mask=full_mask, completion_mask=completion_mask,
-                      prompt_length=width, new_tokens=int(completion.sum()), seconds=time.perf_counter() - started)
+                      prompt_length=width, new_tokens=int(completion.sum()), seconds=time.perf_counter() - started,
+                      replaced=replaced)

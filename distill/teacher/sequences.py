@@ -5,12 +5,17 @@ The generations are stored in the run directory, one jsonl file per chunk of pro
 written atomically; a resumed run reuses the finished chunks and generates only the rest.
 Chunks are shared round-robin between processes. Sampling is seeded by (seed, chunk), so a
 chunk's completions do not depend on the number of processes or on interruptions.
+
+Student-aware filtering (reverse speculative decoding, `regime.rsd_threshold`): the teacher proposes
+each token and the initial student vetoes the ones it finds too unlikely, replacing them with its own
+sample, so the student learns text it can follow. `throughput.json` records how many were replaced.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,9 +31,20 @@ STOP_AFTER_CHUNKS_ENV = "DISTILL_SEQUENCE_STOP_AFTER_CHUNKS"
 
 
 def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_dir: Path, *, accelerator,
-                      pad_token_id: int, vocab_size: int, seed: int, batch_size: int) -> list[Example]:
-    """The examples with their completions replaced by the teacher's (same ids, same prompts)."""
+                      pad_token_id: int, vocab_size: int, seed: int, batch_size: int, student=None) -> list[Example]:
+    """The examples with their completions replaced by the teacher's (same ids, same prompts).
+
+    With `student` and `settings.filter_threshold > 0`, teacher tokens the student gives less than the
+    threshold are replaced by student samples (reverse speculative decoding)."""
     from distill.teacher.generate import sample
+
+    distinct = len({tuple(prompt_of(e)) for e in examples})
+    if settings.temperature == 0 and distinct <= len(examples) // 2:
+        warnings.warn(f"regime sequence with greedy decoding (sample_temperature: 0): the {len(examples)} training "
+                      f"examples have only {distinct} distinct prompt(s), so the student learns only {distinct} "
+                      "distinct completion(s); set regime.sample_temperature > 0 (e.g. 1) to learn the teacher's "
+                      "distribution", stacklevel=2)
+    filter_model = student if settings.filter_threshold > 0 else None
 
     directory = run_dir / GENERATIONS_DIR
     if accelerator.is_main_process:
@@ -39,7 +55,7 @@ def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_
             and not (directory / f"chunk-{i:05d}.jsonl").is_file()]
     bar = tqdm(total=sum(min(CHUNK_EXAMPLES, len(examples) - i * CHUNK_EXAMPLES) for i in todo),
                desc="teacher generations", disable=not accelerator.is_main_process, dynamic_ncols=True, unit="ex")
-    written, tokens, seconds = 0, 0, 0.0
+    written, tokens, seconds, replaced = 0, 0, 0.0, 0
     for index in todo:
         rows = examples[index * CHUNK_EXAMPLES:(index + 1) * CHUNK_EXAMPLES]
         generator = sampling_generator(seed, index, 0, 0)
@@ -49,8 +65,10 @@ def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_
             generation = sample(teacher, [prompt_of(e) for e in batch], max_new_tokens=settings.max_new_tokens,
                                 pad_token_id=pad_token_id, eos_token_id=settings.eos_token_id,
                                 temperature=settings.temperature, top_p=settings.top_p, generator=generator,
-                                greedy=settings.temperature == 0, vocab_size=vocab_size)
+                                greedy=settings.temperature == 0, vocab_size=vocab_size, filter_model=filter_model,
+                                filter_threshold=settings.filter_threshold)
             tokens, seconds = tokens + generation.new_tokens, seconds + generation.seconds
+            replaced += generation.replaced
             for example, prompt, completion in zip(batch, generation.prompts(), generation.completions()):
                 lines.append(json.dumps({"id": example.id, "prompt_ids": prompt, "completion_ids": completion}))
             bar.update(len(batch))
@@ -64,7 +82,8 @@ def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_
     if todo and accelerator.is_main_process:
         (directory / "throughput.json").write_text(json.dumps(
             {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
-             "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
+             "rsd_threshold": settings.filter_threshold, "replaced_tokens": replaced,
+             "replaced_share": replaced / max(tokens, 1), "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
     accelerator.wait_for_everyone()
     by_id = {}
     for index, _ in enumerate(chunks):

@@ -23,6 +23,7 @@ class OnPolicy:
     temperature: float = 1.0
     top_p: float = 1.0
     eos_token_id: int | None = None
+    filter_threshold: float = 0.0  # sequence: reverse speculative decoding against the student (0: off)
 
 
 @dataclass
