@@ -45,20 +45,25 @@ ONLY_ARITHMETIC = {"self", "opd_reward"}  # the oracle language has no prompts, 
 METRICS = {"arithmetic": ["exact_match"], "oracle": ["oracle_forward_kl", "oracle_reverse_kl"]}
 
 
+def run_recipe(recipe: dict, run_dir: Path, recipe_file: Path) -> None:
+    """`distill run` the recipe into run_dir unless a finished run is there (so the scripts resume)."""
+    if (run_dir / "results.json").is_file():
+        return
+    recipe["output"] = str(run_dir)
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "distill", "run", str(recipe_file), "--overwrite"], check=True, cwd=ROOT)
+    print(f"{run_dir.name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def run_arm(task: str, arm: str, seed: int, out: Path, steps: int | None) -> dict:
     run_dir = out / f"{task}-{arm}-seed{seed}"
-    if not (run_dir / "results.json").is_file():  # finished runs are reused: the script resumes
-        recipe = yaml.safe_load(BASE[task].read_text())
-        recipe["objective"], recipe["regime"] = ARMS[arm]
-        recipe["train"].update(seed=seed, baseline=False, **({"steps": steps} if steps else {}))
-        recipe["data"]["seed"], recipe["output"] = seed, str(run_dir)
-        recipe_file = out / "recipes" / f"{task}-{arm}-seed{seed}.yaml"
-        recipe_file.parent.mkdir(parents=True, exist_ok=True)
-        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        command = [sys.executable, "-m", "distill", "run", str(recipe_file), "--overwrite"]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, cwd=ROOT)
-        print(f"{task} {arm} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    recipe = yaml.safe_load(BASE[task].read_text())
+    recipe["objective"], recipe["regime"] = ARMS[arm]
+    recipe["train"].update(seed=seed, baseline=False, **({"steps": steps} if steps else {}))
+    recipe["data"]["seed"] = seed
+    run_recipe(recipe, run_dir, out / "recipes" / f"{task}-{arm}-seed{seed}.yaml")
     results = json.loads((run_dir / "results.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     generated = [r for r in losses if r.get("generate_seconds")]
