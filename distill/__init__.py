@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 from distill.errors import DistillError
 from distill.recipe import Recipe, load_recipe
 
-__all__ = ["DistillError", "Recipe", "RunResult", "load_recipe", "run", "train_teacher", "__version__"]
+__all__ = ["DistillError", "Recipe", "RunResult", "distill_classifier", "load_recipe", "run", "train_teacher",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,6 +20,9 @@ def __getattr__(name: str):
     if name in ("run", "RunResult"):
         from distill import pipeline as run_module
         return getattr(run_module, name)
+    if name == "distill_classifier":
+        from distill.classifier.run import distill_classifier
+        return distill_classifier
     if name == "train_teacher":
         from distill.teacher.train import train_teacher
         return train_teacher

@@ -111,18 +111,30 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
 
 
 @app.command("train-teacher")
-def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle or builtin:arithmetic"),
+def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, arithmetic, digits or mnist5k"),
                           out: str = typer.Option(..., "--out", help="Directory for the trained teacher."),
-                          steps: int = typer.Option(3000), batch_size: int = typer.Option(32, "--batch-size"),
+                          steps: int = typer.Option(3000),
+                          epochs: float = typer.Option(15, help="Image tasks (digits, mnist5k): CNN epochs."),
+                          batch_size: int = typer.Option(32, "--batch-size"),
                           lr: float = typer.Option(2e-3), train_size: int = typer.Option(50000, "--train-size"),
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
                           overwrite: bool = typer.Option(False, "--overwrite"),
                           resume: bool = typer.Option(False, "--resume")):
     """Train a built-in task's teacher with the same trainer (plain cross-entropy)."""
+    if not task.startswith("builtin:"):
+        raise DistillError(f"`{task}` is not a built-in task", field="TASK",
+                           fix="use builtin:oracle, builtin:arithmetic, builtin:digits or builtin:mnist5k")
+    from distill.tasks.images import IMAGE_TASKS
+
+    if task.removeprefix("builtin:") in IMAGE_TASKS:  # a CNN trained on labels for --epochs
+        from distill.classifier.teacher import train_image_teacher
+
+        metrics = train_image_teacher(task.removeprefix("builtin:"), out, epochs=epochs, seed=seed,
+                                      threads=threads or 1, overwrite=overwrite)
+        console.print_json(json.dumps(metrics))
+        return
     from distill.teacher.train import train_teacher
 
-    if not task.startswith("builtin:"):
-        raise DistillError(f"`{task}` is not a built-in task", field="TASK", fix="use builtin:oracle or builtin:arithmetic")
     metrics = train_teacher(task, out, steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
                             threads=threads, overwrite=overwrite, resume=resume)
     if metrics:

@@ -216,6 +216,10 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ..
         overwrite: bool = False) -> RunResult:
     """Distill the recipe's teacher into its student; write the run directory; return the rows."""
     recipe = load_recipe(recipe, overrides)
+    if recipe.task == "classifier":
+        from distill.classifier.run import run_classifier
+
+        return run_classifier(recipe, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     quiet_transformers()
     if recipe.train.threads:

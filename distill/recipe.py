@@ -267,8 +267,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _task_available(self) -> "Recipe":
-        if self.task != "lm":
-            raise _FieldValueError("task", f"task `{self.task}` is planned but not available in this version; use `lm`")
+        if self.task == "diffusion":
+            raise _FieldValueError("task", "task `diffusion` is planned but not available in this version; "
+                                           "use `lm` or `classifier`")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
@@ -324,7 +325,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _readable(error: ValidationError) -> DistillError:
+def _readable(error: ValidationError, model: type[BaseModel] | None = None) -> DistillError:
     lines, first_field = [], None
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -335,7 +336,7 @@ def _readable(error: ValidationError) -> DistillError:
         first_field = first_field or field
         kind, message = item["type"], item["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            allowed = _fields_at(Recipe, loc[:-1])
+            allowed = _fields_at(model or Recipe, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             message = "unknown key" + (f"; did you mean `{close[0]}`?" if close else "")
             message += f" (allowed here: {', '.join(allowed)})" if allowed else ""
@@ -356,15 +357,20 @@ def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> Reci
     data = copy.deepcopy(data)  # overrides must not change the caller's dict
     for assignment in overrides:
         apply_override(data, assignment)
+    model = Recipe
+    if data.get("task") == "classifier":
+        from distill.classifier.recipe import ClassifierRecipe
+
+        model = ClassifierRecipe
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
-        raise _readable(error) from None
+        raise _readable(error, model) from None
 
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Recipe from a YAML path, `builtin:<name>`, a dict or a Recipe, with `--set` overrides."""
-    if isinstance(source, Recipe):
+    if isinstance(source, BaseModel):  # a Recipe or ClassifierRecipe
         return parse_recipe(source.model_dump(mode="json"), overrides)
     if isinstance(source, dict):
         return parse_recipe(dict(source), overrides)

