@@ -153,6 +153,21 @@ def losses():
         params = ", ".join(f"{k}={v}" for k, v in loss_parameters(name).items()) or "-"
         table.add_row(name, FORMULAS[name], params, PAPERS[name])
     console.print(table)
+    from distill.losses.classic import CLASSIC_FORMULAS, CLASSIC_PAPERS, CLASSIC_REGISTRY, classic_parameters
+    from distill.losses.features import FEATURE_FORMULAS, FEATURE_PAPERS
+
+    table = Table(title="task: classifier objective terms (objective.terms: [{loss: NAME, weight, ...params}])")
+    for column in ("name", "formula", "parameters", "paper"):
+        table.add_column(column, overflow="fold")
+    table.add_row("ce", "cross-entropy with the labels", "-", "-")
+    for name in CLASSIC_REGISTRY:
+        params = ", ".join(f"{k}={v}" for k, v in classic_parameters(name).items()) or "-"
+        table.add_row(name, CLASSIC_FORMULAS[name], params, CLASSIC_PAPERS[name])
+    table.add_row("bdkd", "T^2 (a_i KL(p_T||p_S) + b_i KL(p_S||p_T)), (a, b) = (1, gamma) if H(p_S) > H(p_T) "
+                  "else (gamma, 1)", "temperature=1.0, gamma=2.0", "Amara et al. 2022, BD-KD")
+    for name, formula in FEATURE_FORMULAS.items():
+        table.add_row(name, formula, "student_layer, teacher_layer, projector=auto", FEATURE_PAPERS[name])
+    console.print(table)
 
 
 @app.command()

@@ -83,6 +83,9 @@ def test_losses_command_lists_every_objective(run_cli):
 
     result = run_cli("losses")
     assert result.returncode == 0
-    for name in REGISTRY:
+    from distill.losses.classic import CLASSIC_REGISTRY
+    from distill.losses.features import FEATURE_FORMULAS
+
+    for name in [*REGISTRY, *CLASSIC_REGISTRY, *FEATURE_FORMULAS, "bdkd"]:
         assert name in result.stdout
-    assert "KL(p_T" in result.stdout
+    assert "KL(p_T" in result.stdout and "Plackett" in result.stdout

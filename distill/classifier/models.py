@@ -38,10 +38,11 @@ class MLP(nn.Sequential):
 
 class SmallCNN(nn.Sequential):
     """`channels` blocks of 3x3 conv + BatchNorm + ReLU + 2x2 max-pool (`conv1`, `bn1`, `act1`, `pool1`, ...),
-    then global average pooling, `fc` + ReLU (`fc_act`) of width `hidden`, and `head`."""
+    then `flatten` (or, with `global_pool`, global average pooling first: fewer parameters, less spatial
+    information), `fc` + ReLU (`fc_act`) of width `hidden`, and `head`."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (16, 32),
-                 hidden: int = 64):
+                 hidden: int = 64, global_pool: bool = False):
         if len(input_shape) != 3:
             raise DistillError(f"a CNN needs [channels, height, width] inputs, got shape {tuple(input_shape)}",
                                field="student.arch", fix="use arch: mlp for vector inputs")
@@ -53,8 +54,11 @@ class SmallCNN(nn.Sequential):
             layers[f"act{index}"] = nn.ReLU()
             layers[f"pool{index}"] = nn.MaxPool2d(2) if min(input_shape[1:]) >= 2 ** index else nn.Identity()
             width = size
-        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        if global_pool:
+            layers["gap"] = nn.AdaptiveAvgPool2d(1)
         layers["flatten"] = nn.Flatten()
+        with torch.no_grad():  # the flattened width of the last map
+            width = nn.Sequential(layers)(torch.zeros(1, *input_shape)).shape[1]
         layers["fc"] = nn.Linear(width, hidden)
         layers["fc_act"] = nn.ReLU()
         layers["head"] = nn.Linear(hidden, num_classes)
@@ -73,10 +77,14 @@ def build_classifier(arch: str, input_shape: tuple[int, ...], num_classes: int, 
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        return ARCHITECTURES[arch](tuple(input_shape), num_classes, **options)
+        model = ARCHITECTURES[arch](tuple(input_shape), num_classes, **options)
     except TypeError as error:
         raise DistillError(f"bad options for arch `{arch}`: {error}", field=field.rsplit(".", 1)[0] + ".options",
                            fix="see distill/classifier/models.py for the options of each architecture") from None
+    # What save_classifier needs to rebuild it (a plain attribute: not a parameter, not in the state dict).
+    model.distill_describe = {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+                              "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    return model
 
 
 def save_classifier(model: nn.Module, directory: str | Path, *, arch: str, input_shape, num_classes: int,

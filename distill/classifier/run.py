@@ -66,6 +66,7 @@ def _num_classes(model: nn.Module, probe, field: str) -> int:
 
 def save_student(model: nn.Module, directory: Path, describe: dict | None) -> None:
     """transformers models: save_pretrained; built-in architectures: save_classifier; others: the state dict."""
+    describe = describe or getattr(model, "distill_describe", None)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
     elif describe is not None:
@@ -106,7 +107,7 @@ def train_and_report(*, teachers: list[nn.Module], make_student: Callable[[], nn
     if exclude_classes:  # Hinton's omitted-class experiment: the transfer set lacks these classes
         keep = ~torch.isin(train_y, torch.tensor(exclude_classes))
         train_x, train_y = _subset(train_x, keep), train_y[keep]
-    teacher_model = (teachers[0] if len(teachers) == 1 else Ensemble(teachers, regime.combine)) if teachers else None
+    teacher_model = (teachers[0] if len(teachers) == 1 else Ensemble(teachers, regime.combine).eval()) if teachers else None
     teacher_eval_logits = predict_logits(teacher_model, eval_x, eval_spec.batch_size) if teacher_model else None
     watch = sorted(set(exclude_classes or []))
 

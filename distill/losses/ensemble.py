@@ -75,7 +75,8 @@ def combine_teachers(teacher_logits: list[Tensor], *, mode: str = "mean") -> Ten
     shapes = {tuple(z.shape) for z in teacher_logits}
     if len(shapes) != 1:
         raise ValueError(f"teacher_logits: every teacher must give the same [N, C] shape, got {sorted(shapes)}")
-    logits = [z.float() for z in teacher_logits]
+    dtype = torch.promote_types(teacher_logits[0].dtype, torch.float32)
+    logits = [z.to(dtype) for z in teacher_logits]
     if mode == "mean":
         temperatures = [1.0] * len(logits)
     elif mode == "entropy_balanced":
