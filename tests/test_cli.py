@@ -88,4 +88,4 @@ def test_losses_command_lists_every_objective(run_cli):
 
     for name in [*REGISTRY, *CLASSIC_REGISTRY, *FEATURE_FORMULAS, "bdkd"]:
         assert name in result.stdout
-    assert "KL(p_T" in result.stdout and "Plackett" in result.stdout
+    assert "KL(p_T" in result.stdout and "FitNets" in result.stdout
