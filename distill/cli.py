@@ -171,6 +171,31 @@ def losses():
 
 
 @app.command()
+def layers(model: str = typer.Argument(..., help="A saved classifier directory, builtin:<task>-teacher, or a "
+                                                 "transformers model directory.")):
+    """The module names a classifier recipe can hook (objective.terms[].student_layer / teacher_layer)."""
+    from distill.classifier.hooks import module_names
+
+    if model.startswith("builtin:") or (Path(model) / "classifier.json").is_file():
+        from distill.classifier.models import load_classifier
+
+        loaded, _ = load_classifier(model, "MODEL")
+    else:
+        from transformers import AutoModel
+
+        from distill.models import resolve_model_path
+
+        loaded = AutoModel.from_pretrained(resolve_model_path(model, "MODEL"))
+        console.print("transformers outputs: hidden_states.N, attentions.N (N = layer index, -1 = last)")
+    table = Table(title=f"modules of {model} (`name` hooks the output, `name:input` the input)")
+    table.add_column("name")
+    table.add_column("type")
+    for name, kind in module_names(loaded):
+        table.add_row(name, kind)
+    console.print(table)
+
+
+@app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
     """Print the result table of finished runs."""
     from distill.pipeline import FINISHED_MARKER, RunResult

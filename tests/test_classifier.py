@@ -178,3 +178,12 @@ def test_transformers_encoder_pair_distils_with_hidden_states_and_attentions(tmp
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in distilled) and "attention.2" in distilled[-1]
     assert (tmp_path / "run" / "student" / "config.json").is_file()  # save_pretrained
     assert result.rows["distilled"]["parameters"] < result.rows["teacher"]["parameters"]
+
+
+def test_layers_command_lists_hookable_modules(run_cli):
+    done = run_cli("layers", "builtin:digits-teacher")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("conv1", "conv2", "fc_act", "head"):
+        assert name in done.stdout
+    missing = run_cli("layers", "/nonexistent/model")
+    assert missing.returncode == 2 and "MODEL" in missing.stderr

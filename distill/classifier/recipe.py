@@ -27,11 +27,12 @@ CE_TERM = "ce"
 
 
 class ClassifierModelSpec(_Strict):
-    """A classifier: a saved one (`path`: a distill classifier directory, `builtin:<task>-teacher`, or a
-    transformers sequence-classification model directory) or a built-in architecture (`arch` + `options`)."""
+    """A classifier: a saved one (`path`: a distill classifier directory or `builtin:<task>-teacher`) or a
+    built-in architecture (`arch` + `options`). Any other nn.Module, transformers encoders included, goes
+    through the Python API, `distill.distill_classifier`."""
 
-    path: str | None = Field(None, description="Saved classifier directory, builtin:<task>-teacher, or a "
-                                               "transformers AutoModelForSequenceClassification directory.")
+    path: str | None = Field(None, description="Saved classifier directory (a run's student/, or "
+                                               "`distill train-teacher` output) or builtin:<task>-teacher.")
     arch: Literal["mlp", "cnn"] | None = Field(None, description="A built-in architecture (random init).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of `arch`, e.g. "
                                                                       "{hidden: [64]} or {channels: [16, 32]}.")
