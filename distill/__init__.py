@@ -15,11 +15,22 @@ __all__ = ["DistillError", "Recipe", "RunResult", "distill_classifier", "load_re
            "__version__"]
 
 
+def run(recipe, overrides=(), *, resume: bool = False, overwrite: bool = False):
+    """Run a recipe (path, `builtin:<name>`, dict or Recipe): distill its teacher into its student,
+    write the run directory and return the RunResult (teacher / alone / distilled rows)."""
+    recipe = load_recipe(recipe, overrides)
+    if recipe.task == "classifier":  # no transformers import on this path
+        from distill.classifier.run import run_classifier
+        return run_classifier(recipe, resume=resume, overwrite=overwrite)
+    from distill.pipeline import run as run_lm
+    return run_lm(recipe, resume=resume, overwrite=overwrite)
+
+
 def __getattr__(name: str):
     # The heavy imports (transformers, accelerate) wait until a run is asked for.
-    if name in ("run", "RunResult"):
-        from distill import pipeline as run_module
-        return getattr(run_module, name)
+    if name == "RunResult":
+        from distill.rundir import RunResult
+        return RunResult
     if name == "distill_classifier":
         from distill.classifier.run import distill_classifier
         return distill_classifier

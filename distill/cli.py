@@ -46,7 +46,7 @@ def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> No
     from distill.recipe import load_recipe
 
     checked = load_recipe(recipe, overrides)  # fails fast, before torch/transformers load
-    from distill.pipeline import run
+    from distill import run
 
     result = run(checked, resume=resume, overwrite=overwrite)
     if result is not None:  # None on processes other than rank 0
@@ -198,7 +198,7 @@ def layers(model: str = typer.Argument(..., help="A saved classifier directory, 
 @app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
     """Print the result table of finished runs."""
-    from distill.pipeline import FINISHED_MARKER, RunResult
+    from distill.rundir import FINISHED_MARKER, RunResult
 
     for run_dir in run_dirs:
         if not (run_dir / FINISHED_MARKER).is_file():

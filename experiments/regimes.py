@@ -10,6 +10,8 @@ Arms (same student, init, data, steps and batch; objective JSD(0.5) for the logi
   self                  OPSD: the student shown the answer is the teacher (arithmetic only)
   opd_1 / opd_1.25      on-policy distillation as RL, reward scale 1 (reverse KL) / 1.25 (ExOPD)
   opd_reward            scale 1 + correctness reward, 4 samples a problem (KD + RL; arithmetic only)
+  warm_*                off_policy / opd_1 / opd_reward for 300 more steps, starting from the off_policy
+                        student of the same seed (the OPD papers start from a trained student; arithmetic only)
 
 Metrics: arithmetic, exact match of greedy answers on 200 held-out problems; oracle, the exact
 forward and reverse KL of the student to the true language. Prints mean ± half-range per arm;
@@ -41,7 +43,11 @@ ARMS = {  # (objective, regime)
     "opd_1.25": (JSD, {"kind": "opd", "scale": 1.25}),
     "opd_reward": (JSD, {"kind": "opd", "scale": 1.0, "reward": "builtin", "reward_weight": 0.5, "group_size": 4}),
 }
-ONLY_ARITHMETIC = {"self", "opd_reward"}  # the oracle language has no prompts, answers or rewards
+# Warm start: the same student after its off_policy run (same seed), trained WARM_STEPS more steps.
+WARM = {"warm_off_policy": "off_policy", "warm_opd_1": "opd_1", "warm_opd_reward": "opd_reward"}
+WARM_STEPS = 300
+ARMS.update({name: ARMS[base] for name, base in WARM.items()})
+ONLY_ARITHMETIC = {"self", "opd_reward", *WARM}  # the oracle language has no prompts, answers or rewards
 METRICS = {"arithmetic": ["exact_match"], "oracle": ["oracle_forward_kl", "oracle_reverse_kl"]}
 
 
@@ -63,6 +69,12 @@ def run_arm(task: str, arm: str, seed: int, out: Path, steps: int | None) -> dic
     recipe["objective"], recipe["regime"] = ARMS[arm]
     recipe["train"].update(seed=seed, baseline=False, **({"steps": steps} if steps else {}))
     recipe["data"]["seed"] = seed
+    if arm in WARM:  # continue from the off_policy student of this seed (run it first)
+        start = run_dir.parent / f"{task}-off_policy-seed{seed}" / "student"
+        if not start.is_dir():
+            run_arm(task, "off_policy", seed, out, steps)
+        recipe["student"] = {"path": str(start)}
+        recipe["train"].update(steps=WARM_STEPS, warmup_steps=0)
     run_recipe(recipe, run_dir, out / "recipes" / f"{task}-{arm}-seed{seed}.yaml")
     results = json.loads((run_dir / "results.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]

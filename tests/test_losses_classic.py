@@ -1,7 +1,6 @@
 """Tests for distill.losses.classic: naive references, hand-computed values, gradcheck, properties, bad input."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import distill
 from conftest import assert_same_student, run_interrupted_and_resumed
 from distill.losses.policy import group_advantages, opd_loss, opd_token_rewards
 from distill.tasks.arithmetic import format_problem, reward

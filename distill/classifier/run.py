@@ -85,7 +85,7 @@ def train_and_report(*, teachers: list[nn.Module], make_student: Callable[[], nn
                      describe_student: dict | None = None, make_peer: Callable[[], nn.Module] | None = None,
                      exclude_classes: list[int] | None = None):
     """Train the distilled student (and the student alone on labels), evaluate the rows, write the report."""
-    from distill.pipeline import RunResult
+    from distill.rundir import RunResult
     from distill.report import write_report
 
     started = time.perf_counter()
@@ -155,7 +155,7 @@ def _load_teacher(spec, field: str) -> nn.Module:
 
 def run_classifier(recipe: ClassifierRecipe, *, resume: bool = False, overwrite: bool = False):
     """`distill run` for `task: classifier` recipes."""
-    from distill.pipeline import prepare_output_dir
+    from distill.rundir import prepare_output_dir
     from distill.tasks.images import load_image_task
 
     if recipe.train.threads:
@@ -209,7 +209,7 @@ def distill_classifier(teacher: nn.Module | list[nn.Module] | None, student: nn.
     `train_options`, `eval_options` take the recipe sections' fields. The student given is the distilled
     one; the `alone` row trains a deep copy of its initial weights on labels. Returns the RunResult."""
     from distill.classifier.recipe import ClassifierObjectiveSpec
-    from distill.pipeline import prepare_output_dir
+    from distill.rundir import prepare_output_dir
     from distill.recipe import _readable
     from pydantic import ValidationError
 

@@ -12,7 +12,6 @@ losses, each normalised by the total count, is the full loss; gradients equal th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from distill.data import IGNORE_INDEX, Example
