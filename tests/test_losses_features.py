@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from distill.losses.features import (
-    FEATURE_FORMULAS, FEATURE_PAPERS, FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES, ConvProjector, LinearProjector,
-    attention_transfer, cka_loss, class_means, cosine_feature, fitnets, linear_cka, make_projector, nd_loss,
+    FEATURE_FORMULAS, FEATURE_PAPERS, FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES,
+    attention_transfer, cka_loss, class_means, cosine_feature, fitnets, linear_cka, nd_loss,
     rkd_angle, rkd_distance,
 )
+from distill.losses.projectors import ConvProjector, LinearProjector, make_projector
 
 torch.set_num_threads(1)
 

@@ -26,7 +26,8 @@ from distill.classifier.recipe import CE_TERM, ClassifierRegimeSpec, ClassifierT
 from distill.errors import DistillError
 from distill.losses.classic import CLASSIC_REGISTRY
 from distill.losses.ensemble import balanced_divergence, combine_teachers
-from distill.losses.features import FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES, class_means, make_projector, nd_loss
+from distill.losses.features import FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES, class_means, nd_loss
+from distill.losses.projectors import make_projector
 
 
 def _bdkd(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0, gamma: float = 2.0):
