@@ -42,7 +42,8 @@ def _naive_log_prob(mixture: GaussianMixture2D, x: torch.Tensor, sigma: torch.Te
 
 def test_ring_layout_weights_and_rarest_mode():
     mixture = GaussianMixture2D.ring(num_modes=6, radius=1.5, std=0.1, imbalance=5.0)
-    torch.testing.assert_close(torch.linalg.vector_norm(mixture.means, dim=1), torch.full((6,), 1.5, dtype=torch.float64))
+    radii = torch.linalg.vector_norm(mixture.means, dim=1)
+    torch.testing.assert_close(radii, torch.full((6,), 1.5, dtype=torch.float64))
     torch.testing.assert_close(mixture.means[0], torch.tensor([1.5, 0.0], dtype=torch.float64))
     angles = torch.atan2(mixture.means[:, 1], mixture.means[:, 0]).remainder(2 * math.pi)
     torch.testing.assert_close(angles, 2 * math.pi * torch.arange(6, dtype=torch.float64) / 6)
@@ -59,7 +60,8 @@ def test_ring_seed_rotates_reproducibly():
     plain, seeded, again = (GaussianMixture2D.ring(seed=s) for s in (None, 3, 3))
     torch.testing.assert_close(seeded.means, again.means)
     assert not torch.allclose(seeded.means, plain.means)
-    torch.testing.assert_close(torch.linalg.vector_norm(seeded.means, dim=1), torch.full((8,), 2.0, dtype=torch.float64))
+    radii = torch.linalg.vector_norm(seeded.means, dim=1)
+    torch.testing.assert_close(radii, torch.full((8,), 2.0, dtype=torch.float64))
 
 
 def test_grid_layout():
@@ -178,7 +180,8 @@ def test_responsibilities_are_a_posterior():
     assert responsibilities.shape == (11, 3)
     torch.testing.assert_close(responsibilities.sum(1), torch.ones(11, dtype=torch.float64))
     # Far noise: the data tells nothing, the posterior is the prior.
-    torch.testing.assert_close(mixture.responsibilities(_points(4), 1e4), mixture.weights.expand(4, 3), atol=1e-6, rtol=0)
+    prior = mixture.weights.expand(4, 3)
+    torch.testing.assert_close(mixture.responsibilities(_points(4), 1e4), prior, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

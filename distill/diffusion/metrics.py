@@ -44,7 +44,8 @@ def _points(name: str, value: object, *, min_rows: int = 1, width: int | None = 
     """`value` is a floating [N, D] Tensor with N >= min_rows (and D == width); returned in float64."""
     expected = f"[N, {width}]" if width else "[N, D]"
     if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
-        got = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        got = (f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+               else type(value).__name__)
         raise ValueError(f"{name} must be a floating point {expected} tensor (one row per sample), got {got}")
     if width is not None and value.shape[1] != width:
         raise ValueError(f"{name} has shape {tuple(value.shape)}: expected {expected}")
@@ -109,7 +110,8 @@ def mode_stats(x: Tensor, mixture: GaussianMixture2D, *, radius_stds: float = 3.
     radius = _positive("radius_stds", radius_stds) * mixture.std
     coverage_share = _positive("coverage_share", coverage_share)
     if coverage_share > 1:
-        raise ValueError(f"coverage_share must be in (0, 1], a share of each mode's expected count, got {coverage_share}")
+        raise ValueError(f"coverage_share must be in (0, 1], a share of each mode's expected count, "
+                         f"got {coverage_share}")
     num_samples, weights = points.shape[0], mixture.weights
     nearest_distance, nearest_mode = _distances(points, mixture.means).min(dim=1)
     near = nearest_distance <= radius

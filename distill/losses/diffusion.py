@@ -19,10 +19,11 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "DIFFUSION_FORMULAS", "DIFFUSION_OBJECTIVES", "DIFFUSION_PAPERS", "FDIVERGENCES",
+    "CONSISTENCY_KINDS", "DIFFUSION_FORMULAS", "DIFFUSION_OBJECTIVES", "DIFFUSION_PAPERS", "FDIVERGENCES",
     "consistency_loss", "consistency_parametrization", "dmd_generator_loss", "edm_denoise", "edm_denoising_loss",
     "edm_preconditioning", "f_divergence_weight", "flow_matching_loss", "flow_to_edm",
     "progressive_distillation_target", "velocity_to_denoised",
@@ -80,11 +81,11 @@ def _squared_norms(difference: Tensor) -> Tensor:
     return difference.reshape(difference.shape[0], -1).square().sum(dim=1)
 
 
-def _check_positive(name: str, value: float | Tensor, *, allow_zero: bool = False) -> None:
+def _check_positive(name: str, value: float | Tensor) -> None:
     values = torch.as_tensor(value)
-    ok = (values >= 0) if allow_zero else (values > 0)
-    if not bool(ok.all()) or not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
+        got = value if values.numel() == 1 else f"values from {values.min().item():g} to {values.max().item():g}"
+        raise ValueError(f"{name} must be finite and > 0, got {got}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,9 +125,10 @@ def edm_denoise(network: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: f
 
 
 def edm_denoising_loss(denoised: Tensor, x0: Tensor, sigma: float | Tensor, sigma_data: float = 0.5) -> Tensor:
-    """EDM denoising loss: mean_n lambda(sigma_n) ||D_n - x0_n||^2, lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    """EDM denoising loss: mean_n lambda(sigma_n) ||D_n - x0_n||^2.
 
-    denoised = D(x0 + sigma eps, sigma); lambda = 1 / c_out^2, so with edm_denoise this is the unit-weight
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2, and
+    denoised = D(x0 + sigma eps, sigma); so with edm_denoise this is the unit-weight
     loss ||F - (x0 - c_skip x) / c_out||^2 on the raw network. Sampling sigma (EDM: ln sigma ~
     N(-1.2, 1.2^2)) is the caller's. Source: Karras et al. 2022, eq. 2 and Table 1. NVlabs/edm sums over
     elements then divides by the batch, as here; DMD2's fake-score loss takes the element mean (/ d).
@@ -182,22 +184,26 @@ def flow_to_edm(x_t: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
 # f-divergence weights (f-distill) and the DMD generator loss
 # ---------------------------------------------------------------------------------------------
 
-# name -> (f, h): D_f(p_data || p_gen) = E_{p_gen}[f(r)] with r = p_data / p_gen, f convex, f(1) = 0;
-# h = f''(r) r^2 is the weight of the score difference in the generator gradient, written as a function
-# of log r (stable where r over/underflows). Scale factors of h are kept as f gives them (FastGen drops
-# some, e.g. sqrt(r) for squared Hellinger); they cancel under the batch-mean normalisation.
+# name -> (f, log_h): D_f(p_data || p_gen) = E_{p_gen}[f(r)] with r = p_data / p_gen, f convex, f(1) = 0;
+# h(r) = f''(r) r^2 weighs the score difference in the generator gradient. h is stored as log h, a function
+# of log r: exact where r or h over/underflow (forward KL at log r = 800), and the batch normalisation
+# becomes a softmax. Constant factors of h are kept as f gives them (FastGen drops some, e.g. h = sqrt(r)
+# for squared Hellinger); they cancel under the batch-mean normalisation.
 FDIVERGENCES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    # KL(p_gen || p_data), mode seeking: plain DMD / VSD.
-    "reverse_kl": (lambda r: -torch.log(r), lambda log_r: torch.ones_like(log_r)),
-    # KL(p_data || p_gen), mode covering.
-    "forward_kl": (lambda r: r * torch.log(r), lambda log_r: torch.exp(log_r)),
-    # 2 JS(p_data, p_gen) (no 1/2 factor, as FastGen): h = r / (1 + r), bounded.
-    "js": (lambda r: r * torch.log(r) - (1 + r) * torch.log((1 + r) / 2), lambda log_r: torch.sigmoid(log_r)),
-    "squared_hellinger": (lambda r: (torch.sqrt(r) - 1) ** 2, lambda log_r: 0.5 * torch.exp(0.5 * log_r)),
-    "jeffreys": (lambda r: (r - 1) * torch.log(r), lambda log_r: 1 + torch.exp(log_r)),
+    # KL(p_gen || p_data), mode seeking: h = 1, plain DMD / VSD.
+    "reverse_kl": (lambda r: -torch.log(r), lambda log_r: torch.zeros_like(log_r)),
+    # KL(p_data || p_gen), mode covering: h = r.
+    "forward_kl": (lambda r: r * torch.log(r), lambda log_r: log_r),
+    # 2 JS(p_data, p_gen) (without JS's 1/2, as FastGen): h = r / (1 + r), bounded.
+    "js": (lambda r: r * torch.log(r) - (1 + r) * torch.log((1 + r) / 2), lambda log_r: F.logsigmoid(log_r)),
+    # h = sqrt(r) / 2.
+    "squared_hellinger": (lambda r: (torch.sqrt(r) - 1) ** 2, lambda log_r: 0.5 * log_r - math.log(2.0)),
+    # KL(p_data || p_gen) + KL(p_gen || p_data): h = 1 + r.
+    "jeffreys": (lambda r: (r - 1) * torch.log(r), lambda log_r: F.softplus(log_r)),
     # f-distill's softened reverse KL: h = 1 / (1 + r).
-    "softened_reverse_kl": (lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda log_r: torch.sigmoid(-log_r)),
-    "neyman_chi2": (lambda r: (1 - r) ** 2 / r, lambda log_r: 2 * torch.exp(-log_r)),
+    "softened_reverse_kl": (lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda log_r: F.logsigmoid(-log_r)),
+    # h = 2 / r.
+    "neyman_chi2": (lambda r: (1 - r) ** 2 / r, lambda log_r: math.log(2.0) - log_r),
 }
 
 
@@ -212,7 +218,8 @@ def f_divergence_weight(divergence: str, log_ratio: Tensor, *, normalize: bool =
     head's outputs per example first). normalize divides by the batch mean of h, as f-distill does to keep
     the gradient scale of DMD (its second, per-noise-level EMA normalisation of r is trainer state, left to
     the caller). max_abs_log_ratio clamps |log r| first (FastGen clamps the logit at +-10); default none.
-    Computed in float64, returned in log_ratio's dtype (float32 at least).
+    Computed in float64 from log h (see FDIVERGENCES), returned in log_ratio's dtype (float32 at least);
+    unnormalised weights may overflow to inf for extreme ratios, normalised ones stay finite.
     Source: Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching".
     """
     if divergence not in FDIVERGENCES:
@@ -223,10 +230,11 @@ def f_divergence_weight(divergence: str, log_ratio: Tensor, *, normalize: bool =
     if max_abs_log_ratio is not None:
         _check_positive("max_abs_log_ratio", max_abs_log_ratio)
         log_r = log_r.clamp(-max_abs_log_ratio, max_abs_log_ratio)
-    weights = FDIVERGENCES[divergence][1](log_r)
-    if normalize and weights.numel() > 0:
-        weights = weights / weights.mean().clamp(min=torch.finfo(torch.float64).tiny)
-    return weights.to(_compute_dtype(log_ratio))
+    log_weights = FDIVERGENCES[divergence][1](log_r)
+    if normalize and log_weights.numel() > 0:
+        # h / mean(h) = N softmax(log h): finite whatever the spread of the ratios.
+        log_weights = log_weights - torch.logsumexp(log_weights.reshape(-1), dim=0) + math.log(log_weights.numel())
+    return log_weights.exp().to(_compute_dtype(log_ratio))
 
 
 def dmd_generator_loss(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, weight: Tensor | None = None, *,
@@ -241,8 +249,9 @@ def dmd_generator_loss(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, 
         loss = mean_n 0.5 ||x_n - sg(x_n - grad_n)||^2 = mean_n 0.5 ||grad_n||^2,
     so d loss / d x_n = grad_n / N exactly. Unnormalised, E[grad] = sigma^2 E[s_gen - s_data] at x_sigma:
     the gradient of KL(p_gen,sigma || p_data,sigma) times sigma^2 (see the tests).
-    Source: Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation" (eq. 7-8);
-    DMD2 (Yin et al. 2024b) and FastGen use the same grad with F.mse_loss's element mean (/ (N d)).
+    Source: Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation";
+    DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis") and
+    FastGen use the same grad with F.mse_loss's element mean over all N d elements.
     """
     _check_same_shape(x=x, real_denoised=real_denoised, fake_denoised=fake_denoised)
     dtype = _compute_dtype(x, real_denoised, fake_denoised)
@@ -377,5 +386,6 @@ DIFFUSION_PAPERS: dict[str, str] = {
     "dmd_generator": "Yin et al. 2024, One-step Diffusion with Distribution Matching Distillation (DMD; DMD2)",
     "consistency": "Song et al. 2023, Consistency Models; Song & Dhariwal 2023, Improved Techniques for Training CMs",
     "f_divergence_weight": "Xu, Nie & Vahdat 2025, One-step Diffusion Models with f-Divergence Distribution Matching",
-    "progressive_distillation_target": "Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models",
+    "progressive_distillation_target": ("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of "
+                                        "Diffusion Models"),
 }

@@ -1,0 +1,350 @@
+"""Few-step and one-step students of a many-step diffusion teacher (all in EDM's sigma convention,
+distill/diffusion/sampler.py). Every trainer reads top to bottom and takes the data as a sampler
+`sample_data(n, generator) -> x0 [n, ...]`; the teacher is any denoiser `D(x, sigma)` (a trained network,
+or gmm2d's exact one).
+
+- `train_denoiser`: the teacher itself, EDM denoising loss with log-normal sigma (Karras et al. 2022).
+- `train_dmd`: one-step generator G(z) = D_G(sigma_max z, sigma_max), started from the teacher. Per
+  generator update, `fake_updates` updates of a fake denoiser on the generator's own samples (two
+  time-scale, DMD2); the generator gradient is the difference of the fake and real (teacher) denoisers
+  at noised generator samples, weighted per sample by an f-divergence weight h(r) whose density ratio
+  r = p_data / p_gen comes from a discriminator trained on noised data vs noised generator samples
+  (f-distill; reverse KL = plain DMD, h = 1); optional regression on teacher ODE pairs (DMD) and a
+  non-saturating GAN term (DMD2).
+- `train_consistency`: consistency distillation (Song et al. 2023): the student at sigma_{n+1} matches the
+  EMA target at the teacher's one ODE step down to sigma_n.
+- `train_progressive`: progressive distillation (Salimans & Ho 2022): each round, one student step does
+  what two steps of the previous round's model did; the step count halves every round.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill.diffusion.sampler import karras_sigmas, ode_step, sample_ode  # noqa: F401 (karras_sigmas: re-export)
+from distill.losses.diffusion import (consistency_loss, consistency_parametrization, dmd_generator_loss,
+                                      edm_denoising_loss, edm_preconditioning, f_divergence_weight,
+                                      progressive_distillation_target)
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sampler = Callable[[int, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class Schedule:
+    """The noise range every model shares (EDM defaults scaled to the data)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """Karras et al.'s schedule of `steps` steps, ending at 0, in float32 (the models' dtype)."""
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho).float()
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def _per_example(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _log_uniform_sigma(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand(n, generator=generator))
+
+
+@dataclass
+class Log:
+    """Losses every `every` steps, as dicts (the caller writes them to losses.jsonl)."""
+
+    phase: str
+    every: int = 50
+    records: list[dict] = field(default_factory=list)
+    sink: Callable[[dict], None] | None = None
+
+    def __call__(self, step: int, total: int, **values) -> None:
+        if step % self.every == 0 or step == total:
+            record = {"phase": self.phase, "step": step, **{k: float(v) for k, v in values.items()}}
+            self.records.append(record)
+            if self.sink is not None:
+                self.sink(record)
+
+
+def _bar(total: int, phase: str):
+    return tqdm(total=total, desc=phase, dynamic_ncols=True, leave=False, mininterval=1.0)
+
+
+# ---- the teacher --------------------------------------------------------------------------------
+
+def train_denoiser(model: nn.Module, sample_data: Sampler, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
+                   p_mean: float = -1.2, p_std: float = 1.2, seed: int = 0, log: Log | None = None) -> nn.Module:
+    """EDM training: ln sigma ~ N(p_mean, p_std^2), loss lambda(sigma) ||D(x0 + sigma eps, sigma) - x0||^2."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    model.train()
+    bar = _bar(steps, "teacher")
+    for step in range(1, steps + 1):
+        x0 = sample_data(batch_size, generator)
+        sigma = torch.exp(p_mean + p_std * torch.randn(batch_size, generator=generator))
+        noised = x0 + _per_example(sigma, x0) * _noise_like(x0, generator)
+        loss = edm_denoising_loss(model(noised, sigma), x0, sigma, model.sigma_data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.update(1)
+        if log is not None:
+            log(step, steps, loss=loss.detach())
+    bar.close()
+    return model.eval()
+
+
+# ---- DMD: one-step generator by distribution matching ----------------------------------------------
+
+class Discriminator(nn.Module):
+    """logit(x_sigma, sigma) ~ log p_data,sigma(x) / p_gen,sigma(x): a small MLP on flattened inputs with the
+    noise level as an extra input (enough for 2-D mixtures and 8x8 digits)."""
+
+    def __init__(self, data_shape: tuple[int, ...], sigma_data: float, hidden: int = 128):
+        super().__init__()
+        self.sigma_data = sigma_data
+        width = math.prod(data_shape)
+        self.net = nn.Sequential(nn.Linear(width + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        flat = x.flatten(1) * c_in[:, None]
+        return self.net(torch.cat([flat, c_noise[:, None].to(flat.dtype)], dim=1)).squeeze(1)
+
+
+def one_step(generator_model: Denoiser, z: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """A one-step generator's sample: its denoiser at sigma_max on z * sigma_max (z unit Gaussian)."""
+    return generator_model(z * sigma_max, torch.full((z.shape[0],), sigma_max))
+
+
+@dataclass
+class DMDSpec:
+    divergence: str = "reverse_kl"  # f-divergence weighting of the generator gradient (reverse_kl: plain DMD)
+    steps: int = 2000  # generator updates
+    batch_size: int = 128
+    lr: float = 5e-4
+    fake_lr: float = 5e-4
+    fake_updates: int = 5  # fake-denoiser (and discriminator) updates per generator update
+    sigma_low: float = 0.02  # generator-loss noise levels: log-uniform in [sigma_low, sigma_high]
+    sigma_high: float = 10.0
+    regression_weight: float = 0.0  # DMD: ||G(z) - teacher ODE(z)||^2 on fixed pairs
+    regression_pairs: int = 512
+    teacher_steps: int = 32  # Heun steps of the teacher ODE for the regression pairs
+    gan_weight: float = 0.0  # DMD2: non-saturating GAN term through the discriminator
+    seed: int = 0
+
+
+def train_dmd(teacher: Denoiser, generator_model: nn.Module, sample_data: Sampler, spec: DMDSpec, schedule: Schedule,
+              *, log: Log | None = None) -> nn.Module:
+    """Distribution matching distillation into a one-step generator; returns it (eval mode)."""
+    rng = torch.Generator().manual_seed(spec.seed)
+    probe = sample_data(2, rng)
+    data_shape = tuple(probe.shape[1:])
+    fake = copy.deepcopy(generator_model).train()
+    discriminator = Discriminator(data_shape, generator_model.sigma_data)
+    needs_ratio = spec.divergence != "reverse_kl" or spec.gan_weight > 0
+    g_optimizer = torch.optim.Adam(generator_model.parameters(), lr=spec.lr, betas=(0.0, 0.99))
+    f_optimizer = torch.optim.Adam(fake.parameters(), lr=spec.fake_lr, betas=(0.0, 0.99))
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=spec.fake_lr, betas=(0.0, 0.99))
+    pairs = None
+    if spec.regression_weight > 0:  # (z, teacher ODE(z)) once, as in DMD
+        z = torch.randn((spec.regression_pairs, *data_shape), generator=rng)
+        with torch.no_grad():
+            pairs = (z, sample_ode(teacher, z, schedule.sigmas(spec.teacher_steps), "heun"))
+    generator_model.train()
+    bar = _bar(spec.steps, f"dmd {spec.divergence}")
+    for step in range(1, spec.steps + 1):
+        started = time.perf_counter()
+        for _ in range(spec.fake_updates):  # the fake score follows the generator (two time-scale)
+            with torch.no_grad():
+                x = one_step(generator_model, torch.randn((spec.batch_size, *data_shape), generator=rng),
+                             schedule.sigma_max)
+            sigma = _log_uniform_sigma(spec.batch_size, schedule.sigma_min * 10, spec.sigma_high, rng)
+            noised = x + _per_example(sigma, x) * _noise_like(x, rng)
+            fake_loss = edm_denoising_loss(fake(noised, sigma), x, sigma, fake.sigma_data)
+            f_optimizer.zero_grad(set_to_none=True)
+            fake_loss.backward()
+            f_optimizer.step()
+            if needs_ratio:  # logistic regression, data = 1, generator = 0: logit -> log p_data / p_gen
+                real = sample_data(spec.batch_size, rng)
+                real_noised = real + _per_example(sigma, real) * _noise_like(real, rng)
+                d_loss = (F.softplus(-discriminator(real_noised, sigma)).mean()
+                          + F.softplus(discriminator(noised, sigma)).mean())
+                d_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_optimizer.step()
+        z = torch.randn((spec.batch_size, *data_shape), generator=rng)
+        x = one_step(generator_model, z, schedule.sigma_max)
+        sigma = _log_uniform_sigma(spec.batch_size, spec.sigma_low, spec.sigma_high, rng)
+        noised = x + _per_example(sigma, x) * _noise_like(x, rng)
+        with torch.no_grad():
+            real_denoised, fake_denoised = teacher(noised, sigma), fake(noised, sigma)
+        weight, values = None, {}
+        if spec.divergence != "reverse_kl":
+            with torch.no_grad():
+                log_ratio = discriminator(noised, sigma)
+            weight = f_divergence_weight(spec.divergence, log_ratio, max_abs_log_ratio=10.0)
+            values["weight_max"] = weight.max()
+        loss = dmd_generator_loss(x, real_denoised, fake_denoised, weight)
+        values["dmd"] = loss.detach()
+        if pairs is not None:
+            index = torch.randint(0, pairs[0].shape[0], (spec.batch_size,), generator=rng)
+            regression = F.mse_loss(one_step(generator_model, pairs[0][index], schedule.sigma_max), pairs[1][index])
+            loss = loss + spec.regression_weight * regression
+            values["regression"] = regression.detach()
+        if spec.gan_weight > 0:
+            gan = F.softplus(-discriminator(noised, sigma)).mean()  # non-saturating: fool the discriminator
+            loss = loss + spec.gan_weight * gan
+            values["gan"] = gan.detach()
+        g_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        g_optimizer.step()
+        bar.update(1)
+        if log is not None:
+            log(step, spec.steps, loss=loss.detach(), fake=fake_loss.detach(), **values,
+                step_seconds=time.perf_counter() - started)
+    bar.close()
+    return generator_model.eval()
+
+
+# ---- consistency distillation ---------------------------------------------------------------------
+
+class ConsistencyModel(nn.Module):
+    """f(x, sigma) = c_skip_cm(sigma) x + c_out_cm(sigma) F(c_in x, c_noise), F the raw network of an EDM
+    denoiser: started from the teacher it is close to the teacher's denoiser, and f(x, sigma_min) = x exactly."""
+
+    def __init__(self, denoiser: nn.Module, sigma_min: float):
+        super().__init__()
+        self.denoiser, self.sigma_min, self.sigma_data = denoiser, sigma_min, denoiser.sigma_data
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = self.denoiser._sigma(x, sigma)
+        c_skip, c_out = consistency_parametrization(sigma, self.sigma_min, self.sigma_data)
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
+        raw = self.denoiser.network(x * _per_example(c_in, x).to(x.dtype), c_noise)
+        return _per_example(c_skip, x).to(x.dtype) * x + _per_example(c_out, x).to(x.dtype) * raw
+
+
+@torch.no_grad()
+def consistency_sample(model: Denoiser, z: torch.Tensor, steps: int, schedule: Schedule,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): x = f(sigma_0 z, sigma_0), then `steps - 1`
+    times re-noise to the next level (variance sigma^2 - sigma_min^2) and map back with f. The levels are the
+    first `steps` of a Karras schedule of `steps + 1` steps: sigma_max and levels strictly above sigma_min."""
+    levels = schedule.sigmas(steps + 1)[:steps].tolist()
+    x = model(z * levels[0], torch.full((z.shape[0],), levels[0]))
+    for sigma in levels[1:]:
+        noised = x + math.sqrt(sigma ** 2 - schedule.sigma_min ** 2) * _noise_like(x, generator)
+        x = model(noised, torch.full((z.shape[0],), sigma))
+    return x
+
+
+@dataclass
+class ConsistencySpec:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-4
+    discretization: int = 18  # N: the teacher's grid of Karras sigmas
+    ema_decay: float = 0.95  # target network (consistency distillation's mu)
+    loss: str = "l2"  # l2 | pseudo_huber
+    ode_method: str = "heun"  # the teacher's one step
+    seed: int = 0
+
+
+def train_consistency(teacher: Denoiser, student: ConsistencyModel, sample_data: Sampler, spec: ConsistencySpec,
+                      schedule: Schedule, *, log: Log | None = None) -> ConsistencyModel:
+    """Consistency distillation; returns the student (eval mode)."""
+    rng = torch.Generator().manual_seed(spec.seed)
+    grid = schedule.sigmas(spec.discretization)[:-1].flip(0)
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=spec.lr)
+    student.train()
+    bar = _bar(spec.steps, "consistency")
+    for step in range(1, spec.steps + 1):
+        x0 = sample_data(spec.batch_size, rng)
+        index = torch.randint(0, len(grid) - 1, (spec.batch_size,), generator=rng)
+        sigma_low, sigma_high = grid[index], grid[index + 1]  # grid ascends: sigma_min ... sigma_max
+        noised = x0 + _per_example(sigma_high, x0) * _noise_like(x0, rng)
+        with torch.no_grad():
+            stepped = ode_step(teacher, noised, sigma_high, sigma_low, spec.ode_method)
+            target_output = target(stepped, sigma_low)
+        loss = consistency_loss(student(noised, sigma_high), target_output, spec.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # target <- EMA of the student
+            for target_value, value in zip(target.parameters(), student.parameters()):
+                target_value.mul_(spec.ema_decay).add_(value, alpha=1 - spec.ema_decay)
+        bar.update(1)
+        if log is not None:
+            log(step, spec.steps, loss=loss.detach())
+    bar.close()
+    return student.eval()
+
+
+# ---- progressive distillation ---------------------------------------------------------------------
+
+@dataclass
+class ProgressiveSpec:
+    start_steps: int = 64  # the teacher's DDIM step count; each round halves it
+    final_steps: int = 1
+    steps_per_round: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-4
+    seed: int = 0
+
+
+def train_progressive(teacher: nn.Module, sample_data: Sampler, spec: ProgressiveSpec, schedule: Schedule,
+                      *, log: Log | None = None, keep: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Progressive distillation from `start_steps` DDIM steps down to `final_steps`; returns the last student.
+    `keep(step_count, model)` is called after every round (e.g. to evaluate the 4- and 2-step students)."""
+    if spec.start_steps & (spec.start_steps - 1) or spec.final_steps < 1 or spec.start_steps % spec.final_steps:
+        raise ValueError(f"start_steps ({spec.start_steps}) must be a power of two and a multiple of final_steps "
+                         f"({spec.final_steps})")
+    rng = torch.Generator().manual_seed(spec.seed)
+    current_teacher, student_steps = teacher, spec.start_steps // 2
+    student = copy.deepcopy(teacher)
+    while student_steps >= spec.final_steps:
+        teacher_grid = schedule.sigmas(2 * student_steps)
+        student = copy.deepcopy(current_teacher).train().requires_grad_(True)
+        optimizer = torch.optim.Adam(student.parameters(), lr=spec.lr)
+        bar = _bar(spec.steps_per_round, f"progressive {2 * student_steps}->{student_steps}")
+        for step in range(1, spec.steps_per_round + 1):
+            x0 = sample_data(spec.batch_size, rng)
+            index = 2 * torch.randint(0, student_steps, (spec.batch_size,), generator=rng)
+            sigma_t, sigma_mid, sigma_s = teacher_grid[index], teacher_grid[index + 1], teacher_grid[index + 2]
+            x_t = x0 + _per_example(sigma_t, x0) * _noise_like(x0, rng)
+            with torch.no_grad():
+                x_mid = ode_step(current_teacher, x_t, sigma_t, sigma_mid, "ddim")
+                x_s = ode_step(current_teacher, x_mid, sigma_mid, sigma_s, "ddim")
+                target = progressive_distillation_target(x_t, sigma_t, sigma_s, x_s)
+            loss = edm_denoising_loss(student(x_t, sigma_t), target, sigma_t, student.sigma_data)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            if log is not None:
+                log(step, spec.steps_per_round, loss=loss.detach(), student_steps=student_steps)
+        bar.close()
+        student.eval().requires_grad_(False)
+        if keep is not None:
+            keep(student_steps, student)
+        current_teacher, student_steps = student, student_steps // 2
+    return student
