@@ -22,6 +22,9 @@ def run(recipe, overrides=(), *, resume: bool = False, overwrite: bool = False):
     if recipe.task == "classifier":  # no transformers import on this path
         from distill.classifier.run import run_classifier
         return run_classifier(recipe, resume=resume, overwrite=overwrite)
+    if recipe.task == "diffusion":
+        from distill.diffusion.run import run_diffusion
+        return run_diffusion(recipe, resume=resume, overwrite=overwrite)
     from distill.pipeline import run as run_lm
     return run_lm(recipe, resume=resume, overwrite=overwrite)
 

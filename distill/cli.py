@@ -28,7 +28,12 @@ SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
 def _print_result(result) -> None:
     from distill.report import best_line, footnote, table_rows, verdict_line
 
-    header, body = table_rows(result.rows, result.primary_metric)
+    if result.extras.get("recipe", {}).get("task") == "diffusion":
+        from distill.diffusion.run import _table
+
+        header, body = _table(result.rows)
+    else:
+        header, body = table_rows(result.rows, result.primary_metric)
     table = Table(title=f"distill: {result.run_dir}")
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -115,6 +120,8 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
                           out: str = typer.Option(..., "--out", help="Directory for the trained teacher."),
                           steps: int = typer.Option(3000),
                           epochs: float = typer.Option(15, help="Image tasks (digits, mnist5k): CNN epochs."),
+                          diffusion: bool = typer.Option(False, "--diffusion", help="builtin:digits: train the "
+                                                         "diffusion teacher (a denoiser), not the classifier."),
                           batch_size: int = typer.Option(32, "--batch-size"),
                           lr: float = typer.Option(2e-3), train_size: int = typer.Option(50000, "--train-size"),
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
@@ -123,10 +130,17 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
     """Train a built-in task's teacher with the same trainer (plain cross-entropy)."""
     if not task.startswith("builtin:"):
         raise DistillError(f"`{task}` is not a built-in task", field="TASK",
-                           fix="use builtin:oracle, builtin:arithmetic, builtin:digits or builtin:mnist5k")
+                           fix="use builtin:oracle, arithmetic, digits, mnist5k or gmm2d")
     from distill.tasks.images import IMAGE_TASKS
 
-    if task.removeprefix("builtin:") in IMAGE_TASKS:  # a CNN trained on labels for --epochs
+    name = task.removeprefix("builtin:")
+    if name == "gmm2d" or (diffusion and name == "digits"):  # an EDM denoiser, --steps updates
+        from distill.diffusion.teacher import train_diffusion_teacher
+
+        console.print_json(json.dumps(train_diffusion_teacher(name, out, steps=steps, seed=seed, threads=threads or 1,
+                                                              overwrite=overwrite)))
+        return
+    if name in IMAGE_TASKS:  # a CNN trained on labels for --epochs
         from distill.classifier.teacher import train_image_teacher
 
         metrics = train_image_teacher(task.removeprefix("builtin:"), out, epochs=epochs, seed=seed,

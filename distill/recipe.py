@@ -267,9 +267,6 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _task_available(self) -> "Recipe":
-        if self.task == "diffusion":
-            raise _FieldValueError("task", "task `diffusion` is planned but not available in this version; "
-                                           "use `lm` or `classifier`")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
@@ -362,6 +359,10 @@ def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         from distill.classifier.recipe import ClassifierRecipe
 
         model = ClassifierRecipe
+    elif data.get("task") == "diffusion":
+        from distill.diffusion.recipe import DiffusionRecipe
+
+        model = DiffusionRecipe
     try:
         return model.model_validate(data)
     except ValidationError as error:

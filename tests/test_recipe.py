@@ -66,7 +66,7 @@ MALFORMED = [
     ("no-loss-weight", _edit("objective", {"kd_weight": 0, "ce_weight": 0}), [],
      ["objective", "kd_weight", "ce_weight"]),
     ("regime-unknown", _edit("regime", {"kind": "ppo"}), [], ["regime.kind", "on_policy"]),
-    ("task-diffusion", {**BASE, "task": "diffusion"}, [], ["task", "not available"]),
+    ("diffusion-lm-sections", {**BASE, "task": "diffusion"}, [], ["student.method", "data.builtin", "gmm2d"]),
     ("classifier-lm-sections", {**BASE, "task": "classifier"}, [], ["student.config", "unknown key", "data.builtin", "mnist5k"]),
     ("warmup-not-below-steps", _edit("train.warmup_steps", 4), [], ["train.warmup_steps", "below steps"]),
     ("too-long-literal", _edit("data.too_long", "cut"), [], ["data.too_long", "'cut'"]),

@@ -311,19 +311,22 @@ class ProgressiveSpec:
     seed: int = 0
 
 
-def train_progressive(teacher: nn.Module, sample_data: Sampler, spec: ProgressiveSpec, schedule: Schedule,
-                      *, log: Log | None = None, keep: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+def train_progressive(teacher: Denoiser, sample_data: Sampler, spec: ProgressiveSpec, schedule: Schedule,
+                      *, student: nn.Module | None = None, log: Log | None = None,
+                      keep: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Progressive distillation from `start_steps` DDIM steps down to `final_steps`; returns the last student.
-    `keep(step_count, model)` is called after every round (e.g. to evaluate the 4- and 2-step students)."""
+    The first round's student starts from `student` (default: a copy of the teacher network), later rounds
+    from the previous round's student. `keep(step_count, model)` is called after every round (e.g. to
+    evaluate the 4- and 2-step students)."""
     if spec.start_steps & (spec.start_steps - 1) or spec.final_steps < 1 or spec.start_steps % spec.final_steps:
         raise ValueError(f"start_steps ({spec.start_steps}) must be a power of two and a multiple of final_steps "
                          f"({spec.final_steps})")
     rng = torch.Generator().manual_seed(spec.seed)
     current_teacher, student_steps = teacher, spec.start_steps // 2
-    student = copy.deepcopy(teacher)
+    start = student if student is not None else teacher
     while student_steps >= spec.final_steps:
         teacher_grid = schedule.sigmas(2 * student_steps)
-        student = copy.deepcopy(current_teacher).train().requires_grad_(True)
+        student = copy.deepcopy(start).train().requires_grad_(True)
         optimizer = torch.optim.Adam(student.parameters(), lr=spec.lr)
         bar = _bar(spec.steps_per_round, f"progressive {2 * student_steps}->{student_steps}")
         for step in range(1, spec.steps_per_round + 1):
@@ -346,5 +349,5 @@ def train_progressive(teacher: nn.Module, sample_data: Sampler, spec: Progressiv
         student.eval().requires_grad_(False)
         if keep is not None:
             keep(student_steps, student)
-        current_teacher, student_steps = student, student_steps // 2
+        current_teacher, start, student_steps = student, student, student_steps // 2
     return student

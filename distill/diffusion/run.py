@@ -1,0 +1,187 @@
+"""Diffusion runs (`distill run` with `task: diffusion`): the teacher scored at every step count, the
+student trained by its method and scored at its step counts, and the data-vs-data noise floor, on the
+same metrics; results.json, report.md / report.html with sample plots, the student in `student/`."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distill.diffusion.data import diffusion_task
+from distill.diffusion.models import build_denoiser, load_denoiser, save_denoiser
+from distill.diffusion.recipe import DiffusionRecipe
+from distill.diffusion.sampler import sample_ode
+from distill.errors import DistillError
+from distill.train.diffusion import (ConsistencyModel, ConsistencySpec, DMDSpec, Log, ProgressiveSpec, Schedule,
+                                     consistency_sample, one_step, train_consistency, train_dmd, train_progressive)
+
+
+def _teacher(recipe: DiffusionRecipe, task):
+    """(teacher denoiser, a network to start students from)."""
+    if recipe.teacher.analytic:
+        mixture = task.mixture
+
+        def exact(x, sigma):
+            return mixture.denoiser(x, sigma).to(x.dtype)
+        network = build_denoiser("mlp", task.data_shape, task.sigma_data, seed=recipe.train.seed)
+        return exact, network
+    model, config = load_denoiser(recipe.teacher.path, "teacher.path")
+    if tuple(config["data_shape"]) != tuple(task.data_shape):
+        raise DistillError(f"the teacher denoises data of shape {tuple(config['data_shape'])} but {recipe.data.builtin} "
+                           f"is {tuple(task.data_shape)}", field="teacher.path",
+                           fix="use a teacher trained on this task (`distill train-teacher builtin:<task>`)")
+    if config.get("task") not in (None, recipe.data.builtin):
+        raise DistillError(f"the teacher was trained on `{config['task']}`, the data is `{recipe.data.builtin}`",
+                           field="teacher.path", fix="use a teacher trained on this task")
+    if config.get("mixture") and recipe.data.builtin == "gmm2d":
+        wanted = {k: getattr(recipe.data, k) for k in ("modes", "imbalance", "radius", "std")}
+        if {k: config["mixture"][k] for k in wanted} != wanted:
+            raise DistillError(f"the teacher was trained on the mixture {config['mixture']}, the recipe asks for "
+                               f"{wanted}", field="data", fix="match data.modes / imbalance / radius / std to the teacher")
+    return model.requires_grad_(False), model
+
+
+def run_diffusion(recipe: DiffusionRecipe, *, resume: bool = False, overwrite: bool = False):
+    from distill.rundir import RunResult, prepare_output_dir
+
+    if resume:
+        raise DistillError("diffusion runs do not resume", field="--resume", fix="run again with --overwrite")
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    started = time.perf_counter()
+    run_dir = recipe.output_dir
+    prepare_output_dir(run_dir, resume=False, overwrite=overwrite, is_main=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    task = diffusion_task(recipe.data.builtin, modes=recipe.data.modes, imbalance=recipe.data.imbalance,
+                          radius=recipe.data.radius, std=recipe.data.std, eval_samples=recipe.eval.samples,
+                          seed=recipe.data.seed)
+    teacher, network = _teacher(recipe, task)
+    schedule = Schedule(recipe.train.sigma_min, recipe.train.sigma_max)
+    z = torch.randn((recipe.eval.samples, *task.data_shape), generator=torch.Generator().manual_seed(recipe.data.seed))
+    rows, samples = {}, {}
+
+    def score(name: str, x: torch.Tensor, seconds: float, evaluations: int) -> None:
+        rows[name] = {**task.evaluate(x), "function_evaluations": evaluations, "sample_seconds": seconds}
+        samples[name] = x
+
+    for steps in recipe.eval.teacher_steps:
+        clock = time.perf_counter()
+        with torch.no_grad():
+            x = sample_ode(teacher, z, schedule.sigmas(steps), recipe.eval.sampler)
+        evaluations = steps if recipe.eval.sampler != "heun" else 2 * steps - 1
+        score(f"teacher {recipe.eval.sampler} {steps}", x, time.perf_counter() - clock, evaluations)
+    losses = run_dir / "losses.jsonl"
+
+    def write(record: dict) -> None:
+        with open(losses, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    log = Log("student", every=recipe.train.log_every, sink=write)
+    train, objective, method = recipe.train, recipe.objective, recipe.student.method
+    train_started = time.perf_counter()
+    if method == "dmd":
+        student = train_dmd(teacher, network.requires_grad_(True), task.sample, DMDSpec(
+            divergence=objective.divergence, steps=train.steps, batch_size=train.batch_size, lr=train.lr,
+            fake_lr=train.fake_lr, fake_updates=objective.fake_updates, regression_weight=objective.regression_weight,
+            gan_weight=objective.gan_weight, seed=train.seed), schedule, log=log)
+        clock = time.perf_counter()
+        with torch.no_grad():
+            x = one_step(student, z, schedule.sigma_max)
+        score("student dmd 1", x, time.perf_counter() - clock, 1)
+        saved = student
+    elif method == "consistency":
+        student = train_consistency(teacher, ConsistencyModel(network.requires_grad_(True), schedule.sigma_min),
+                                    task.sample, ConsistencySpec(
+                                        steps=train.steps, batch_size=train.batch_size, lr=train.lr,
+                                        discretization=objective.discretization, ema_decay=objective.ema_decay,
+                                        loss=objective.loss, ode_method=objective.ode_method, seed=train.seed),
+                                    schedule, log=log)
+        for steps in recipe.student.eval_steps:
+            clock = time.perf_counter()
+            x = consistency_sample(student, z, steps, schedule, torch.Generator().manual_seed(recipe.data.seed + 1))
+            score(f"student consistency {steps}", x, time.perf_counter() - clock, steps)
+        saved = student.denoiser
+    else:
+        def keep(steps: int, model) -> None:
+            if steps in recipe.student.eval_steps:
+                clock = time.perf_counter()
+                with torch.no_grad():
+                    x = sample_ode(model, z, schedule.sigmas(steps), "ddim")
+                score(f"student progressive {steps}", x, time.perf_counter() - clock, steps)
+        student = train_progressive(teacher, task.sample, ProgressiveSpec(
+            start_steps=objective.start_steps, final_steps=min(recipe.student.eval_steps), steps_per_round=train.steps,
+            batch_size=train.batch_size, lr=train.lr, seed=train.seed), schedule,
+            student=network if recipe.teacher.analytic else None, log=log, keep=keep)
+        saved = student
+    train_seconds = time.perf_counter() - train_started
+    rows["data (noise floor)"] = {**task.noise_floor(), "function_evaluations": 0, "sample_seconds": 0.0}
+    save_denoiser(saved, run_dir / "student", {"task": recipe.data.builtin, "method": method,
+                                               **({"consistency_sigma_min": schedule.sigma_min}
+                                                  if method == "consistency" else {})})
+    extras = {"seconds": time.perf_counter() - started, "train_seconds": train_seconds,
+              "recipe": recipe.model_dump(mode="json"), "world_size": 1}
+    result = RunResult(run_dir, rows, task.primary_metric, False, extras)
+    write_diffusion_report(result, samples, task)
+    return result
+
+
+def _table(rows: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in dict.fromkeys(k for row in rows.values() for k in row) if not k.endswith("_std")
+            and k not in ("num_modes", "rarest_mode_weight", "num_seeds")]
+    body = [[name] + [(f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "-"))) for k in keys]
+            for name, row in rows.items()]
+    return ["model"] + keys, body
+
+
+def _plot(samples: dict[str, torch.Tensor], task, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    figure, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        x = samples[name]
+        if x.dim() == 2:
+            means = task.mixture.means
+            axis.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+            axis.scatter(means[:, 0], means[:, 1], s=12, c="red", marker="x")
+            axis.set_xlim(-3, 3)
+            axis.set_ylim(-3, 3)
+        else:
+            grid = ((x[:36].clamp(-1, 1) + 1) / 2).reshape(6, 6, *x.shape[2:]).permute(0, 2, 1, 3).reshape(6 * x.shape[2], -1)
+            axis.imshow(grid, cmap="gray_r")
+            axis.axis("off")
+        axis.set_title(name, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_diffusion_report(result, samples: dict[str, torch.Tensor], task) -> None:
+    run_dir = Path(result.run_dir)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    plot = run_dir / "plots" / "samples.png"
+    _plot(samples, task, plot)
+    header, body = _table(result.rows)
+    name = result.extras["recipe"]["name"]
+    lines = [f"# distill run `{name}` (diffusion, {task.name})", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", f"{result.extras['seconds']:.0f} s in all, {result.extras['train_seconds']:.0f} s training. "
+              f"Primary metric {result.primary_metric} (lower is better). Every model samples from the same noise.",
+              "", "![samples](plots/samples.png)"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    image = base64.b64encode(plot.read_bytes()).decode()
+    (run_dir / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {html.escape(name)}</title></head><body>"
+        f"<h1>distill run {html.escape(name)}</h1><table border=1><tr>{cells}</tr>{body_html}</table>"
+        f"<img alt='samples' src='data:image/png;base64,{image}'></body></html>\n")
+    results = {"rows": result.rows, "primary_metric": result.primary_metric, "higher_is_better": False,
+               **result.extras}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
