@@ -14,13 +14,16 @@ TINY = ["--set", "train.steps=2", "--set", "train.warmup_steps=0", "--set", "tra
         "--set", "eval.generate_size=2", "--set", "eval.throughput_tokens=2"]
 TINY_CLASSIFIER = ["--set", "train.epochs=0.5", "--set", "data.train_size=128", "--set", "data.eval_size=100",
                    "--set", "eval.every_epochs=0.25"]
+TINY_DIFFUSION = ["--set", "train.steps=4", "--set", "train.batch_size=16", "--set", "eval.samples=100",
+                  "--set", "eval.teacher_steps=[1,2]", "--set", "objective.start_steps=8"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
     out = tmp_path / "run"
-    classifier = "task: classifier" in recipe.read_text()
-    overrides = [*(TINY_CLASSIFIER if classifier else TINY), "--set", f"output={out}"]
+    text = recipe.read_text()
+    classifier, diffusion = "task: classifier" in text, "task: diffusion" in text
+    overrides = [*(TINY_CLASSIFIER if classifier else TINY_DIFFUSION if diffusion else TINY), "--set", f"output={out}"]
     if "kind: cache" in recipe.read_text():  # the teacher's top-k is cached first
         overrides += ["--set", f"regime.path={tmp_path / 'cache'}"]
         built = run_cli("cache", str(recipe), *overrides, cwd=ROOT)
@@ -28,6 +31,10 @@ def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
     result = run_cli("run", str(recipe), *overrides, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    if diffusion:  # rows: the teacher per step count, the student per step count, the noise floor
+        assert "teacher euler 2" in results["rows"] and "data (noise floor)" in results["rows"]
+        assert any(name.startswith("student") for name in results["rows"])
+        return
     if "kind: self" in recipe.read_text():  # the student's own EMA is its teacher: no teacher row
         assert list(results["rows"]) == ["alone", "distilled"]
     else:
