@@ -32,6 +32,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RunRecipe(_Strict):
+    """What every task's recipe has: a name and a run directory."""
+
+    name: str = "run"
+    output: str | None = Field(None, description="Run directory; default runs/<name>.")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
 class TeacherSpec(_Strict):
     """The model whose distribution the student learns."""
 
@@ -251,10 +265,9 @@ class EvalSpec(_Strict):
     throughput_tokens: int = Field(64, gt=0, description="New tokens per sequence when timing generation.")
 
 
-class Recipe(_Strict):
+class Recipe(RunRecipe):
     """Everything about one run. Every field has a default where one is sensible."""
 
-    name: str = "run"
     task: Literal["lm", "classifier", "diffusion"] = "lm"
     teacher: TeacherSpec
     student: StudentSpec
@@ -263,7 +276,6 @@ class Recipe(_Strict):
     regime: RegimeSpec = Field(default_factory=RegimeSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    output: str | None = Field(None, description="Run directory; default runs/<name>.")
 
     @model_validator(mode="after")
     def _task_available(self) -> "Recipe":
@@ -271,13 +283,6 @@ class Recipe(_Strict):
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
         return self
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/{self.name}")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # ---- loading, overrides, readable errors ------------------------------------------------------

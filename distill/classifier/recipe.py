@@ -15,13 +15,11 @@ YAML says `task: classifier`; same readable errors (field path + fix) as LM reci
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.recipe import _FieldValueError, _Strict
+from distill.recipe import RunRecipe, _FieldValueError, _Strict
 
 CE_TERM = "ce"
 
@@ -139,10 +137,9 @@ class ClassifierEvalSpec(_Strict):
     ece_bins: int = Field(15, gt=1, description="Confidence bins of the expected calibration error.")
 
 
-class ClassifierRecipe(_Strict):
+class ClassifierRecipe(RunRecipe):
     """Everything about one classifier run."""
 
-    name: str = "run"
     task: Literal["classifier"] = "classifier"
     teacher: ClassifierModelSpec | None = Field(None, description="The teacher (frozen regime).")
     teachers: list[ClassifierModelSpec] | None = Field(None, description="multi_teacher: two or more teachers.")
@@ -152,7 +149,6 @@ class ClassifierRecipe(_Strict):
     regime: ClassifierRegimeSpec = Field(default_factory=ClassifierRegimeSpec)
     train: ClassifierTrainSpec = Field(default_factory=ClassifierTrainSpec)
     eval: ClassifierEvalSpec = Field(default_factory=ClassifierEvalSpec)
-    output: str | None = Field(None, description="Run directory; default runs/<name>.")
 
     @model_validator(mode="after")
     def _teachers_fit_regime(self) -> "ClassifierRecipe":
@@ -168,10 +164,3 @@ class ClassifierRecipe(_Strict):
         if self.regime.peer is not None and kind != "online":
             raise _FieldValueError("regime.peer", "`peer` is for regime online")
         return self
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/{self.name}")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

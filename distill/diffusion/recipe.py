@@ -10,13 +10,11 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from distill.recipe import _FieldValueError, _Strict
+from distill.recipe import RunRecipe, _FieldValueError, _Strict
 
 
 class DiffusionTeacherSpec(_Strict):
@@ -102,8 +100,7 @@ class DiffusionEvalSpec(_Strict):
         return self
 
 
-class DiffusionRecipe(_Strict):
-    name: str = "run"
+class DiffusionRecipe(RunRecipe):
     task: Literal["diffusion"] = "diffusion"
     teacher: DiffusionTeacherSpec
     student: DiffusionStudentSpec
@@ -111,7 +108,6 @@ class DiffusionRecipe(_Strict):
     objective: DiffusionObjectiveSpec = Field(default_factory=DiffusionObjectiveSpec)
     train: DiffusionTrainSpec = Field(default_factory=DiffusionTrainSpec)
     eval: DiffusionEvalSpec = Field(default_factory=DiffusionEvalSpec)
-    output: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "DiffusionRecipe":
@@ -127,10 +123,3 @@ class DiffusionRecipe(_Strict):
         if self.train.sigma_min >= self.train.sigma_max:
             raise _FieldValueError("train.sigma_min", "sigma_min must be below sigma_max")
         return self
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/{self.name}")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

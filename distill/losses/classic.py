@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.logits import _floored
+from distill.losses.logits import compute_dtype as _compute_dtype
 
 __all__ = [
     "CLASSIC_FORMULAS", "CLASSIC_PAPERS", "CLASSIC_REGISTRY", "classic_parameters", "dkd", "dkd_warmup",
@@ -49,13 +50,6 @@ def _number(name: str, value: object, *, low: float, high: float = math.inf, low
 
 def _temperature(value: object) -> float:
     return _number("temperature", value, low=0.0, low_open=True, fix="pass a positive temperature, e.g. 1.0 or 4.0")
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor | None = None) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.losses.logits import compute_dtype as _compute_dtype
+
 __all__ = [
     "CONSISTENCY_KINDS", "DIFFUSION_FORMULAS", "DIFFUSION_OBJECTIVES", "DIFFUSION_PAPERS", "FDIVERGENCES",
     "consistency_loss", "consistency_parametrization", "dmd_generator_loss", "edm_denoise", "edm_denoising_loss",
@@ -36,12 +38,6 @@ _DMD_NORMALIZER_FLOOR = 1e-6
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing: validation, dtype, per-example levels and reduction
 # ---------------------------------------------------------------------------------------------
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _check_same_shape(**tensors: Tensor) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.losses.logits import compute_dtype as _compute_dtype
+
 __all__ = [
     "FEATURE_FORMULAS", "FEATURE_PAPERS", "FEATURE_REGISTRY", "NEEDS_EQUAL_SHAPES",
     "attention_transfer", "cka_loss", "class_means", "cosine_feature", "fitnets", "linear_cka", "nd_loss",
@@ -35,12 +37,6 @@ _NORM_EPS = 1e-12
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing: validation and compute dtype
 # ---------------------------------------------------------------------------------------------
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _check_batch(student_features: Tensor, teacher_features: Tensor, *, min_examples: int = 1) -> None:

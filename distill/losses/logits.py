@@ -56,6 +56,14 @@ def masked_mean(per_token: Tensor, mask: Tensor | None = None,
     return total / torch.as_tensor(denominator, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype losses compute in: float32 at least, promoted with every input's (float64 stays float64)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 def _check_inputs(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, temperature: float) -> None:
     if student_logits.dim() < 1 or teacher_logits.dim() < 1:
         raise ValueError("logits must have a vocabulary dimension: expected shape [..., V]")
