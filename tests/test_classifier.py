@@ -101,13 +101,16 @@ def test_bad_input_is_refused_before_training(tmp_path, write_recipe, run_cli):
     done = run_cli("run", write_recipe(wrong_hook))
     assert done.returncode == 2 and "objective.terms.0.student_layer" in done.stderr
     assert "no module `fc_1`" in done.stderr and "fc1" in done.stderr  # the closest valid names
+    assert not (tmp_path / "run" / "results.json").exists()
     no_projector = _recipe(tmp_path, objective={"terms": [{"loss": "fitnets", "student_layer": "fc1",
                                                            "teacher_layer": "fc", "projector": "none"}]})
-    done = run_cli("run", write_recipe(no_projector, "b.yaml"), "--overwrite")
-    assert done.returncode == 2 and "projector" in done.stderr and "(16,)" in done.stderr and "(128,)" in done.stderr
+    with pytest.raises(distill.DistillError, match=r"shape \(16,\) and teacher feature `fc` \(128,\)") as refused:
+        distill.run(no_projector, overwrite=True)
+    assert "objective.terms.0.projector" in str(refused.value)
     unknown = _recipe(tmp_path, objective={"terms": [{"loss": "kd", "temprature": 4}]})
-    done = run_cli("run", write_recipe(unknown, "c.yaml"), "--overwrite")
-    assert done.returncode == 2 and "objective.terms.0.temprature" in done.stderr and "temperature" in done.stderr
+    with pytest.raises(distill.DistillError, match="objective.terms.0.temprature") as refused:
+        distill.run(unknown, overwrite=True)
+    assert "temperature" in str(refused.value)
 
 
 def test_python_api_refuses_class_mismatch_and_puts_a_training_teacher_in_eval(tmp_path):

@@ -24,11 +24,11 @@ def _recipe(tmp_path, method: str, **sections) -> dict:
 
 
 @pytest.mark.parametrize("method", ["dmd", "consistency", "progressive"])
-def test_each_student_method_runs_through_the_cli(method, tmp_path, write_recipe, run_cli):
+def test_each_student_method_runs_from_a_recipe(method, tmp_path):
+    # Through the CLI: tests/test_cli.py runs recipes/gmm2d-*.yaml; here in-process, with more checks.
     extra = {"objective": {"divergence": "js", "fake_updates": 2, "gan_weight": 0.1, "regression_weight": 0.5}} \
         if method == "dmd" else {}
-    done = run_cli("run", write_recipe(_recipe(tmp_path, method, **extra)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    distill.run(_recipe(tmp_path, method, **extra))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     names = list(results["rows"])
     assert names[:2] == ["teacher euler 1", "teacher euler 8"] and names[-1] == "data (noise floor)"
@@ -66,9 +66,14 @@ def test_analytic_teacher_and_denoiser_round_trip(tmp_path):
     ({"data": {"builtin": "gmm2d", "modes": 5}}, ["data", "modes"]),
     ({"student": {"method": "dmd", "eval_steps": [2]}}, ["student.eval_steps", "one-step"]),
 ])
-def test_bad_input_is_refused_before_training(sections, words, tmp_path, write_recipe, run_cli):
-    done = run_cli("run", write_recipe(_recipe(tmp_path, "progressive", **sections)))
-    assert done.returncode == 2, done.stderr[-2000:]
+def test_bad_input_is_refused_before_training(sections, words, tmp_path):
+    with pytest.raises(distill.DistillError) as refused:
+        distill.run(_recipe(tmp_path, "progressive", **sections))
     for word in words:
-        assert word in done.stderr
+        assert word in str(refused.value)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_bad_recipe_exits_2_through_the_cli(tmp_path, write_recipe, run_cli):
+    done = run_cli("run", write_recipe(_recipe(tmp_path, "dmd", objective={"divergence": "tvd"})))
+    assert done.returncode == 2 and "objective.divergence" in done.stderr and "Traceback" not in done.stderr
