@@ -67,17 +67,21 @@ def show(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
 
 
+def print_agreement_table(table: dict[str, list[dict]]) -> None:
+    print("| arm | accuracy | ECE | agreement with teacher | KL(T‖S) |")
+    print("|---|---|---|---|---|")
+    for arm, runs in table.items():
+        print(f"| {arm} | {show([r['accuracy'] for r in runs])} | {show([r['ece'] for r in runs])} | "
+              f"{show([r['teacher_top1_agreement'] for r in runs])} | {show([r['teacher_kl'] for r in runs])} |")
+
+
 def objectives(seeds, out: Path) -> dict:
     rows = {arm: [run(recipe(arm, s, out, objective, [64], baseline=arm == "kd")) for s in seeds]
             for arm, objective in OBJECTIVES.items()}
     table = {"teacher": [r["teacher"] for r in rows["kd"]], "alone": [r["alone"] for r in rows["kd"]]}
     table.update({arm: [r["distilled"] for r in runs] for arm, runs in rows.items()})
     print(f"\nobjectives: MLP 784-64-10 student, seeds {seeds}, mean ± std")
-    print("| arm | accuracy | ECE | agreement with teacher | KL(T‖S) |")
-    print("|---|---|---|---|---|")
-    for arm, runs in table.items():
-        print(f"| {arm} | {show([r['accuracy'] for r in runs])} | {show([r['ece'] for r in runs])} | "
-              f"{show([r['teacher_top1_agreement'] for r in runs])} | {show([r['teacher_kl'] for r in runs])} |")
+    print_agreement_table(table)
     return table
 
 
@@ -140,11 +144,7 @@ def patience(seeds, out: Path) -> dict:
     rows = [run(recipe("kd-80epochs", s, out, [KD], [64], baseline=True, epochs=80)) for s in seeds]
     table = {"alone, 80 epochs": [r["alone"] for r in rows], "kd, 80 epochs": [r["distilled"] for r in rows]}
     print(f"\npatience: MLP 784-64-10, 80 epochs, seeds {seeds}, mean ± std")
-    print("| arm | accuracy | ECE | agreement with teacher | KL(T‖S) |")
-    print("|---|---|---|---|---|")
-    for arm, runs in table.items():
-        print(f"| {arm} | {show([r['accuracy'] for r in runs])} | {show([r['ece'] for r in runs])} | "
-              f"{show([r['teacher_top1_agreement'] for r in runs])} | {show([r['teacher_kl'] for r in runs])} |")
+    print_agreement_table(table)
     return table
 
 
