@@ -118,7 +118,8 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
 @app.command("train-teacher")
 def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, arithmetic, digits or mnist5k"),
                           out: str = typer.Option(..., "--out", help="Directory for the trained teacher."),
-                          steps: int = typer.Option(3000),
+                          steps: Optional[int] = typer.Option(None, help="Updates (default: oracle and arithmetic "
+                                                              "3000, gmm2d 4000, digits --diffusion 6000)."),
                           epochs: float = typer.Option(15, help="Image tasks (digits, mnist5k): CNN epochs."),
                           diffusion: bool = typer.Option(False, "--diffusion", help="builtin:digits: train the "
                                                          "diffusion teacher (a denoiser), not the classifier."),
@@ -149,7 +150,7 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
         return
     from distill.teacher.train import train_teacher
 
-    metrics = train_teacher(task, out, steps=steps, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
+    metrics = train_teacher(task, out, steps=steps or 3000, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
                             threads=threads, overwrite=overwrite, resume=resume)
     if metrics:
         console.print_json(json.dumps(metrics))

@@ -44,6 +44,24 @@ def test_each_student_method_runs_from_a_recipe(method, tmp_path):
     model, config = load_denoiser(str(tmp_path / "run" / "student"), "student")
     assert config["method"] == method and model(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
     assert (tmp_path / "run" / "plots" / "samples.png").is_file()
+    assert (tmp_path / "run" / "plots" / "quality_vs_steps.png").is_file()
+    assert "quality_vs_steps.png" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_student_starts_from_a_copy_of_the_teacher(tmp_path):
+    # Training the teacher's own module would move the real score (DMD) and the ODE (consistency) under
+    # the student: the first version did, and its consistency students diverged to 1e18.
+    from distill.diffusion.data import diffusion_task
+    from distill.diffusion.recipe import DiffusionRecipe
+    from distill.diffusion.run import _teacher
+
+    recipe = DiffusionRecipe.model_validate(_recipe(tmp_path, "consistency"))
+    teacher, start = _teacher(recipe, diffusion_task("gmm2d"))
+    teacher_tensors = {p.data_ptr() for p in teacher.parameters()}
+    assert not teacher_tensors & {p.data_ptr() for p in start.parameters()}
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for mine, theirs in zip(teacher.state_dict().values(), start.state_dict().values()):
+        assert torch.equal(mine, theirs)
 
 
 def test_analytic_teacher_and_denoiser_round_trip(tmp_path):
@@ -77,3 +95,16 @@ def test_bad_input_is_refused_before_training(sections, words, tmp_path):
 def test_bad_recipe_exits_2_through_the_cli(tmp_path, write_recipe, run_cli):
     done = run_cli("run", write_recipe(_recipe(tmp_path, "dmd", objective={"divergence": "tvd"})))
     assert done.returncode == 2 and "objective.divergence" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_schedule_levels_and_sampling_steps():
+    from distill.diffusion.sampler import karras_sigmas
+    from distill.train.diffusion import Schedule
+
+    schedule = Schedule(0.002, 40.0)
+    # Integer positions are the Karras levels consistency distillation steps between; fractions lie between.
+    levels = schedule.level(torch.arange(18, dtype=torch.float64), 18)
+    torch.testing.assert_close(levels, karras_sigmas(18, 0.002, 40.0)[:-1])
+    assert levels[8] > schedule.level(torch.tensor(8.5, dtype=torch.float64), 18) > levels[9]
+    # Every sampling step counts: 2 steps go through the Karras midpoint, not through sigma_min.
+    assert schedule.sigmas(2)[1] > 1.0 and torch.equal(schedule.sigmas(8)[::2], schedule.sigmas(4))

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from distill.diffusion.sampler import METHODS, function_evaluations, karras_sigmas, ode_step, sample_ode
+from distill.diffusion.sampler import (METHODS, few_step_sigmas, function_evaluations, karras_sigmas, ode_step,
+                                      sample_ode)
 
 torch.set_num_threads(1)
 
@@ -58,6 +59,23 @@ def test_karras_sigmas_values():
         sigmas = karras_sigmas(steps, sigma_max=10.0)
         assert sigmas.shape == (steps + 1,) and sigmas[0] == 10.0 and sigmas[-1] == 0
         assert bool((sigmas[1:] < sigmas[:-1]).all())
+
+
+def test_few_step_sigmas_count_every_step_and_nest():
+    middle = ((80.0 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
+    torch.testing.assert_close(few_step_sigmas(1), torch.tensor([80.0, 0.0], dtype=torch.float64))
+    # 2 steps: sigma_max, the Karras midpoint, 0; karras_sigmas(2) would be [80, 0.002, 0], one step in effect.
+    torch.testing.assert_close(few_step_sigmas(2), torch.tensor([80.0, middle, 0.0], dtype=torch.float64))
+    for steps in (1, 2, 4, 8, 16, 32):  # every other level of 2n steps is the n-step schedule
+        torch.testing.assert_close(few_step_sigmas(2 * steps, sigma_max=40.0)[::2], few_step_sigmas(steps, sigma_max=40.0))
+    # On a Gaussian, each doubling of Euler steps cuts the error (0.99, 0.81, 0.53, 0.30); karras_sigmas(2)
+    # is no better than one step (0.99).
+    noise = unit_noise()
+    errors = [relative_error(sample_ode(gaussian_denoiser, noise, few_step_sigmas(n), "euler"), noise) for n in (1, 2, 4, 8)]
+    assert all(later < 0.9 * earlier for earlier, later in zip(errors, errors[1:]))
+    assert relative_error(sample_ode(gaussian_denoiser, noise, karras_sigmas(2), "euler"), noise) > 0.99 * errors[0]
+    with pytest.raises(ValueError, match="steps"):
+        few_step_sigmas(0)
 
 
 @pytest.mark.parametrize("kwargs, name", [

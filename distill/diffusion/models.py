@@ -142,8 +142,10 @@ def load_denoiser(path: str, field: str) -> tuple[nn.Module, dict]:
     """(denoiser in eval mode, its denoiser.json) from a directory or `builtin:<task>-teacher`."""
     directory = ASSETS / path.removeprefix("builtin:") if path.startswith("builtin:") else Path(path).expanduser()
     if not (directory / CONFIG_FILE).is_file():
-        fix = (f"build it with `distill train-teacher {path.removesuffix('-teacher')} --out {directory}`"
-               if path.startswith("builtin:") else "point at a directory written by distill (denoiser.json)")
+        name = path.removeprefix("builtin:")
+        command = "builtin:digits --diffusion" if name == "digits-denoiser" else f"builtin:{name.removesuffix('-teacher')}"
+        fix = (f"build it with `distill train-teacher {command} --out {directory}`" if path.startswith("builtin:")
+               else "point at a directory written by distill (denoiser.json)")
         raise DistillError(f"no saved denoiser at `{path}`", field=field, fix=fix)
     config = json.loads((directory / CONFIG_FILE).read_text())
     model = build_denoiser(config["arch"], config["data_shape"], config["sigma_data"], config["options"], field=field)

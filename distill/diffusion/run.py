@@ -4,6 +4,7 @@ same metrics; results.json, report.md / report.html with sample plots, the stude
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import json
 import time
@@ -42,7 +43,9 @@ def _teacher(recipe: DiffusionRecipe, task):
         if {k: config["mixture"][k] for k in wanted} != wanted:
             raise DistillError(f"the teacher was trained on the mixture {config['mixture']}, the recipe asks for "
                                f"{wanted}", field="data", fix="match data.modes / imbalance / radius / std to the teacher")
-    return model.requires_grad_(False), model
+    # The student starts from a copy: training the teacher's own module would move the real score (DMD) and
+    # the ODE the student distils (consistency) while the student learns from them.
+    return model.requires_grad_(False), copy.deepcopy(model)
 
 
 def run_diffusion(recipe: DiffusionRecipe, *, resume: bool = False, overwrite: bool = False):
@@ -153,10 +156,46 @@ def _plot(samples: dict[str, torch.Tensor], task, path: Path) -> None:
             axis.set_xlim(-3, 3)
             axis.set_ylim(-3, 3)
         else:
-            grid = ((x[:36].clamp(-1, 1) + 1) / 2).reshape(6, 6, *x.shape[2:]).permute(0, 2, 1, 3).reshape(6 * x.shape[2], -1)
+            tiles = torch.nn.functional.pad((x[:36, 0].clamp(-1, 1) + 1) / 2, (1, 1, 1, 1))  # a blank border each
+            grid = tiles.reshape(6, 6, *tiles.shape[1:]).permute(0, 2, 1, 3).reshape(6 * tiles.shape[1], -1)
             axis.imshow(grid, cmap="gray_r")
             axis.axis("off")
         axis.set_title(name, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _family(name: str) -> str:
+    """`teacher euler 8` -> `teacher euler`; `student consistency 2` -> `student consistency`."""
+    return name.rsplit(" ", 1)[0]
+
+
+def _plot_steps(rows: dict[str, dict], metric: str, path: Path) -> None:
+    """The primary metric against sampling steps (network evaluations), a line per model family, the
+    noise floor (exact data against exact data) as a dashed line: where the students meet the teacher."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    families: dict[str, list[tuple[int, float]]] = {}
+    for name, row in rows.items():
+        if row.get("function_evaluations"):
+            families.setdefault(_family(name), []).append((row["function_evaluations"], row[metric]))
+    for family, points in families.items():
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+    floor = next((row[metric] for name, row in rows.items() if name.startswith("data")), None)
+    if floor is not None:
+        axis.axhline(floor, color="gray", linestyle="--", label="data (noise floor)")
+    axis.set_xscale("log", base=2)
+    values = [v for points in families.values() for _, v in points] + ([floor] if floor is not None else [])
+    if min(values) > 0:  # an unbiased MMD can dip below 0 at the noise floor: then a linear axis
+        axis.set_yscale("log")
+    axis.set_xlabel("network evaluations per sample")
+    axis.set_ylabel(f"{metric} (lower is better)")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -167,21 +206,24 @@ def write_diffusion_report(result, samples: dict[str, torch.Tensor], task) -> No
     (run_dir / "plots").mkdir(exist_ok=True)
     plot = run_dir / "plots" / "samples.png"
     _plot(samples, task, plot)
+    steps_plot = run_dir / "plots" / "quality_vs_steps.png"
+    _plot_steps(result.rows, result.primary_metric, steps_plot)
     header, body = _table(result.rows)
     name = result.extras["recipe"]["name"]
     lines = [f"# distill run `{name}` (diffusion, {task.name})", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
     lines += ["", f"{result.extras['seconds']:.0f} s in all, {result.extras['train_seconds']:.0f} s training. "
               f"Primary metric {result.primary_metric} (lower is better). Every model samples from the same noise.",
-              "", "![samples](plots/samples.png)"]
+              "", "![samples](plots/samples.png)", "", "![quality against steps](plots/quality_vs_steps.png)"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    image = base64.b64encode(plot.read_bytes()).decode()
+    images = "".join(f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(file.read_bytes()).decode()}'>"
+                     for alt, file in (("samples", plot), ("quality against steps", steps_plot)))
     (run_dir / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {html.escape(name)}</title></head><body>"
         f"<h1>distill run {html.escape(name)}</h1><table border=1><tr>{cells}</tr>{body_html}</table>"
-        f"<img alt='samples' src='data:image/png;base64,{image}'></body></html>\n")
+        f"{images}</body></html>\n")
     results = {"rows": result.rows, "primary_metric": result.primary_metric, "higher_is_better": False,
                **result.extras}
     (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["METHODS", "Denoiser", "function_evaluations", "karras_sigmas", "ode_step", "sample_ode"]
+__all__ = ["METHODS", "Denoiser", "few_step_sigmas", "function_evaluations", "karras_sigmas", "ode_step",
+           "sample_ode"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -116,6 +117,21 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     # The endpoints exactly as given (the power round trip is off by an ulp or so).
     sigmas[-1], sigmas[0] = sigma_min, sigma_max
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def few_step_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """A schedule of `steps` steps that all count: the first `steps` levels of karras_sigmas(steps + 1),
+    then 0. [steps + 1] float64.
+
+    karras_sigmas(N) spends its last step going from sigma_min (0.002) to 0, which changes nothing, so its
+    2 steps are one step in effect; at 1-8 steps that skews any comparison at equal steps. Here level i is
+    (sigma_max^(1/rho) + i / steps * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i < steps, so the
+    schedules nest: few_step_sigmas(2 n)[::2] == few_step_sigmas(n), which progressive distillation needs
+    (each student step is two steps of its teacher's grid). steps == 1 gives [sigma_max, 0]. As used for
+    multistep consistency sampling (Song et al. 2023) and few-step comparisons.
+    """
+    steps = _check_steps(steps)
+    return torch.cat([karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[:steps], torch.zeros(1, dtype=torch.float64)])
 
 
 def ode_step(denoiser: Denoiser, x: Tensor, sigma_from: float | Tensor, sigma_to: float | Tensor,
