@@ -165,6 +165,7 @@ class DMDSpec:
     regression_pairs: int = 512
     teacher_steps: int = 32  # Heun steps of the teacher ODE for the regression pairs
     gan_weight: float = 0.0  # DMD2: non-saturating GAN term through the discriminator
+    weight_groups: int = 8  # f-weights are normalised within this many groups of nearby noise levels
     seed: int = 0
 
 
@@ -218,7 +219,12 @@ def train_dmd(teacher: Denoiser, generator_model: nn.Module, sample_data: Sample
         if spec.divergence != "reverse_kl":
             with torch.no_grad():
                 log_ratio = discriminator(noised, sigma)
-            weight = f_divergence_weight(spec.divergence, log_ratio, max_abs_log_ratio=10.0)
+            weight = torch.empty_like(log_ratio)
+            # h(r) / mean h(r) among examples of similar noise level (f-distill normalises per level): at
+            # large sigma r ~ 1 everywhere, so one batch-wide mean would hand the whole gradient to the few
+            # small-sigma examples with extreme ratios.
+            for group in torch.argsort(sigma).chunk(spec.weight_groups):
+                weight[group] = f_divergence_weight(spec.divergence, log_ratio[group], max_abs_log_ratio=10.0)
             values["weight_max"] = weight.max()
         loss = dmd_generator_loss(x, real_denoised, fake_denoised, weight)
         values["dmd"] = loss.detach()
