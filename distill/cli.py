@@ -183,6 +183,17 @@ def losses():
     for name, formula in FEATURE_FORMULAS.items():
         table.add_row(name, formula, "student_layer, teacher_layer, projector=auto", FEATURE_PAPERS[name])
     console.print(table)
+    from distill.losses.diffusion import DIFFUSION_FORMULAS, DIFFUSION_PAPERS, FDIVERGENCE_WEIGHTS
+
+    table = Table(title="task: diffusion objectives (student.method: dmd | consistency | progressive; "
+                        "objective.divergence weighs DMD)")
+    for column in ("name", "formula", "paper"):
+        table.add_column(column, overflow="fold")
+    for name, formula in DIFFUSION_FORMULAS.items():
+        table.add_row(name, formula, DIFFUSION_PAPERS[name])
+    for name, weight in FDIVERGENCE_WEIGHTS.items():
+        table.add_row(f"divergence: {name}", weight, DIFFUSION_PAPERS["f_divergence_weight"])
+    console.print(table)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Few-step students of a diffusion teacher on an imbalanced 8-mode ring (gmm2d) or on 8x8 digits, 3 seeds.
 
     python experiments/diffusion.py [--task gmm2d|digits] [--parts divergences methods] [--seeds 0 1 2]
-                                    [--json FILE] [--plot FILE]
+                                    [--arms ARM ...] [--json FILE] [--plot FILE] [--samples FILE]
 
 1. divergences: one-step DMD with reverse KL (plain DMD) vs forward KL vs Jensen-Shannon weighting
    (f-distill); mode coverage, the rarest mode's mass, MMD.
@@ -125,6 +125,40 @@ def plot(task: str, figures: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
+def sample_grid(task: str, out: Path, seed: int, path: Path) -> None:
+    """Samples of the teacher (4 and 64 Euler steps), each arm's saved student of `seed` and real data, from one
+    noise draw, in the run reports' layout."""
+    from distill.diffusion.data import diffusion_task
+    from distill.diffusion.models import load_denoiser
+    from distill.diffusion.run import _plot
+    from distill.diffusion.sampler import sample_ode
+    from distill.train.diffusion import ConsistencyModel, Schedule, consistency_sample, one_step
+
+    data = diffusion_task(task, **({k: v for k, v in BASES[task]["data"].items() if k != "builtin"}), seed=0)
+    teacher, _ = load_denoiser(BASES[task]["teacher"]["path"], "teacher")
+    schedule = Schedule(0.002, 40.0)
+    z = torch.randn((36 if task == "digits" else 2000, *data.data_shape), generator=torch.Generator().manual_seed(seed))
+    samples = {}
+    with torch.no_grad():
+        for steps in (4, 64):
+            samples[f"teacher euler {steps}"] = sample_ode(teacher, z, schedule.sigmas(steps), "euler")
+        for arm in ARMS:
+            if not (out / f"{arm}-seed{seed}" / "student").is_dir():
+                continue
+            student, config = load_denoiser(str(out / f"{arm}-seed{seed}" / "student"), arm)
+            if config["method"] == "dmd":
+                samples[f"{arm} 1"] = one_step(student, z, schedule.sigma_max)
+            if config["method"] == "consistency":  # one student samples at any step count
+                for steps in (1, 4):
+                    model = ConsistencyModel(student, config["consistency_sigma_min"])
+                    samples[f"{arm} {steps}"] = consistency_sample(model, z, steps, schedule,
+                                                                   torch.Generator().manual_seed(seed + 1))
+            if config["method"] == "progressive":  # a student per round: student/ is the 1-step one
+                samples[f"{arm} 1"] = sample_ode(student, z, schedule.sigmas(1), "ddim")
+    samples["data"] = data.sample(len(z), torch.Generator().manual_seed(seed))
+    _plot(samples, data, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="gmm2d", choices=list(BASES))
@@ -136,6 +170,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: runs/diffusion (gmm2d), runs/diffusion-digits")
     parser.add_argument("--json", help="write every run's rows here")
     parser.add_argument("--plot", help="write the metric-against-steps plot here (PNG)")
+    parser.add_argument("--samples", help="write samples of the teacher, seed 0's students and data here (PNG)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     parts = args.parts or (list(PARTS) if args.task == "gmm2d" else ["methods"])
@@ -154,6 +189,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     if args.plot:
         plot(args.task, figures, Path(args.plot))
+    if args.samples:
+        sample_grid(args.task, out, args.seeds[0], Path(args.samples))
 
 
 if __name__ == "__main__":

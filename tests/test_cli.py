@@ -103,3 +103,7 @@ def test_losses_command_lists_every_objective(run_cli):
     for name in [*REGISTRY, *CLASSIC_REGISTRY, *FEATURE_FORMULAS, "bdkd"]:
         assert name in result.stdout
     assert "KL(p_T" in result.stdout and "FitNets" in result.stdout
+    from distill.losses.diffusion import DIFFUSION_FORMULAS, FDIVERGENCES
+
+    for name in [*DIFFUSION_FORMULAS, *(f"divergence: {name}" for name in FDIVERGENCES)]:
+        assert name in result.stdout, name

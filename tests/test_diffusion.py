@@ -43,6 +43,9 @@ def test_each_student_method_runs_from_a_recipe(method, tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
     model, config = load_denoiser(str(tmp_path / "run" / "student"), "student")
     assert config["method"] == method and model(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
+    if method == "progressive":  # the final (1-step) student, and the 2-step round's under its own name
+        assert config["sampling_steps"] == 1
+        assert load_denoiser(str(tmp_path / "run" / "student-2-steps"), "s")[1]["sampling_steps"] == 2
     assert (tmp_path / "run" / "plots" / "samples.png").is_file()
     assert (tmp_path / "run" / "plots" / "quality_vs_steps.png").is_file()
     assert "quality_vs_steps.png" in (tmp_path / "run" / "report.md").read_text()

@@ -376,4 +376,11 @@ def test_progressive_target_gradcheck_and_bad_levels():
 def test_registry_is_documented():
     assert set(DIFFUSION_OBJECTIVES) <= set(DIFFUSION_FORMULAS) and set(DIFFUSION_OBJECTIVES) <= set(DIFFUSION_PAPERS)
     assert set(DIFFUSION_FORMULAS) == set(DIFFUSION_PAPERS)
+    # Every f-divergence has its weight written out for `distill losses`, and a recipe can name each one.
+    from typing import get_args
+
+    from distill.diffusion.recipe import DiffusionObjectiveSpec
+    from distill.losses.diffusion import FDIVERGENCE_WEIGHTS
+    assert set(FDIVERGENCE_WEIGHTS) == set(FDIVERGENCES)
+    assert set(get_args(DiffusionObjectiveSpec.model_fields["divergence"].annotation)) == set(FDIVERGENCES)
     assert all(callable(function) and function.__doc__ for function in DIFFUSION_OBJECTIVES.values())

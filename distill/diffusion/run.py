@@ -115,6 +115,9 @@ def run_diffusion(recipe: DiffusionRecipe, *, resume: bool = False, overwrite: b
                 with torch.no_grad():
                     x = sample_ode(model, z, schedule.sigmas(steps), "ddim")
                 score(f"student progressive {steps}", x, time.perf_counter() - clock, steps)
+                if steps != min(recipe.student.eval_steps):  # each round's student samples at its own step count
+                    save_denoiser(model, run_dir / f"student-{steps}-steps", {
+                        "task": recipe.data.builtin, "method": method, "sampling_steps": steps})
         student = train_progressive(teacher, task.sample, ProgressiveSpec(
             start_steps=objective.start_steps, final_steps=min(recipe.student.eval_steps), steps_per_round=train.steps,
             batch_size=train.batch_size, lr=train.lr, seed=train.seed), schedule,
@@ -124,7 +127,9 @@ def run_diffusion(recipe: DiffusionRecipe, *, resume: bool = False, overwrite: b
     rows["data (noise floor)"] = {**task.noise_floor(), "function_evaluations": 0, "sample_seconds": 0.0}
     save_denoiser(saved, run_dir / "student", {"task": recipe.data.builtin, "method": method,
                                                **({"consistency_sigma_min": schedule.sigma_min}
-                                                  if method == "consistency" else {})})
+                                                  if method == "consistency" else {}),
+                                               **({"sampling_steps": min(recipe.student.eval_steps)}
+                                                  if method == "progressive" else {})})
     extras = {"seconds": time.perf_counter() - started, "train_seconds": train_seconds,
               "recipe": recipe.model_dump(mode="json"), "world_size": 1}
     result = RunResult(run_dir, rows, task.primary_metric, False, extras)
@@ -146,8 +151,12 @@ def _plot(samples: dict[str, torch.Tensor], task, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(samples)
-    figure, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    columns = min(len(names), 5)
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for axis in axes.flat[len(names):]:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, names):
         x = samples[name]
         if x.dim() == 2:
             means = task.mixture.means

@@ -26,6 +26,7 @@ from distill.losses.logits import compute_dtype as _compute_dtype
 
 __all__ = [
     "CONSISTENCY_KINDS", "DIFFUSION_FORMULAS", "DIFFUSION_OBJECTIVES", "DIFFUSION_PAPERS", "FDIVERGENCES",
+    "FDIVERGENCE_WEIGHTS",
     "consistency_loss", "consistency_parametrization", "dmd_generator_loss", "edm_denoise", "edm_denoising_loss",
     "edm_preconditioning", "f_divergence_weight", "flow_matching_loss", "flow_to_edm",
     "progressive_distillation_target", "velocity_to_denoised",
@@ -374,6 +375,13 @@ DIFFUSION_FORMULAS: dict[str, str] = {
     "consistency": "mean_n lambda_n d(f(x_{n+1}), sg f^-(x_n)), d = ||.||^2 or sqrt(||.||^2 + c^2) - c",
     "f_divergence_weight": "h(r) = f''(r) r^2, r = p_data / p_gen, divided by its batch mean",
     "progressive_distillation_target": "D* = (sigma_t x_s^teacher - sigma_s x_t) / (sigma_t - sigma_s)",
+}
+
+# objective.divergence of a DMD recipe -> its weight h(r), r = p_data / p_gen (see FDIVERGENCES).
+FDIVERGENCE_WEIGHTS: dict[str, str] = {
+    "reverse_kl": "h = 1 (plain DMD; mode seeking)", "forward_kl": "h = r (mode covering)",
+    "js": "h = r / (1 + r)", "squared_hellinger": "h = sqrt(r) / 2", "jeffreys": "h = 1 + r",
+    "softened_reverse_kl": "h = 1 / (1 + r)", "neyman_chi2": "h = 2 / r",
 }
 
 DIFFUSION_PAPERS: dict[str, str] = {
