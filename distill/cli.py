@@ -150,8 +150,8 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
         return
     from distill.teacher.train import train_teacher
 
-    metrics = train_teacher(task, out, steps=steps or 3000, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
-                            threads=threads, overwrite=overwrite, resume=resume)
+    metrics = train_teacher(task, out, **({"steps": steps} if steps else {}), batch_size=batch_size, lr=lr,
+                            train_size=train_size, seed=seed, threads=threads, overwrite=overwrite, resume=resume)
     if metrics:
         console.print_json(json.dumps(metrics))
 

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["METHODS", "Denoiser", "few_step_sigmas", "function_evaluations", "karras_sigmas", "ode_step",
-           "sample_ode"]
+__all__ = ["METHODS", "Denoiser", "few_step_sigmas", "function_evaluations", "karras_level", "karras_sigmas",
+           "ode_step", "sample_ode"]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -111,12 +111,19 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                          f"sigma_min={sigma_min}, sigma_max={sigma_max}")
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
-    ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)  # [0.] when steps == 1
-    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
-    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    sigmas = karras_level(torch.linspace(0.0, 1.0, steps, dtype=torch.float64), sigma_min, sigma_max, rho)
     # The endpoints exactly as given (the power round trip is off by an ulp or so).
     sigmas[-1], sigmas[0] = sigma_min, sigma_max
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def karras_level(ramp: Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """The noise level at a fraction `ramp` (0: sigma_max, 1: sigma_min; a tensor, any shape, fractions
+    between grid points allowed) of Karras et al.'s ramp, linear in sigma^(1/rho):
+    (sigma_max^(1/rho) + ramp (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho. karras_sigmas evaluates it on an
+    even grid; consistency distillation also between grid points."""
+    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
 def few_step_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.diffusion.sampler import few_step_sigmas, karras_sigmas, ode_step, sample_ode
+from distill.diffusion.sampler import few_step_sigmas, karras_level, ode_step, sample_ode
 from distill.losses.diffusion import (consistency_loss, consistency_parametrization, dmd_generator_loss,
                                       edm_denoising_loss, edm_preconditioning, f_divergence_weight,
                                       progressive_distillation_target)
@@ -54,8 +54,7 @@ class Schedule:
     def level(self, position: torch.Tensor, levels: int) -> torch.Tensor:
         """The noise level at a (fractional) position in Karras et al.'s `levels`-level discretisation:
         position 0 is sigma_max, position levels - 1 is sigma_min, integer positions are karras_sigmas(levels)."""
-        high, low = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
-        return (high + position / (levels - 1) * (low - high)) ** self.rho
+        return karras_level(position / (levels - 1), self.sigma_min, self.sigma_max, self.rho)
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
