@@ -39,9 +39,9 @@ def synthetic_bytes(k: int, vocab: int = 151936, tokens: int = 4096) -> dict[str
     import numpy as np
     import torch
 
-    from distill.cache.build import teacher_topk
-    from distill.cache.codec import encode_topk
-    from distill.cache.store import write_shard
+    from distill.lm.teacher.cache.build import teacher_topk
+    from distill.lm.teacher.cache.codec import encode_topk
+    from distill.lm.teacher.cache.store import write_shard
 
     generator = torch.Generator().manual_seed(0)
     prior = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))  # Zipf: p(rank r) ~ r^-1.1
@@ -89,8 +89,8 @@ def median_tokens_per_second(run_dir: Path) -> float:
 
 def quality(task: str, seeds: list[int], k: int, workdir: Path, steps: int | None) -> dict:
     """Task metric and throughput of live-teacher KD vs cache KD, per seed."""
-    from distill.models import load_tokenizer
-    from distill.recipe import load_recipe
+    from distill.lm.models import load_tokenizer
+    from distill.lm.recipe import load_recipe
 
     recipe = RECIPES[task]
     k = min(k, len(load_tokenizer(load_recipe(recipe).teacher.path, "teacher.path")))  # k <= V

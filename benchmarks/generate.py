@@ -42,8 +42,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from distill.models import load_causal_lm, load_tokenizer, quiet_transformers, tiny_llama_config
-    from distill.teacher.generate import sample
+    from distill.lm.models import load_causal_lm, load_tokenizer, quiet_transformers, tiny_llama_config
+    from distill.lm.generate import sample
 
     quiet_transformers()
     teacher = load_causal_lm("builtin:oracle-teacher", "teacher.path").eval()

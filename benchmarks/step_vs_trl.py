@@ -29,8 +29,8 @@ def prepare(directory: Path, steps: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.models import tiny_llama_config
-    from distill.tasks.vocab import SPECIAL_TOKENS, word_level_tokenizer
+    from distill.lm.models import tiny_llama_config
+    from distill.lm.tasks.vocab import SPECIAL_TOKENS, word_level_tokenizer
 
     tokenizer = word_level_tokenizer([f"t{i}" for i in range(VOCAB - len(SPECIAL_TOKENS))])
     for name, hidden, layers, seed in (("teacher", 256, 4, 0), ("student", 128, 2, 1)):
@@ -73,7 +73,7 @@ def run_trl(directory: Path, steps: int, threads: int, defaults: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from distill.data import BatchOrder, collate, read_records, tokenize
+    from distill.lm.data import BatchOrder, collate, read_records, tokenize
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(directory / "teacher")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from distill.errors import DistillError
-from distill.recipe import Recipe, load_recipe
+from distill.core.errors import DistillError
+from distill.lm.recipe import Recipe, load_recipe
 
 __all__ = ["DistillError", "Recipe", "RunResult", "distill_classifier", "load_recipe", "run", "train_teacher",
            "__version__"]
@@ -25,19 +25,19 @@ def run(recipe, overrides=(), *, resume: bool = False, overwrite: bool = False):
     if recipe.task == "diffusion":
         from distill.diffusion.run import run_diffusion
         return run_diffusion(recipe, resume=resume, overwrite=overwrite)
-    from distill.pipeline import run as run_lm
+    from distill.lm.run import run as run_lm
     return run_lm(recipe, resume=resume, overwrite=overwrite)
 
 
 def __getattr__(name: str):
     # The heavy imports (transformers, accelerate) wait until a run is asked for.
     if name == "RunResult":
-        from distill.rundir import RunResult
+        from distill.core.rundir import RunResult
         return RunResult
     if name == "distill_classifier":
         from distill.classifier.run import distill_classifier
         return distill_classifier
     if name == "train_teacher":
-        from distill.teacher.train import train_teacher
+        from distill.lm.train_teacher import train_teacher
         return train_teacher
     raise AttributeError(name)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a large teacher model into a small, fast student.")
@@ -26,7 +26,7 @@ SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
 
 
 def _print_result(result) -> None:
-    from distill.report import best_line, footnote, table_rows, verdict_line
+    from distill.core.report import best_line, footnote, table_rows, verdict_line
 
     if result.extras.get("recipe", {}).get("task") == "diffusion":
         from distill.diffusion.run import _table
@@ -48,7 +48,7 @@ def _print_result(result) -> None:
 
 
 def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
-    from distill.recipe import load_recipe
+    from distill.lm.recipe import load_recipe
 
     checked = load_recipe(recipe, overrides)  # fails fast, before torch/transformers load
     from distill import run
@@ -88,7 +88,7 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
                                                                        "against its checksum, and stop.")):
     """Run the teacher once over the recipe's data and store its top-k per token (resumable)."""
     if verify is not None:
-        from distill.cache.store import read_manifest, verify_cache
+        from distill.lm.teacher.cache.store import read_manifest, verify_cache
 
         manifest = read_manifest(verify, field="--verify")
         problems = verify_cache(verify)
@@ -103,14 +103,14 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
     if recipe is None:
         raise DistillError("give a recipe to build a cache from, or --verify DIR", field="RECIPE",
                            fix="distill cache recipe.yaml  (or: distill cache --verify DIR)")
-    from distill.recipe import load_recipe
+    from distill.lm.recipe import load_recipe
 
     checked = load_recipe(recipe, set_)
     for name, value, allowed in (("--ids", ids, ("rice", "packed")), ("--values", values, ("int8", "float16"))):
         if value is not None and value not in allowed:
             raise DistillError(f"{name} must be one of {', '.join(allowed)}, got `{value}`", field=name,
                                fix=f"{name} {allowed[0]}")
-    from distill.cache.build import build_cache
+    from distill.lm.teacher.cache.build import build_cache
 
     build_cache(checked, out=out, k=k, ids=ids, values=values)
 
@@ -132,23 +132,23 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
     if not task.startswith("builtin:"):
         raise DistillError(f"`{task}` is not a built-in task", field="TASK",
                            fix="use builtin:oracle, arithmetic, digits, mnist5k or gmm2d")
-    from distill.tasks.images import IMAGE_TASKS
+    from distill.classifier.data import IMAGE_TASKS
 
     name = task.removeprefix("builtin:")
     if name == "gmm2d" or (diffusion and name == "digits"):  # an EDM denoiser, --steps updates
-        from distill.diffusion.teacher import train_diffusion_teacher
+        from distill.diffusion.train_teacher import train_diffusion_teacher
 
         console.print_json(json.dumps(train_diffusion_teacher(name, out, steps=steps, seed=seed, threads=threads or 1,
                                                               overwrite=overwrite)))
         return
     if name in IMAGE_TASKS:  # a CNN trained on labels for --epochs
-        from distill.classifier.teacher import train_image_teacher
+        from distill.classifier.train_teacher import train_image_teacher
 
         metrics = train_image_teacher(task.removeprefix("builtin:"), out, epochs=epochs, seed=seed,
                                       threads=threads or 1, overwrite=overwrite)
         console.print_json(json.dumps(metrics))
         return
-    from distill.teacher.train import train_teacher
+    from distill.lm.train_teacher import train_teacher
 
     metrics = train_teacher(task, out, **({"steps": steps} if steps else {}), batch_size=batch_size, lr=lr,
                             train_size=train_size, seed=seed, threads=threads, overwrite=overwrite, resume=resume)
@@ -200,7 +200,7 @@ def losses():
 def layers(model: str = typer.Argument(..., help="A saved classifier directory, builtin:<task>-teacher, or a "
                                                  "transformers model directory.")):
     """The module names a classifier recipe can hook (objective.terms[].student_layer / teacher_layer)."""
-    from distill.classifier.hooks import module_names
+    from distill.core.hooks import module_names
 
     if model.startswith("builtin:") or (Path(model) / "classifier.json").is_file():
         from distill.classifier.models import load_classifier
@@ -209,7 +209,7 @@ def layers(model: str = typer.Argument(..., help="A saved classifier directory, 
     else:
         from transformers import AutoModel
 
-        from distill.models import resolve_model_path
+        from distill.lm.models import resolve_model_path
 
         loaded = AutoModel.from_pretrained(resolve_model_path(model, "MODEL"))
         console.print("transformers outputs: hidden_states.N, attentions.N (N = layer index, -1 = last)")
@@ -224,7 +224,7 @@ def layers(model: str = typer.Argument(..., help="A saved classifier directory, 
 @app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
     """Print the result table of finished runs."""
-    from distill.rundir import FINISHED_MARKER, RunResult
+    from distill.core.rundir import FINISHED_MARKER, RunResult
 
     for run_dir in run_dirs:
         if not (run_dir / FINISHED_MARKER).is_file():

@@ -1,16 +1,4 @@
-"""One error type for everything a user can fix: the CLI prints it without a traceback (exit 2)."""
-from __future__ import annotations
+"""Kept for users' imports: the error type lives in `distill.core.errors`."""
+from distill.core.errors import DistillError
 
-
-class DistillError(Exception):
-    """A problem the user can fix. `field` is the recipe path (e.g. `train.lr`), `fix` says how."""
-
-    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None):
-        self.message = message
-        self.field = field
-        self.fix = fix
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        head = f"{self.field}: {self.message}" if self.field else self.message
-        return f"{head}\n  fix: {self.fix}" if self.fix else head
+__all__ = ["DistillError"]

@@ -30,7 +30,7 @@ import torch
 import distill
 from distill.classifier.evaluate import predict_logits
 from distill.classifier.models import load_classifier
-from distill.tasks.images import load_image_task
+from distill.classifier.data import load_image_task
 
 ROOT = Path(__file__).resolve().parents[1]
 KD = {"loss": "kd", "temperature": 4, "alpha": 0.9}

@@ -132,7 +132,7 @@ def sample_grid(task: str, out: Path, seed: int, path: Path) -> None:
     from distill.diffusion.models import load_denoiser
     from distill.diffusion.run import _plot
     from distill.diffusion.sampler import sample_ode
-    from distill.train.diffusion import ConsistencyModel, Schedule, consistency_sample, one_step
+    from distill.diffusion.trainer import ConsistencyModel, Schedule, consistency_sample, one_step
 
     data = diffusion_task(task, **({k: v for k, v in BASES[task]["data"].items() if k != "builtin"}), seed=0)
     teacher, _ = load_denoiser(BASES[task]["teacher"]["path"], "teacher")

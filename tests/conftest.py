@@ -56,8 +56,8 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     teacher (`teacher: {path: str(tiny_lm_dir)}`). Session-scoped: do not modify it."""
     from transformers import AutoModelForCausalLM
 
-    from distill.models import tiny_llama_config
-    from distill.tasks.oracle import OracleTask
+    from distill.lm.models import tiny_llama_config
+    from distill.lm.tasks.oracle import OracleTask
 
     directory = tmp_path_factory.mktemp("tiny_lm")
     tokenizer = OracleTask().tokenizer()

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import distill
-from distill.cache.build import teacher_topk
-from distill.cache.store import TeacherCache, sha256_file
-from distill.data import IGNORE_INDEX, Example, collate
-from distill.errors import DistillError
+from distill.lm.teacher.cache.build import teacher_topk
+from distill.lm.teacher.cache.store import TeacherCache, sha256_file
+from distill.lm.data import IGNORE_INDEX, Example, collate
+from distill.core.errors import DistillError
 
 K = 8
 
@@ -77,10 +77,10 @@ def test_build_stores_the_teachers_top_k_and_tail(built, tiny_lm_dir, tmp_path, 
 
     from transformers import AutoModelForCausalLM
 
-    from distill.models import load_tokenizer
-    from distill.pipeline import load_data
-    from distill.recipe import load_recipe
-    from distill.tasks import get_task
+    from distill.lm.models import load_tokenizer
+    from distill.lm.run import load_data
+    from distill.lm.recipe import load_recipe
+    from distill.lm.tasks import get_task
 
     tokenizer = load_tokenizer(str(tiny_lm_dir), "teacher.path")
     _, _, train_examples, _ = load_data(load_recipe(recipe), tokenizer, get_task("oracle"))
@@ -107,7 +107,7 @@ def test_build_stores_the_teachers_top_k_and_tail(built, tiny_lm_dir, tmp_path, 
 def test_training_from_the_cache_loads_no_teacher(built, monkeypatch):
     """End to end through the public API; any attempt to load the teacher's weights fails the test."""
     recipe, _ = built
-    import distill.pipeline as pipeline
+    import distill.lm.run as pipeline
 
     real = pipeline.load_causal_lm
 
@@ -128,7 +128,7 @@ def test_training_from_the_cache_loads_no_teacher(built, monkeypatch):
 def test_full_vocabulary_cache_gives_the_live_teachers_loss(tiny_recipe, tmp_path, fused):
     """With k = V and float16 values the sparse teacher is the teacher: step 1's loss from the
     cache equals the live teacher's (the tail bucket is empty), on the fused and plain paths."""
-    from distill.cache.build import build_cache
+    from distill.lm.teacher.cache.build import build_cache
 
     vocab = 68  # the oracle task's tokenizer
     recipe = _cache_recipe(tiny_recipe, tmp_path, k=vocab, values="float16")

@@ -1,4 +1,4 @@
-"""The top-k codec of the teacher cache (`distill/cache/codec.py`): bit streams worked out by hand, round
+"""The top-k codec of the teacher cache (`distill/lm/teacher/cache/codec.py`): bit streams worked out by hand, round
 trips of both id schemes x both value modes, the size budget, and the errors for bad input and bad data."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from distill.cache.codec import (ID_SCHEMES, VALUE_SCHEMES, bits_for, decode_topk, encode_topk, encoded_bytes,
+from distill.lm.teacher.cache.codec import (ID_SCHEMES, VALUE_SCHEMES, bits_for, decode_topk, encode_topk, encoded_bytes,
                                  pack_bits, rice_parameter, unpack_bits)
 
 QWEN_VOCAB = 151936

@@ -79,7 +79,7 @@ def test_every_regime_runs_from_a_recipe(tmp_path, regime, objective):
 
 
 def _digits_split():
-    from distill.tasks.images import load_image_task
+    from distill.classifier.data import load_image_task
 
     data = load_image_task("digits", eval_size=200, seed=0, train_size=400)
     return (data.train_x, data.train_y), (data.eval_x, data.eval_y)

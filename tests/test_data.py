@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill.data import IGNORE_INDEX, BatchOrder, Example, collate, read_records, tokenize
-from distill.errors import DistillError
-from distill.tasks.vocab import word_level_tokenizer
+from distill.lm.data import IGNORE_INDEX, BatchOrder, Example, collate, read_records, tokenize
+from distill.core.errors import DistillError
+from distill.lm.tasks.vocab import word_level_tokenizer
 
 torch.set_num_threads(1)
 

@@ -102,7 +102,7 @@ def test_bad_recipe_exits_2_through_the_cli(tmp_path, write_recipe, run_cli):
 
 def test_schedule_levels_and_sampling_steps():
     from distill.diffusion.sampler import karras_sigmas
-    from distill.train.diffusion import Schedule
+    from distill.diffusion.trainer import Schedule
 
     schedule = Schedule(0.002, 40.0)
     # Integer positions are the Karras levels consistency distillation steps between; fractions lie between.

@@ -11,7 +11,7 @@ import torch
 from distill.diffusion.data import diffusion_task
 from distill.diffusion.models import load_denoiser
 from distill.diffusion.sampler import sample_ode
-from distill.train.diffusion import (ConsistencyModel, ConsistencySpec, ProgressiveSpec, Schedule,
+from distill.diffusion.trainer import (ConsistencyModel, ConsistencySpec, ProgressiveSpec, Schedule,
                                      consistency_sample, train_consistency, train_progressive)
 
 torch.set_num_threads(1)

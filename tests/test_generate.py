@@ -1,4 +1,4 @@
-"""Batched KV-cache sampling (distill.teacher.generate): exactness against references, sampling
+"""Batched KV-cache sampling (distill.lm.generate): exactness against references, sampling
 statistics, top-p, EOS handling, examples and argument checks. Tiny in-memory models, one thread."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.data import IGNORE_INDEX
-from distill.models import tiny_llama_config
-from distill.teacher.generate import sample
+from distill.lm.data import IGNORE_INDEX
+from distill.lm.models import tiny_llama_config
+from distill.lm.generate import sample
 
 torch.set_num_threads(1)
 

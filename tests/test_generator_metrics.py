@@ -10,7 +10,7 @@ import torch
 from distill.diffusion.metrics import (
     frechet_distance, gmm_metrics, mmd, mode_stats, noise_floor, precision_recall, sliced_wasserstein,
 )
-from distill.tasks.gmm2d import GaussianMixture2D
+from distill.diffusion.gmm2d import GaussianMixture2D
 
 torch.set_num_threads(1)
 

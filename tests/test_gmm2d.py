@@ -1,4 +1,4 @@
-"""Tests for distill.tasks.gmm2d: layouts, sampling statistics, exact density / denoiser / score against
+"""Tests for distill.diffusion.gmm2d: layouts, sampling statistics, exact density / denoiser / score against
 brute-force references (quadrature, naive formulas, autograd), limits, stability and bad arguments."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.tasks.gmm2d import GaussianMixture2D
+from distill.diffusion.gmm2d import GaussianMixture2D
 
 torch.set_num_threads(1)
 

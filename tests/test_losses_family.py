@@ -14,7 +14,7 @@ from distill.losses import (
     ALIASES, FORMULAS, NOT_TOKEN_SEPARABLE, PAPERS, REGISTRY, TaidSchedule, ab_divergence, adaptive_kl, forward_kl,
     get_loss, loss_parameters, reverse_kl, select_tokens, sinkhorn, student_entropy, taid,
 )
-from distill.recipe import parse_recipe
+from distill.lm.recipe import parse_recipe
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.errors import DistillError
-from distill.models import (ASSETS, build_student, check_same_vocabulary, copy_teacher_layers, count_parameters,
+from distill.core.errors import DistillError
+from distill.lm.models import (ASSETS, build_student, check_same_vocabulary, copy_teacher_layers, count_parameters,
                             load_causal_lm, load_tokenizer, resolve_model_path, tiny_llama_config)
-from distill.tasks.arithmetic import ArithmeticTask
-from distill.tasks.oracle import OracleTask
+from distill.lm.tasks.arithmetic import ArithmeticTask
+from distill.lm.tasks.oracle import OracleTask
 
 torch.set_num_threads(1)
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import distill
 from conftest import assert_same_student, run_interrupted_and_resumed
-from distill.data import Example
-from distill.train.onpolicy import prompt_of, sampling_generator
+from distill.lm.data import Example
+from distill.lm.regimes import prompt_of, sampling_generator
 
 
 def _weights(run_dir):

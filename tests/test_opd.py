@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_same_student, run_interrupted_and_resumed
 from distill.losses.policy import group_advantages, opd_loss, opd_token_rewards
-from distill.tasks.arithmetic import format_problem, reward
+from distill.lm.tasks.arithmetic import format_problem, reward
 
 
 def test_token_rewards_by_hand():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from distill.errors import DistillError
-from distill.recipe import Recipe, apply_override, load_recipe, parse_recipe
+from distill.core.errors import DistillError
+from distill.lm.recipe import Recipe, apply_override, load_recipe, parse_recipe
 
 torch.set_num_threads(1)
 
@@ -223,7 +223,7 @@ def test_defaults_of_a_minimal_recipe(tiny_recipe):
 
 
 def test_taid_schedule_needs_the_taid_loss_and_a_fixed_t_replaces_it():
-    from distill.recipe import parse_recipe
+    from distill.lm.recipe import parse_recipe
 
     recipe = parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "taid"}})
     assert recipe.objective.taid.t_start == 0.4  # the default schedule is filled in

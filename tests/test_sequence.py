@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-from distill.teacher.generate import sample
+from distill.lm.generate import sample
 
 
 def _rows(path, count):
@@ -49,7 +49,7 @@ def test_student_trains_on_the_teachers_greedy_completions(tiny_recipe, tiny_lm_
 
 
 def test_interrupted_generation_resumes_from_its_chunks(tiny_recipe, monkeypatch, tmp_path):
-    import distill.teacher.sequences as sequences
+    import distill.lm.teacher.sequences as sequences
 
     monkeypatch.setattr(sequences, "CHUNK_EXAMPLES", 10)  # 24 examples: 3 chunks
     recipe = _sequence(tiny_recipe, tmp_path, sample_temperature=1.0)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.data import tokenize
-from distill.evaluate import greedy_exact_match, token_metrics
-from distill.models import ASSETS
-from distill.tasks.arithmetic import ArithmeticTask, format_problem
-from distill.tasks.oracle import HiddenMarkovOracle, OracleTask
+from distill.lm.data import tokenize
+from distill.lm.evaluate import greedy_exact_match, token_metrics
+from distill.lm.models import ASSETS
+from distill.lm.tasks.arithmetic import ArithmeticTask, format_problem
+from distill.lm.tasks.oracle import HiddenMarkovOracle, OracleTask
 
 
 def _brute_force_next_symbol_probs(oracle: HiddenMarkovOracle, symbols: list[int]) -> np.ndarray:

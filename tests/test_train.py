@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-from distill.recipe import TrainSpec
-from distill.train.lm import make_scheduler
+from distill.lm.recipe import TrainSpec
+from distill.lm.trainer import make_scheduler
 
 
 def _weights(run_dir, name="student"):
@@ -124,7 +124,7 @@ def test_two_processes_train_one_model(tiny_recipe, write_recipe, tmp_path):
 def _save_lm(directory, tokenizer, extra_rows=0, seed=0):
     from transformers import AutoModelForCausalLM
 
-    from distill.models import tiny_llama_config
+    from distill.lm.models import tiny_llama_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer) + extra_rows, hidden_size=16,
@@ -136,7 +136,7 @@ def _save_lm(directory, tokenizer, extra_rows=0, seed=0):
 
 def test_same_family_vocabulary_padding_is_compared_over_the_real_vocabulary(tiny_recipe, tmp_path):
     """A teacher with 5 padded embedding rows (like 152064 vs 151936) and a student without."""
-    from distill.tasks.oracle import OracleTask
+    from distill.lm.tasks.oracle import OracleTask
 
     tokenizer = OracleTask().tokenizer()
     teacher = _save_lm(tmp_path / "teacher", tokenizer, extra_rows=5)
@@ -148,7 +148,7 @@ def test_same_family_vocabulary_padding_is_compared_over_the_real_vocabulary(tin
 
 
 def test_a_student_with_another_tokenizer_is_refused(tiny_recipe, write_recipe, run_cli, tmp_path):
-    from distill.tasks.arithmetic import ArithmeticTask
+    from distill.lm.tasks.arithmetic import ArithmeticTask
 
     student = _save_lm(tmp_path / "student", ArithmeticTask().tokenizer())
     recipe = write_recipe({**tiny_recipe, "student": {"path": str(student)}})

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.classifier.hooks import forward
+from distill.core.hooks import forward
 from distill.classifier.models import count_parameters
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CONFIG_FILE = "classifier.json"

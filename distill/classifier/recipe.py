@@ -1,5 +1,5 @@
 """The recipe of a classifier run (`task: classifier`): which teacher(s), which student, which data,
-which weighted sum of objective terms, which regime. Loaded by `distill.recipe.load_recipe` when the
+which weighted sum of objective terms, which regime. Loaded by `distill.lm.recipe.load_recipe` when the
 YAML says `task: classifier`; same readable errors (field path + fix) as LM recipes.
 
     task: classifier
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.recipe import RunRecipe, _FieldValueError, _Strict
+from distill.lm.recipe import RunRecipe, _FieldValueError, _Strict
 
 CE_TERM = "ce"
 

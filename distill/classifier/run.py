@@ -19,13 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill.classifier.evaluate import evaluate_classifier, predict_logits
-from distill.classifier.hooks import forward
+from distill.core.hooks import forward
 from distill.classifier.models import build_classifier, load_classifier, save_classifier
 from distill.classifier.recipe import (CE_TERM, ClassifierEvalSpec, ClassifierRecipe, ClassifierRegimeSpec,
                                        ClassifierTrainSpec, TermSpec)
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 from distill.losses.ensemble import combine_teachers
-from distill.train.classifier import ClassifierTrainer
+from distill.classifier.trainer import ClassifierTrainer
 
 
 class Ensemble(nn.Module):
@@ -85,8 +85,8 @@ def train_and_report(*, teachers: list[nn.Module], make_student: Callable[[], nn
                      describe_student: dict | None = None, make_peer: Callable[[], nn.Module] | None = None,
                      exclude_classes: list[int] | None = None):
     """Train the distilled student (and the student alone on labels), evaluate the rows, write the report."""
-    from distill.rundir import RunResult
-    from distill.report import write_report
+    from distill.core.rundir import RunResult
+    from distill.core.report import write_report
 
     started = time.perf_counter()
     train_x, train_y = train
@@ -155,8 +155,8 @@ def _load_teacher(spec, field: str) -> nn.Module:
 
 def run_classifier(recipe: ClassifierRecipe, *, resume: bool = False, overwrite: bool = False):
     """`distill run` for `task: classifier` recipes."""
-    from distill.rundir import prepare_output_dir
-    from distill.tasks.images import load_image_task
+    from distill.core.rundir import prepare_output_dir
+    from distill.classifier.data import load_image_task
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -209,8 +209,8 @@ def distill_classifier(teacher: nn.Module | list[nn.Module] | None, student: nn.
     `train_options`, `eval_options` take the recipe sections' fields. The student given is the distilled
     one; the `alone` row trains a deep copy of its initial weights on labels. Returns the RunResult."""
     from distill.classifier.recipe import ClassifierObjectiveSpec
-    from distill.rundir import prepare_output_dir
-    from distill.recipe import _readable
+    from distill.core.rundir import prepare_output_dir
+    from distill.lm.recipe import _readable
     from pydantic import ValidationError
 
     try:

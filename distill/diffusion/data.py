@@ -1,6 +1,6 @@
 """The built-in diffusion tasks: where training samples come from and how generated samples are scored.
 
-- `gmm2d`: a 2-D Gaussian mixture (distill/tasks/gmm2d.py); exact samples, the exact denoiser (an
+- `gmm2d`: a 2-D Gaussian mixture (distill/diffusion/gmm2d.py); exact samples, the exact denoiser (an
   analytic teacher) and exact mode metrics against fresh exact samples.
 - `digits`: scikit-learn's 1,797 8x8 digits scaled to [-1, 1]; Frechet distance and k-NN precision /
   recall in the feature space of the shipped digits classifier (`builtin:digits-teacher`, its 128-wide
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.diffusion.metrics import frechet_distance, gmm_metrics, precision_recall
-from distill.errors import DistillError
-from distill.tasks.gmm2d import GaussianMixture2D
+from distill.core.errors import DistillError
+from distill.diffusion.gmm2d import GaussianMixture2D
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DigitsTask:
     _held_out: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
-        from distill.tasks.images import load_image_task
+        from distill.classifier.data import load_image_task
 
         data = load_image_task("digits", eval_size=self.eval_samples, seed=self.seed)
         self._train, self._held_out = data.train_x * 2 - 1, data.eval_x * 2 - 1
@@ -76,7 +76,7 @@ class DigitsTask:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        from distill.classifier.hooks import FeatureTaps, forward
+        from distill.core.hooks import FeatureTaps, forward
 
         taps = FeatureTaps(self._classifier, ["fc_act"])
         with taps:

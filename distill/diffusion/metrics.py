@@ -1,6 +1,6 @@
 """Sample-quality metrics for generators: pure functions on tensors that return Python numbers.
 
-- 2-D Gaussian mixtures (distill.tasks.gmm2d), where the truth is known exactly: mode_stats (precision, mode
+- 2-D Gaussian mixtures (distill.diffusion.gmm2d), where the truth is known exactly: mode_stats (precision, mode
   coverage, total variation of the mode histogram, the rarest mode's mass), mmd and sliced_wasserstein against
   a reference sample, gmm_metrics (all of them at once) and noise_floor (what exact samples score: the
   "data vs data" row that a perfect generator would reach, since every metric here is estimated from samples);
@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from distill.tasks.gmm2d import GaussianMixture2D
+from distill.diffusion.gmm2d import GaussianMixture2D
 
 __all__ = [
     "DEFAULT_BANDWIDTHS", "MEDIAN_MULTIPLES", "frechet_distance", "gmm_metrics", "mmd", "mode_stats",

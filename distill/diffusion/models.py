@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 from distill.losses.diffusion import edm_preconditioning
 
 CONFIG_FILE = "denoiser.json"

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distill.recipe import RunRecipe, _FieldValueError, _Strict
+from distill.lm.recipe import RunRecipe, _FieldValueError, _Strict
 
 
 class DiffusionTeacherSpec(_Strict):

@@ -16,8 +16,8 @@ from distill.diffusion.data import diffusion_task
 from distill.diffusion.models import build_denoiser, load_denoiser, save_denoiser
 from distill.diffusion.recipe import DiffusionRecipe
 from distill.diffusion.sampler import sample_ode
-from distill.errors import DistillError
-from distill.train.diffusion import (ConsistencyModel, ConsistencySpec, DMDSpec, Log, ProgressiveSpec, Schedule,
+from distill.core.errors import DistillError
+from distill.diffusion.trainer import (ConsistencyModel, ConsistencySpec, DMDSpec, Log, ProgressiveSpec, Schedule,
                                      consistency_sample, one_step, train_consistency, train_dmd, train_progressive)
 
 
@@ -49,7 +49,7 @@ def _teacher(recipe: DiffusionRecipe, task):
 
 
 def run_diffusion(recipe: DiffusionRecipe, *, resume: bool = False, overwrite: bool = False):
-    from distill.rundir import RunResult, prepare_output_dir
+    from distill.core.rundir import RunResult, prepare_output_dir
 
     if resume:
         raise DistillError("diffusion runs do not resume", field="--resume", fix="run again with --overwrite")

@@ -3,7 +3,7 @@ arithmetic task, as an example of bringing your own data. Run from the repositor
 import json
 from pathlib import Path
 
-from distill.tasks.arithmetic import ArithmeticTask
+from distill.lm.tasks.arithmetic import ArithmeticTask
 
 task = ArithmeticTask()
 for split, count in (("train", 1000), ("eval", 100)):

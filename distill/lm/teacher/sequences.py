@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from distill.data import IGNORE_INDEX, Example
-from distill.train.onpolicy import OnPolicy, prompt_of, sampling_generator
+from distill.lm.data import IGNORE_INDEX, Example
+from distill.lm.regimes import OnPolicy, prompt_of, sampling_generator
 
 CHUNK_EXAMPLES = 256
 GENERATIONS_DIR = "teacher-generations"
@@ -35,7 +35,7 @@ def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_
 
     With `student` and `settings.filter_threshold > 0`, teacher tokens the student gives less than the
     threshold are replaced by student samples (reverse speculative decoding)."""
-    from distill.teacher.generate import sample
+    from distill.lm.generate import sample
 
     distinct = len({tuple(prompt_of(e)) for e in examples})
     if settings.temperature == 0 and distinct <= len(examples) // 2:

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.errors import DistillError
-from distill.evaluate import evaluate_model
-from distill.models import count_parameters, quiet_transformers, tiny_llama_config
-from distill.recipe import TrainSpec
-from distill.tasks import get_task
-from distill.train.lm import LMTrainer, Phase
+from distill.core.errors import DistillError
+from distill.lm.evaluate import evaluate_model
+from distill.lm.models import count_parameters, quiet_transformers, tiny_llama_config
+from distill.lm.recipe import TrainSpec
+from distill.lm.tasks import get_task
+from distill.lm.trainer import LMTrainer, Phase
 
 
 def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
@@ -23,8 +23,8 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                   threads: int | None = None, overwrite: bool = False, resume: bool = False,
                   model_overrides: dict | None = None) -> dict:
     """Train the teacher of `builtin:<task>` into `out`; returns its final eval metrics."""
-    from distill.data import tokenize
-    from distill.pipeline import make_accelerator, _save_model_atomically
+    from distill.lm.data import tokenize
+    from distill.lm.run import make_accelerator, _save_model_atomically
 
     quiet_transformers()
     task = get_task(task_name.removeprefix("builtin:"))

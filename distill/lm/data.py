@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.data import IGNORE_INDEX, Example
+from distill.lm.data import IGNORE_INDEX, Example
 
 
 @dataclass

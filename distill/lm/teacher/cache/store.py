@@ -8,7 +8,7 @@ Layout of a cache directory:
     eval-00003.safetensors     (the eval split is cached too: the report's teacher row and the
                                students' agreement with the teacher come from it)
 
-A shard holds the codec's arrays (`distill/cache/codec.py`) for all its tokens plus `tokens`
+A shard holds the codec's arrays (`distill/lm/teacher/cache/codec.py`) for all its tokens plus `tokens`
 (int32 [examples]: completion tokens per example); its safetensors metadata holds the example
 ids and each example's content hash (input ids + labels), so rows are matched to examples by
 id and a changed example is caught rather than trained on with another example's teacher.
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.cache.codec import decode_topk
-from distill.errors import DistillError
+from distill.lm.teacher.cache.codec import decode_topk
+from distill.core.errors import DistillError
 
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1

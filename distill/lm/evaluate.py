@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from distill.data import IGNORE_INDEX, Example, collate
+from distill.lm.data import IGNORE_INDEX, Example, collate
 from distill.losses.logits import forward_kl
 from distill.losses.sparse import student_topk_tail_logits, teacher_topk_tail_logits
-from distill.models import count_parameters
+from distill.lm.models import count_parameters
 
 
 @torch.no_grad()

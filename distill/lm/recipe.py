@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 BUILTIN_TASKS = ("oracle", "arithmetic")
 
@@ -399,7 +399,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | tuple
 def builtin_recipe_path(name: str) -> Path:
     """`builtin:oracle-demo` -> the recipe shipped inside the package."""
     stem = name.removeprefix("builtin:")
-    path = Path(__file__).parent / "recipes" / f"{stem}.yaml"
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{stem}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise DistillError(f"no built-in recipe `{stem}`", fix=f"use one of: {', '.join(known)}")

@@ -8,8 +8,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.errors import DistillError
-from distill.report import format_table
+from distill.core.errors import DistillError
+from distill.core.report import format_table
 
 FINISHED_MARKER = "results.json"
 

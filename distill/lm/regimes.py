@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from distill.data import IGNORE_INDEX, Example
+from distill.lm.data import IGNORE_INDEX, Example
 from distill.losses.policy import group_advantages, opd_loss
 
 
@@ -73,7 +73,7 @@ def student_samples(trainer, examples: list[Example], step: int, micro: int, ran
     generator = sampling_generator(trainer.spec.seed, step, micro, rank)
     if policy.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= policy.lmbda:
         return examples
-    from distill.teacher.generate import sample
+    from distill.lm.generate import sample
 
     generation = sample(trainer.model, [prompt_of(e) for e in examples], max_new_tokens=policy.max_new_tokens,
                         pad_token_id=trainer.pad_token_id, eos_token_id=policy.eos_token_id,
@@ -93,7 +93,7 @@ def opd_samples(trainer, examples: list[Example], step: int, micro: int, rank: i
     opd = trainer.phase.opd
     policy = opd.sampling
     prompts = [prompt_of(e) for e in examples[:len(examples) // opd.group_size] for _ in range(opd.group_size)]
-    from distill.teacher.generate import sample
+    from distill.lm.generate import sample
 
     generation = sample(trainer.model, prompts, max_new_tokens=policy.max_new_tokens,
                         pad_token_id=trainer.pad_token_id, eos_token_id=policy.eos_token_id,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 IMAGE_TASKS = ("digits", "mnist5k")
 

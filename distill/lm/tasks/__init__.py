@@ -5,9 +5,9 @@ A task makes a tokenizer, seeded train/eval records in the same shapes as user d
 """
 from __future__ import annotations
 
-from distill.errors import DistillError
-from distill.tasks.arithmetic import ArithmeticTask
-from distill.tasks.oracle import OracleTask
+from distill.core.errors import DistillError
+from distill.lm.tasks.arithmetic import ArithmeticTask
+from distill.lm.tasks.oracle import OracleTask
 
 TASKS = {"oracle": OracleTask, "arithmetic": ArithmeticTask}
 

@@ -15,7 +15,7 @@ import difflib
 import torch
 from torch import nn
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 OUTPUT_FIELDS = ("hidden_states", "attentions")
 

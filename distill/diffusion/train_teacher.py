@@ -10,8 +10,8 @@ import torch
 
 from distill.diffusion.data import diffusion_task
 from distill.diffusion.models import build_denoiser, save_denoiser
-from distill.errors import DistillError
-from distill.train.diffusion import train_denoiser
+from distill.core.errors import DistillError
+from distill.diffusion.trainer import train_denoiser
 
 SHAPES = {"gmm2d": ("mlp", {"hidden": 128, "layers": 3}), "digits": ("conv", {"channels": 64, "blocks": 4})}
 # Updates of the shipped teachers. digits keeps an EMA of its weights (decay 0.999). A 32-channel, 3-block

@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tqdm.auto import tqdm
 
-from distill.data import IGNORE_INDEX, BatchOrder, Example, collate
-from distill.errors import DistillError
+from distill.lm.data import IGNORE_INDEX, BatchOrder, Example, collate
+from distill.core.errors import DistillError
 from distill.losses import TaidSchedule, cross_entropy, get_loss, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
 from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
-from distill.recipe import ObjectiveSpec, TrainSpec
-from distill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from distill.train.onpolicy import (opd_samples, opd_step_loss, self_distill_examples, self_distill_loss,
+from distill.lm.recipe import ObjectiveSpec, TrainSpec
+from distill.core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from distill.lm.regimes import (opd_samples, opd_step_loss, self_distill_examples, self_distill_loss,
                                     student_samples)
 
 if TYPE_CHECKING:
-    from distill.cache.store import TeacherCache
-    from distill.train.onpolicy import OPD, OnPolicy, SelfDistill
+    from distill.lm.teacher.cache.store import TeacherCache
+    from distill.lm.regimes import OPD, OnPolicy, SelfDistill
 
 # Testing aid: stop as if killed right after the checkpoint of this step (see tests/test_resume.py).
 CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
@@ -46,7 +46,7 @@ class Phase:
     checkpoint_dir: Path
     teacher: torch.nn.Module | None = None
     objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(loss="forward_kl", kd_weight=0.0, ce_weight=1.0))
-    # Instead of `teacher`: its stored top-k (distill/cache), the cache row span of every training
+    # Instead of `teacher`: its stored top-k (distill/lm/teacher/cache), the cache row span of every training
     # example (by index), and how a sparse teacher meets the student ("tail" or "renormalize").
     cache: "TeacherCache | None" = None
     cache_spans: list[tuple[int, int]] | None = None

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.classifier.hooks import FeatureTaps, check_feature_name, forward
+from distill.core.hooks import FeatureTaps, check_feature_name, forward
 from distill.classifier.recipe import CE_TERM, ClassifierRegimeSpec, ClassifierTrainSpec, TermSpec
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 from distill.losses.classic import CLASSIC_REGISTRY
 from distill.losses.ensemble import balanced_divergence, combine_teachers
 from distill.losses.features import FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES, class_means, nd_loss

@@ -1,7 +1,7 @@
 """Your own prompt/completion data scored by generating: exact match of greedy completions."""
 from __future__ import annotations
 
-from distill.evaluate import greedy_exact_match
+from distill.lm.evaluate import greedy_exact_match
 
 
 class CompletionsScorer:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.evaluate import greedy_exact_match
-from distill.tasks.vocab import word_level_tokenizer
+from distill.lm.evaluate import greedy_exact_match
+from distill.lm.tasks.vocab import word_level_tokenizer
 
 NUM_DIGITS = 4
 

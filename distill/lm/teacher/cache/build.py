@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill.cache.codec import encode_topk
-from distill.cache.store import (FORMAT, FORMAT_VERSION, MANIFEST, dataset_fingerprint, example_hash,
+from distill.lm.teacher.cache.codec import encode_topk
+from distill.lm.teacher.cache.store import (FORMAT, FORMAT_VERSION, MANIFEST, dataset_fingerprint, example_hash,
                                  identity_differences, read_manifest, teacher_identity, tokenizer_sha256,
                                  write_json_atomically, write_shard)
-from distill.data import IGNORE_INDEX, collate
-from distill.errors import DistillError
-from distill.recipe import Recipe, load_recipe
+from distill.lm.data import IGNORE_INDEX, collate
+from distill.core.errors import DistillError
+from distill.lm.recipe import Recipe, load_recipe
 
 # Testing aid: stop as if killed after this many shards were written (tests/test_cache.py).
 STOP_AFTER_SHARDS_ENV = "DISTILL_CACHE_STOP_AFTER_SHARDS"
@@ -46,9 +46,9 @@ def build_cache(recipe: str | Path | dict | Recipe, overrides: tuple[str, ...] =
                 k: int | None = None, ids: str | None = None, values: str | None = None,
                 shard_examples: int | None = None) -> Path:
     """Build (or finish) the cache of the recipe's teacher on its train and eval data; return its directory."""
-    from distill.evaluate import evaluate_model
-    from distill.models import DTYPES, load_causal_lm, load_tokenizer, quiet_transformers, resolve_model_path
-    from distill.pipeline import CompletionsScorer, get_task, load_data, make_accelerator
+    from distill.lm.evaluate import evaluate_model
+    from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, quiet_transformers, resolve_model_path
+    from distill.lm.run import CompletionsScorer, get_task, load_data, make_accelerator
 
     recipe = load_recipe(recipe, overrides)
     regime = recipe.regime

@@ -9,9 +9,9 @@ import torch
 from distill.classifier.evaluate import evaluate_classifier
 from distill.classifier.models import build_classifier, save_classifier
 from distill.classifier.recipe import CE_TERM, ClassifierRegimeSpec, ClassifierTrainSpec, TermSpec
-from distill.errors import DistillError
-from distill.tasks.images import IMAGE_TASKS, load_image_task
-from distill.train.classifier import ClassifierTrainer
+from distill.core.errors import DistillError
+from distill.classifier.data import IMAGE_TASKS, load_image_task
+from distill.classifier.trainer import ClassifierTrainer
 
 TEACHER_SHAPES = {"digits": {"channels": [32, 64], "hidden": 128}, "mnist5k": {"channels": [32, 64], "hidden": 128}}
 EVAL_SIZES = {"digits": 300, "mnist5k": 1000}  # the recipes' default split: the teacher never sees their eval set

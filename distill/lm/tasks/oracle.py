@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.tasks.vocab import SPECIAL_TOKENS, word_level_tokenizer
+from distill.lm.tasks.vocab import SPECIAL_TOKENS, word_level_tokenizer
 
 NUM_STATES = 32
 NUM_SYMBOLS = 64

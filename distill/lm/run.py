@@ -21,19 +21,19 @@ from accelerate import Accelerator
 from transformers import AutoConfig
 from accelerate.utils import gather_object
 
-from distill.data import read_records, tokenize
-from distill.errors import DistillError
-from distill.evaluate import evaluate_model
-from distill.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
+from distill.lm.data import read_records, tokenize
+from distill.core.errors import DistillError
+from distill.lm.evaluate import evaluate_model
+from distill.lm.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
                             quiet_transformers, resolve_model_path)
-from distill.recipe import Recipe, load_recipe
-from distill.report import ROW_NAMES, write_report
-from distill.rundir import RunResult, prepare_output_dir
-from distill.tasks import get_task
-from distill.tasks.completions import CompletionsScorer
-from distill.teacher.sequences import teacher_sequences
-from distill.train.lm import LMTrainer, Phase
-from distill.train.onpolicy import OPD, OnPolicy, SelfDistill, prompt_of
+from distill.lm.recipe import Recipe, load_recipe
+from distill.core.report import ROW_NAMES, write_report
+from distill.core.rundir import RunResult, prepare_output_dir
+from distill.lm.tasks import get_task
+from distill.lm.tasks.completions import CompletionsScorer
+from distill.lm.teacher.sequences import teacher_sequences
+from distill.lm.trainer import LMTrainer, Phase
+from distill.lm.regimes import OPD, OnPolicy, SelfDistill, prompt_of
 
 def make_accelerator() -> Accelerator:
     # Without a GPU, plain Accelerator() under `accelerate launch --multi_gpu` gives independent
@@ -139,7 +139,7 @@ def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
 def open_cache(recipe: Recipe, tokenizer, train_examples) -> tuple["TeacherCache", list[tuple[int, int]]]:
     """The recipe's teacher cache, checked against this run's teacher, tokenizer and data, and the
     cache rows (offset, count) of every training example."""
-    from distill.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
+    from distill.lm.teacher.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
 
     regime = recipe.regime
     cache = TeacherCache(regime.path, k=regime.k if "k" in regime.model_fields_set else None)
