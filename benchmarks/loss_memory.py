@@ -45,14 +45,14 @@ def worker(impl: str, vocab: int, loss_name: str, tokens: int, hidden: int, thre
     spec = LOSSES[loss_name]
 
     if impl == "naive":
-        from distill.losses import get_loss
+        from distill.losses import get_spec
 
         def step():
             logits = student_hidden @ student_weight.T
             with torch.no_grad():
                 teacher_logits = teacher_hidden @ teacher_weight.T
             params = {"beta": spec["beta"]} if spec["loss"] == "jsd" else {}
-            return get_loss(spec["loss"])(logits, teacher_logits, labels != -100, **params)
+            return get_spec(spec["loss"], kind="token").fn(logits, teacher_logits, labels != -100, **params)
     elif impl == "distill":
         from distill.losses.fused import TeacherSignal, fused_linear_distillation
 

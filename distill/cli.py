@@ -1,4 +1,4 @@
-"""The `distill` command line: demo, run, cache, train-teacher, losses, report.
+"""The `distill` command line: demo, run, eval, compare, report, cache, train-teacher, losses, layers.
 
 Every user-fixable problem is a `DistillError`: printed as `field: message` + `fix:`, exit code 2,
 no traceback.
@@ -25,30 +25,24 @@ errors = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 SET_HELP = "Override a recipe field, e.g. --set train.steps=50 (repeatable)."
 
 
-def _print_result(result) -> None:
-    from distill.core.report import best_line, footnote, table_rows, verdict_line
+def _print_result(result, title: str | None = None) -> None:
+    from distill.core.report import notes, table_rows
 
-    if result.extras.get("recipe", {}).get("task") == "diffusion":
-        from distill.diffusion.run import _table
-
-        header, body = _table(result.rows)
-    else:
-        header, body = table_rows(result.rows, result.primary_metric)
-    table = Table(title=f"distill: {result.run_dir}")
+    header, body = table_rows(result.rows, result.meta)
+    table = Table(title=title or f"distill: {result.run_dir}")
     for column in header:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in body:
         table.add_row(*row)
     console.print(table)
-    verdict = verdict_line(result.rows, result.primary_metric, result.higher_is_better)
-    for line in (verdict, best_line(result.extras.get("best_eval", {})), footnote(result.rows)):
-        if line:
-            console.print(line)
-    console.print(f"report: {result.run_dir / 'report.html'}")
+    for line in notes(result.rows, result.meta):
+        console.print(line)
+    if result.run_dir is not None and (result.run_dir / "report.html").is_file():
+        console.print(f"report: {result.run_dir / 'report.html'}")
 
 
 def _run(recipe: str, overrides: list[str], resume: bool, overwrite: bool) -> None:
-    from distill.lm.recipe import load_recipe
+    from distill.core.recipe import load_recipe
 
     checked = load_recipe(recipe, overrides)  # fails fast, before torch/transformers load
     from distill import run
@@ -103,9 +97,12 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
     if recipe is None:
         raise DistillError("give a recipe to build a cache from, or --verify DIR", field="RECIPE",
                            fix="distill cache recipe.yaml  (or: distill cache --verify DIR)")
-    from distill.lm.recipe import load_recipe
+    from distill.core.recipe import load_recipe
 
     checked = load_recipe(recipe, set_)
+    if checked.task != "lm":
+        raise DistillError(f"a teacher cache holds a causal LM's top-k tokens; this recipe is task {checked.task}",
+                           field="task", fix="give a task: lm recipe")
     for name, value, allowed in (("--ids", ids, ("rice", "packed")), ("--values", values, ("int8", "float16"))):
         if value is not None and value not in allowed:
             raise DistillError(f"{name} must be one of {', '.join(allowed)}, got `{value}`", field=name,
@@ -128,72 +125,64 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
                           overwrite: bool = typer.Option(False, "--overwrite"),
                           resume: bool = typer.Option(False, "--resume")):
-    """Train a built-in task's teacher with the same trainer (plain cross-entropy)."""
-    if not task.startswith("builtin:"):
-        raise DistillError(f"`{task}` is not a built-in task", field="TASK",
-                           fix="use builtin:oracle, arithmetic, digits, mnist5k or gmm2d")
-    from distill.classifier.data import IMAGE_TASKS
+    """Train a built-in task's teacher with the same trainer as its family (plain cross-entropy)."""
+    from distill.core.families import family_names, get_family
 
     name = task.removeprefix("builtin:")
-    if name == "gmm2d" or (diffusion and name == "digits"):  # an EDM denoiser, --steps updates
-        from distill.diffusion.train_teacher import train_diffusion_teacher
-
-        console.print_json(json.dumps(train_diffusion_teacher(name, out, steps=steps, seed=seed, threads=threads or 1,
-                                                              overwrite=overwrite)))
-        return
-    if name in IMAGE_TASKS:  # a CNN trained on labels for --epochs
-        from distill.classifier.train_teacher import train_image_teacher
-
-        metrics = train_image_teacher(task.removeprefix("builtin:"), out, epochs=epochs, seed=seed,
-                                      threads=threads or 1, overwrite=overwrite)
-        console.print_json(json.dumps(metrics))
-        return
-    from distill.lm.train_teacher import train_teacher
-
-    metrics = train_teacher(task, out, **({"steps": steps} if steps else {}), batch_size=batch_size, lr=lr,
-                            train_size=train_size, seed=seed, threads=threads, overwrite=overwrite, resume=resume)
+    families = [get_family(f) for f in family_names()]
+    owners = [f for f in families if name in f.teacher_tasks]
+    if diffusion:  # builtin:digits is a classifier task and a diffusion task: --diffusion picks the denoiser
+        owners = [f for f in owners if f.task == "diffusion"]
+    elif len(owners) > 1:
+        owners = [f for f in owners if f.task != "diffusion"]
+    if not task.startswith("builtin:") or not owners:
+        known = ", ".join(dict.fromkeys(f"builtin:{t}" for f in families for t in f.teacher_tasks))
+        raise DistillError(f"`{task}` is not a built-in task with a teacher", field="TASK", fix=f"use one of: {known}")
+    family = owners[0]
+    if family.task == "diffusion":  # an EDM denoiser, --steps updates
+        options = dict(steps=steps, seed=seed, threads=threads or 1, overwrite=overwrite)
+    elif family.task == "classifier":  # a CNN trained on labels for --epochs
+        options = dict(epochs=epochs, seed=seed, threads=threads or 1, overwrite=overwrite)
+    else:
+        options = dict(**({"steps": steps} if steps else {}), batch_size=batch_size, lr=lr, train_size=train_size,
+                       seed=seed, threads=threads, overwrite=overwrite, resume=resume)
+        name = task  # the LM trainer takes builtin:<task>
+    metrics = family.train_teacher(name, out, **options)
     if metrics:
         console.print_json(json.dumps(metrics))
 
 
 @app.command()
 def losses():
-    """Every objective with its formula, parameters and paper."""
-    from distill.losses import FORMULAS, PAPERS, REGISTRY, loss_parameters
+    """Every registered loss, one table per kind titled with the recipe field that names it: name (aliases),
+    formula, parameters with their allowed ranges, paper."""
+    from distill.losses import KINDS, specs
 
-    table = Table(title="distill objectives: fn(student_logits, teacher_logits, mask, temperature=1.0, **params)")
-    for column in ("name", "formula", "parameters", "paper"):
-        table.add_column(column, overflow="fold")
-    for name in REGISTRY:
-        params = ", ".join(f"{k}={v}" for k, v in loss_parameters(name).items()) or "-"
-        table.add_row(name, FORMULAS[name], params, PAPERS[name])
-    console.print(table)
-    from distill.losses.classic import CLASSIC_FORMULAS, CLASSIC_PAPERS, CLASSIC_REGISTRY, classic_parameters
-    from distill.losses.features import FEATURE_FORMULAS, FEATURE_PAPERS
-
-    table = Table(title="task: classifier objective terms (objective.terms: [{loss: NAME, weight, ...params}])")
-    for column in ("name", "formula", "parameters", "paper"):
-        table.add_column(column, overflow="fold")
-    table.add_row("ce", "cross-entropy with the labels", "-", "-")
-    for name in CLASSIC_REGISTRY:
-        params = ", ".join(f"{k}={v}" for k, v in classic_parameters(name).items()) or "-"
-        table.add_row(name, CLASSIC_FORMULAS[name], params, CLASSIC_PAPERS[name])
-    table.add_row("bdkd", "T^2 (a_i KL(p_T||p_S) + b_i KL(p_S||p_T)), (a, b) = (1, gamma) if H(p_S) > H(p_T) "
-                  "else (gamma, 1)", "temperature=1.0, gamma=2.0", "Amara et al. 2022, BD-KD")
-    for name, formula in FEATURE_FORMULAS.items():
-        table.add_row(name, formula, "student_layer, teacher_layer, projector=auto", FEATURE_PAPERS[name])
-    console.print(table)
-    from distill.losses.diffusion import DIFFUSION_FORMULAS, DIFFUSION_PAPERS, FDIVERGENCE_WEIGHTS
-
-    table = Table(title="task: diffusion objectives (student.method: dmd | consistency | progressive; "
-                        "objective.divergence weighs DMD)")
-    for column in ("name", "formula", "paper"):
-        table.add_column(column, overflow="fold")
-    for name, formula in DIFFUSION_FORMULAS.items():
-        table.add_row(name, formula, DIFFUSION_PAPERS[name])
-    for name, weight in FDIVERGENCE_WEIGHTS.items():
-        table.add_row(f"divergence: {name}", weight, DIFFUSION_PAPERS["f_divergence_weight"])
-    console.print(table)
+    where = {  # kind -> the recipe field that names a loss of that kind
+        "token": "task lm: objective.loss (extra objective keys are its parameters)",
+        "classifier": "task classifier: objective.terms[].loss, logit terms (extra term keys are the parameters)",
+        "feature": "task classifier: objective.terms[].loss, feature terms (with student_layer, teacher_layer, "
+                   "projector)",
+        "diffusion": "task diffusion: student.method (dmd | consistency | progressive) trains with these",
+        "f_divergence": "task diffusion: objective.divergence (the f-divergence weighting DMD's gradient)",
+    }
+    for kind in KINDS:
+        table = Table(title=f"{kind} losses - {where.get(kind, 'no recipe field')}")
+        table.add_column("name", no_wrap=True)  # names are what a recipe writes: never folded
+        for column in ("formula", "parameters", "notes", "paper"):
+            table.add_column(column, overflow="fold")
+        for spec in sorted(specs(kind), key=lambda spec: not spec.is_objective):  # the objectives, then pieces
+            notes = [note for note, applies in (
+                ("not an objective itself: a piece of one", not spec.is_objective),
+                ("couples tokens: no fused path", not spec.token_separable),
+                (f"schedule: {spec.schedule}", spec.schedule),
+                ("needs labels", spec.needs_labels), ("no teacher", not spec.needs_teacher),
+                ("teacher's class means", spec.needs_class_means), ("equal shapes", spec.equal_shapes),
+                (f"batch >= {spec.min_examples}", spec.min_examples > 1)) if applies]
+            aliases = f" ({', '.join(spec.aliases)})" if spec.aliases else ""
+            table.add_row(escape(spec.name + aliases), escape(spec.formula), escape(spec.describe_params()),
+                          escape("; ".join(notes) or "-"), escape(spec.paper))
+        console.print(table)
 
 
 @app.command()
@@ -224,30 +213,57 @@ def layers(model: str = typer.Argument(..., help="A saved classifier directory, 
 @app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Finished run directories.")):
     """Print the result table of finished runs."""
-    from distill.core.rundir import FINISHED_MARKER, RunResult
+    from distill.core.rundir import RunResult
 
     for run_dir in run_dirs:
-        if not (run_dir / FINISHED_MARKER).is_file():
-            raise DistillError(f"`{run_dir}` holds no finished run (no {FINISHED_MARKER})", field="RUN_DIRS",
-                               fix="give the output directory of a run that completed")
         _print_result(RunResult.load(run_dir))
+
+
+@app.command("eval")
+def eval_command(target: Path = typer.Argument(..., help="A finished run directory, or a saved model directory "
+                                                         "(e.g. a run's student/)."),
+                 data: Optional[str] = typer.Option(None, "--data", help="A saved model: builtin:<task> or a data "
+                                                                         "file to score it on."),
+                 recipe: Optional[str] = typer.Option(None, "--recipe", help="Score on this recipe's data, with "
+                                                                             "its teacher."),
+                 set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Applies to the recipe used."),
+                 output: Optional[Path] = typer.Option(None, "--output", help="Also write the rows as JSON here.")):
+    """Re-evaluate a finished run's models, or any saved model, and print the same rows a run reports."""
+    from distill.core.evaluation import evaluate
+
+    result = evaluate(target, data=data, recipe=recipe, overrides=set_, output=output)
+    _print_result(result, title=f"distill eval: {target}")
+    if output is not None:
+        console.print(f"rows: {output}")
+
+
+@app.command()
+def compare(runs: List[Path] = typer.Argument(..., help="Two or more finished run directories."),
+            output: Optional[Path] = typer.Option(None, "--output", help="Write compare.md, compare.html and "
+                                                                         "plots/ into this directory.")):
+    """Finished runs side by side: every shared metric (best per column marked), eval curves overlaid."""
+    from distill.core.evaluation import compare as compare_runs
+
+    console.print(compare_runs(runs, output=output), markup=False, highlight=False)
+    if output is not None:
+        console.print(f"written: {output / 'compare.md'}, {output / 'compare.html'}")
 
 
 def main() -> None:
     try:
         app(standalone_mode=False)
     except DistillError as error:
-        errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False)
+        errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted; continue with `distill run RECIPE --resume`")
         sys.exit(130)
-    except Exception as error:  # click usage errors come through here in non-standalone mode
-        import click
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        if isinstance(error, click.exceptions.Abort):
+    except Exception as error:  # click's usage errors (typer ships its own click) come here in non-standalone mode
+        show, exit_code = getattr(error, "show", None), getattr(error, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            sys.exit(exit_code)
+        if type(error).__name__ == "Abort":
             sys.exit(130)
         raise
 

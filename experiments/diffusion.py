@@ -130,7 +130,7 @@ def sample_grid(task: str, out: Path, seed: int, path: Path) -> None:
     noise draw, in the run reports' layout."""
     from distill.diffusion.data import diffusion_task
     from distill.diffusion.models import load_denoiser
-    from distill.diffusion.run import _plot
+    from distill.diffusion.figures import plot_samples
     from distill.diffusion.sampler import sample_ode
     from distill.diffusion.trainer import ConsistencyModel, Schedule, consistency_sample, one_step
 
@@ -156,7 +156,7 @@ def sample_grid(task: str, out: Path, seed: int, path: Path) -> None:
             if config["method"] == "progressive":  # a student per round: student/ is the 1-step one
                 samples[f"{arm} 1"] = sample_ode(student, z, schedule.sigmas(1), "ddim")
     samples["data"] = data.sample(len(z), torch.Generator().manual_seed(seed))
-    _plot(samples, data, path)
+    plot_samples(samples, data, path)
 
 
 def main() -> None:

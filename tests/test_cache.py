@@ -14,7 +14,8 @@ import torch
 
 import distill
 from distill.lm.teacher.cache.build import teacher_topk
-from distill.lm.teacher.cache.store import TeacherCache, sha256_file
+from distill.core.io import sha256_file
+from distill.lm.teacher.cache.store import TeacherCache
 from distill.lm.data import IGNORE_INDEX, Example, collate
 from distill.core.errors import DistillError
 
@@ -78,12 +79,12 @@ def test_build_stores_the_teachers_top_k_and_tail(built, tiny_lm_dir, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from distill.lm.models import load_tokenizer
-    from distill.lm.run import load_data
-    from distill.lm.recipe import load_recipe
+    from distill.lm.data import load_data
+    from distill.core.recipe import load_recipe
     from distill.lm.tasks import get_task
 
     tokenizer = load_tokenizer(str(tiny_lm_dir), "teacher.path")
-    _, _, train_examples, _ = load_data(load_recipe(recipe), tokenizer, get_task("oracle"))
+    _, _, train_examples, _ = load_data(load_recipe(recipe).data, tokenizer, get_task("oracle"))
     teacher = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     cache = TeacherCache(tmp_path / "cache")
     spans = cache.rows_for("train", train_examples)

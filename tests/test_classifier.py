@@ -89,7 +89,7 @@ def test_omitted_class_is_left_out_of_the_transfer_set_and_scored(tmp_path):
     recipe = _recipe(tmp_path, data={"builtin": "digits", "eval_size": 200, "train_size": 400,
                                      "exclude_classes": [3]})
     result = distill.run(recipe)
-    assert result.extras["train_examples"] < 400 * 0.95  # ~10% of the examples were 3s
+    assert result.meta["train_examples"] < 400 * 0.95  # ~10% of the examples were 3s
     assert "accuracy_class_3" in result.rows["distilled"] and "accuracy_class_3" in result.rows["alone"]
     # The student alone never saw a 3 and never predicts one.
     assert result.rows["alone"]["accuracy_class_3"] == 0.0
@@ -190,3 +190,87 @@ def test_layers_command_lists_hookable_modules(run_cli):
         assert name in done.stdout
     missing = run_cli("layers", "/nonexistent/model")
     assert missing.returncode == 2 and "MODEL" in missing.stderr
+
+
+@pytest.mark.parametrize("regime, objective, teacher", [
+    ({"kind": "frozen"}, [{"loss": "kd", "temperature": 4},
+                          {"loss": "fitnets", "weight": 0.1, "student_layer": "fc1", "teacher_layer": "fc"}], True),
+    ({"kind": "multi_teacher"}, [{"loss": "kd"}], True),
+    ({"kind": "self", "self_teacher": "ema", "ema_decay": 0.9}, [{"loss": "ce"}, {"loss": "kd"}], False),
+    ({"kind": "online"}, [{"loss": "ce"}, {"loss": "bdkd"}], False),
+])
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, regime, objective, teacher):
+    # 400 examples / 64 = 7 steps per epoch; the crash after step 10 falls inside the second epoch (a
+    # data order drawn before the crash must be drawn again), the projector and EMA teacher are restored.
+    from conftest import assert_same_student, run_interrupted_and_resumed
+
+    sections = {"regime": regime, "objective": {"terms": objective},
+                "train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "log_every": 2, "checkpoint_every": 5}}
+    if regime["kind"] == "multi_teacher":
+        sections.update(teacher=None, teachers=[{"path": "builtin:digits-teacher"}] * 2)
+    if not teacher:
+        sections["teacher"] = None
+    recipe = {k: v for k, v in _recipe(tmp_path, **sections).items() if v is not None}
+    straight, resumed = run_interrupted_and_resumed(recipe, tmp_path, monkeypatch, crash_after=10)
+    assert_same_student(straight.run_dir, resumed.run_dir)
+    timing = {"examples_per_second"}
+    assert {r: {k: v for k, v in m.items() if k not in timing} for r, m in straight.rows.items()} == \
+        {r: {k: v for k, v in m.items() if k not in timing} for r, m in resumed.rows.items()}
+    for log in ("metrics.jsonl", "losses.jsonl"):  # appended, never deleted: the same lines, none twice
+        lines = [{k: v for k, v in json.loads(line).items() if "seconds" not in k and k not in timing}
+                 for line in (resumed.run_dir / log).read_text().splitlines()]
+        straight_lines = [{k: v for k, v in json.loads(line).items() if "seconds" not in k and k not in timing}
+                          for line in (straight.run_dir / log).read_text().splitlines()]
+        assert lines == straight_lines, log
+
+
+def test_python_api_writes_the_resolved_call_as_yaml_and_resumes(tmp_path, monkeypatch):
+    import yaml
+
+    train, evaluation = _digits_split()
+
+    def call(output, **options):
+        torch.manual_seed(0)
+        teacher = build_classifier("mlp", (1, 8, 8), 10, {"hidden": [32]}, seed=1)
+        student = build_classifier("mlp", (1, 8, 8), 10, {"hidden": [8]}, seed=2)
+        return distill.distill_classifier(teacher.eval(), student, train=train, eval=evaluation,
+                                          train_options={"epochs": 2, "checkpoint_every": 4}, output=output, **options)
+    straight = call(tmp_path / "a")
+    saved = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert saved["api"] == "distill_classifier" and saved["objective"]["terms"][0]["loss"] == "kd"
+    assert saved["train"]["epochs"] == 2 and saved["train"]["batch_size"] == 64  # defaults resolved
+    monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "4")
+    with pytest.raises(SystemExit):
+        call(tmp_path / "b")
+    monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
+    resumed = call(tmp_path / "b", resume=True)
+    for key, value in load_file(str(straight.run_dir / "student" / "model.safetensors")).items():
+        assert torch.equal(value, load_file(str(resumed.run_dir / "student" / "model.safetensors"))[key]), key
+
+
+def test_eval_and_compare_through_the_cli(tmp_path, run_cli):
+    first = distill.run(_recipe(tmp_path, output=str(tmp_path / "kd")))
+    second = distill.run(_recipe(tmp_path, output=str(tmp_path / "dkd"),
+                                 objective={"terms": [{"loss": "dkd", "warmup_epochs": 1}]}))
+    # A finished run re-evaluated: the same rows (throughput aside), teacher first.
+    done = run_cli("eval", first.run_dir, "--output", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "alone", "distilled"]
+    for row, metrics in first.rows.items():
+        assert rows[row]["accuracy"] == metrics["accuracy"] and rows[row]["nll"] == pytest.approx(metrics["nll"])
+    # A lone saved student on a task: its own row, no teacher.
+    lone = run_cli("eval", first.run_dir / "student", "--data", "builtin:digits", "--set", "data.eval_size=200",
+                   "--set", "data.train_size=400", "--output", tmp_path / "lone.json")
+    assert lone.returncode == 0, lone.stderr[-3000:]
+    lone_rows = json.loads((tmp_path / "lone.json").read_text())["rows"]
+    assert list(lone_rows) == ["model"] and lone_rows["model"]["accuracy"] == first.rows["distilled"]["accuracy"]
+    compared = run_cli("compare", first.run_dir, second.run_dir, "--output", tmp_path / "cmp")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    markdown = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "kd / distilled" in markdown and "dkd / distilled" in markdown and " *" in markdown
+    best = max(r["accuracy"] for run in (first, second) for r in run.rows.values())
+    assert f"{best:.4f} *" in markdown
+    assert (tmp_path / "cmp" / "compare.html").is_file() and (tmp_path / "cmp" / "plots" / "eval_curves.png").is_file()
+    bad = run_cli("eval", tmp_path / "nowhere")
+    assert bad.returncode == 2 and "TARGET" in bad.stderr

@@ -41,10 +41,10 @@ def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
         assert list(results["rows"]) == ["teacher", "alone", "distilled"]
     speed = "examples_per_second" if classifier else "generation_tokens_per_second"
     for row in results["rows"].values():
-        expected = {"nll", "parameters", speed, results["primary_metric"]}
+        expected = {"nll", "parameters", speed, results["meta"]["primary_metric"]}
         assert expected | (set() if classifier else {"teacher_top1_agreement"}) <= row.keys()
     assert results["rows"]["alone"]["parameters"] == results["rows"]["distilled"]["parameters"]
-    assert "distilled" in result.stdout and results["primary_metric"] in result.stdout
+    assert "distilled" in result.stdout and results["meta"]["primary_metric"] in result.stdout
 
 
 def test_run_directory_holds_everything_a_user_needs(tiny_recipe, write_recipe, run_cli, tmp_path):
@@ -55,7 +55,7 @@ def test_run_directory_holds_everything_a_user_needs(tiny_recipe, write_recipe, 
     run = tmp_path / "run"
     for name in ("recipe.yaml", "metrics.jsonl", "losses.jsonl", "results.json", "report.md", "report.html",
                  "plots/loss.png", "plots/eval_metric.png", "student/config.json", "student/model.safetensors",
-                 "student/tokenizer.json", "alone/config.json", "checkpoint/state.json"):
+                 "student/tokenizer.json", "alone/config.json", "checkpoints/distilled/state.json"):
         assert (run / name).exists(), name
     saved = (run / "recipe.yaml").read_text()
     assert "beta: 0.25" in saved and "steps: 3" in saved  # the resolved recipe, overrides applied
@@ -92,18 +92,64 @@ def test_demo_command_at_tiny_size(run_cli, tmp_path):
     assert "oracle_forward_kl" in result.stdout and (out / "results.json").exists()
 
 
-def test_losses_command_lists_every_objective(run_cli):
-    from distill.losses import REGISTRY
+def test_losses_command_lists_every_registered_loss_under_its_recipe_field():
+    """`distill losses` (in process): one table per kind, titled with the recipe field that names its losses;
+    every registered name and alias, with its parameters' ranges."""
+    from typer.testing import CliRunner
 
-    result = run_cli("losses")
-    assert result.returncode == 0
-    from distill.losses.classic import CLASSIC_REGISTRY
-    from distill.losses.features import FEATURE_FORMULAS
+    from distill.cli import app
+    from distill.losses import KINDS, specs
 
-    for name in [*REGISTRY, *CLASSIC_REGISTRY, *FEATURE_FORMULAS, "bdkd"]:
-        assert name in result.stdout
-    assert "KL(p_T" in result.stdout and "FitNets" in result.stdout
-    from distill.losses.diffusion import DIFFUSION_FORMULAS, FDIVERGENCES
+    result = CliRunner().invoke(app, ["losses"])
+    assert result.exit_code == 0, result.output
+    output = result.output
+    titles = [line.strip() for line in output.splitlines() if " losses - task " in line]
+    assert [title.split(" losses")[0] for title in titles] == list(KINDS)
+    for kind, field in [("token", "objective.loss"), ("classifier", "objective.terms[].loss"),
+                        ("feature", "objective.terms[].loss"), ("diffusion", "student.method"),
+                        ("f_divergence", "objective.divergence")]:
+        assert field in titles[KINDS.index(kind)], (kind, titles)
+    rows = []  # each table row's cells, its wrapped lines joined (a name cell is empty on continuation lines)
+    for line in output.splitlines():
+        if line.startswith("│"):
+            cells = [cell.strip() for cell in line.strip("│").split("│")]
+            if cells[0] or not rows:
+                rows.append(cells)
+            else:
+                rows[-1] = [f"{before} {after}".strip() for before, after in zip(rows[-1], cells)]
+    listed = {row[0]: row for row in rows}
+    for spec in specs():
+        aliases = f" ({', '.join(spec.aliases)})" if spec.aliases else ""
+        assert spec.name + aliases in listed, spec.name
+    assert len(rows) == len(specs())  # each once: f-divergences and token losses share names, not tables
+    assert listed["jsd"][2] == "beta=0.5 in [0, 1]"
+    assert listed["sinkhorn (sinkd)"][2] == "epsilon=0.1 in (0, inf), iterations=20, an integer in [1, inf)"
+    assert listed["sinkhorn (sinkd)"][3] == "couples tokens: no fused path" and listed["taid"][3] == "schedule: taid"
+    assert listed["progressive_distillation_target"][3] == "not an objective itself: a piece of one"
 
-    for name in [*DIFFUSION_FORMULAS, *(f"divergence: {name}" for name in FDIVERGENCES)]:
-        assert name in result.stdout, name
+
+def test_eval_and_compare_lm_runs(tiny_recipe, run_cli, tmp_path):
+    import distill
+
+    first = distill.run({**tiny_recipe, "output": str(tmp_path / "fkl")})
+    second = distill.run({**tiny_recipe, "output": str(tmp_path / "jsd"), "objective": {"loss": "jsd"}})
+    done = run_cli("eval", first.run_dir, "--output", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "alone", "distilled"]
+    for row, metrics in first.rows.items():
+        assert rows[row]["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
+        assert rows[row]["oracle_forward_kl"] == pytest.approx(metrics["oracle_forward_kl"], rel=1e-6)
+    # The run's student alone on another eval set of the task (a run's student/ defaults to its run's recipe).
+    lone = run_cli("eval", first.run_dir / "student", "--data", "builtin:oracle", "--set", "data.eval_size=4",
+                   "--output", tmp_path / "lone.json")
+    assert lone.returncode == 0, lone.stderr[-3000:]
+    assert list(json.loads((tmp_path / "lone.json").read_text())["rows"]) == ["model"]
+    compared = run_cli("compare", first.run_dir, second.run_dir, "--output", tmp_path / "cmp")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    markdown = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "fkl / distilled" in markdown and "jsd / distilled" in markdown and " *" in markdown
+    assert markdown.index("KL(oracle‖m)") < markdown.index("nll")  # the primary metric first
+    assert (tmp_path / "cmp" / "plots" / "eval_curves.png").is_file()
+    one = run_cli("compare", first.run_dir)
+    assert one.returncode == 2 and "two or more" in one.stderr

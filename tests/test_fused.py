@@ -7,11 +7,16 @@ import math
 import pytest
 import torch
 
-from distill.losses import REGISTRY, cross_entropy, get_loss
+from distill.losses import cross_entropy, get_spec, specs
 from distill.losses.closed_form import closed_form_for
-from distill.losses.fused import TeacherSignal, chunk_size_for, fused_linear_distillation, not_token_separable
+from distill.losses.fused import TeacherSignal, chunk_size_for, fused_linear_distillation
 
-TOKEN_SEPARABLE = [name for name in REGISTRY if name not in not_token_separable()]
+TOKEN_SEPARABLE = [spec.name for spec in specs("token") if spec.token_separable]
+
+
+def token_divergence(name: str):
+    """The registered token divergence `name` (or alias)."""
+    return get_spec(name, kind="token").fn
 
 
 def _problem(dtype, vocab=37, hidden=11, shape=(3, 7), seed=0):
@@ -31,7 +36,7 @@ def _problem(dtype, vocab=37, hidden=11, shape=(3, 7), seed=0):
 def _naive(loss, student_hidden, weight, bias, teacher_logits, labels, mask, kd_weight, ce_weight, **params):
     logits = student_hidden @ weight.T + bias
     valid = mask & (labels != -100)
-    value = kd_weight * get_loss(loss)(logits, teacher_logits, valid, temperature=1.5, **params)
+    value = kd_weight * token_divergence(loss)(logits, teacher_logits, valid, temperature=1.5, **params)
     return value + ce_weight * cross_entropy(logits, labels, valid)
 
 
@@ -63,7 +68,7 @@ CLOSED_FORMS = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
 def test_closed_form_chunks_equal_naive(loss, params, temperature, kd_weight, ce_weight, dtype, tolerance):
     """The in-place closed-form chunk math (no autograd) against autograd on materialised logits."""
-    divergence = get_loss(loss) if kd_weight > 0 else None
+    divergence = token_divergence(loss) if kd_weight > 0 else None
     closed = closed_form_for(divergence, params, kd_weight, ce_weight, temperature)
     uses_generic = loss != "forward_kl" and params.get("beta") != 0.0 and ce_weight > 0 and temperature != 1.0
     assert (closed is None) == uses_generic  # CE at T != 1 beside reverse KL / JSD stays on autograd
@@ -73,8 +78,8 @@ def test_closed_form_chunks_equal_naive(loss, params, temperature, kd_weight, ce
     valid = mask & (labels != -100)
     expected = ce_weight * cross_entropy(logits, labels, valid)
     if kd_weight > 0:
-        expected = expected + kd_weight * get_loss(loss)(logits, teacher_logits, valid, temperature=temperature,
-                                                         **params)
+        expected = expected + kd_weight * token_divergence(loss)(logits, teacher_logits, valid,
+                                                                 temperature=temperature, **params)
     expected_grads = torch.autograd.grad(expected, [student_hidden, weight, bias])
     for chunk_size in (1, 5, 1000):
         value = fused_linear_distillation(student_hidden, weight, TeacherSignal(logits=teacher_logits), labels=labels,
@@ -91,7 +96,7 @@ def test_closed_form_float32_value_keeps_its_digits_at_a_large_vocabulary(loss, 
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(48, 32, generator=generator), torch.randn(20000, 32, generator=generator) * 0.5
     teacher_logits = torch.randn(48, 20000, generator=generator) * 3
-    expected = get_loss(loss)(hidden.double() @ weight.double().T, teacher_logits.double(), **params)
+    expected = token_divergence(loss)(hidden.double() @ weight.double().T, teacher_logits.double(), **params)
     value = fused_linear_distillation(hidden, weight, TeacherSignal(logits=teacher_logits), loss=loss, chunk_size=48,
                                       **params)
     assert value.item() == pytest.approx(expected.item(), rel=3e-7)  # naive float32: ~1e-6
@@ -142,8 +147,8 @@ def test_padded_vocabulary_rows_are_ignored_and_get_no_gradient():
                                       ce_weight=1.0, chunk_size=4)
     logits = (student_hidden @ weight.T)[..., :30]
     valid = mask & (labels != -100)
-    expected = get_loss("forward_kl")(logits, (teacher_hidden @ teacher_weight.T + teacher_bias)[..., :30], valid) \
-        + cross_entropy(logits, labels, valid)
+    teacher_logits = (teacher_hidden @ teacher_weight.T + teacher_bias)[..., :30]
+    expected = token_divergence("forward_kl")(logits, teacher_logits, valid) + cross_entropy(logits, labels, valid)
     torch.testing.assert_close(value, expected)
     grad_weight = torch.autograd.grad(value, weight)[0]
     assert grad_weight[30:].abs().max() == 0
@@ -186,6 +191,15 @@ def test_parts_report_each_unweighted_term_of_one_pass():
                                           kd_weight=0.7, ce_weight=0.3, chunk_size=4, parts=parts)
         logits = (student_hidden @ weight.T).detach()
         valid = mask & (labels != -100)
-        assert parts["kd"] == pytest.approx(get_loss(loss)(logits, teacher_hidden @ teacher_weight.T, valid).item())
+        kd = token_divergence(loss)(logits, teacher_hidden @ teacher_weight.T, valid)
+        assert parts["kd"] == pytest.approx(kd.item())
         assert parts["ce"] == pytest.approx(cross_entropy(logits, labels, valid).item())
         assert value.detach().item() == pytest.approx(0.7 * parts["kd"] + 0.3 * parts["ce"])
+
+
+@pytest.mark.parametrize("loss", [spec.name for spec in specs("token") if not spec.token_separable])
+def test_losses_that_couple_tokens_are_refused_by_their_spec(loss):
+    student_hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, mask = _problem(torch.float64)
+    with pytest.raises(ValueError, match="couples tokens"):
+        fused_linear_distillation(student_hidden, weight, TeacherSignal(hidden=teacher_hidden, weight=teacher_weight),
+                                  mask=mask, loss=loss)

@@ -8,17 +8,20 @@ import torch.nn.functional as F
 
 from conftest import HAND_STUDENT, HAND_TEACHER, random_loss_inputs as _random_inputs
 from distill.losses import (
-    ALIASES, FORMULAS, PAPERS, REGISTRY, cross_entropy, forward_kl, get_loss, jsd, loss_parameters,
-    masked_mean, reverse_kl, skew_kl, skew_reverse_kl, tvd,
+    cross_entropy, forward_kl, get_spec, jsd, masked_mean, reverse_kl, skew_kl, skew_reverse_kl, specs, tvd,
 )
 
 torch.set_num_threads(1)
 
-# The first six; the rest of the family has its own naive references in test_losses_family.py.
-from distill.losses.family import FAMILY_REGISTRY  # noqa: E402
-
-LOSS_NAMES = [name for name in REGISTRY if name not in FAMILY_REGISTRY]
+# The divergences of distill.losses.logits; the rest of the family has its own naive references in
+# test_losses_family.py.
+LOSS_NAMES = [spec.name for spec in specs("token") if spec.fn.__module__ == forward_kl.__module__]
 SHAPES = [(3, 7, 31), (2, 5, 3, 13)]
+
+
+def divergence(name: str):
+    """The registered token divergence `name` (or alias)."""
+    return get_spec(name, kind="token").fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def _naive_loss(name, student_logits, teacher_logits, mask, temperature=1.0, **p
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_matches_naive_reference(name, shape, dtype, tol):
     student, teacher, mask = _random_inputs(shape, dtype)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     assert loss.dim() == 0 and loss.dtype == dtype
     student_grad, teacher_grad = torch.autograd.grad(loss, (student, teacher))
 
@@ -101,7 +104,7 @@ def test_matches_naive_reference(name, shape, dtype, tol):
                                           ("skew_kl", {"alpha": 0.3}), ("skew_reverse_kl", {"alpha": 0.5})])
 def test_matches_naive_reference_with_parameters_and_temperature(name, params):
     student, teacher, mask = _random_inputs((3, 7, 31))
-    loss = REGISTRY[name](student, teacher, mask, temperature=1.7, **params)
+    loss = divergence(name)(student, teacher, mask, temperature=1.7, **params)
     reference = _naive_loss(name, student, teacher, mask, temperature=1.7, **params)
     assert abs(loss.item() - reference.item()) < 1e-10
 
@@ -128,7 +131,7 @@ def test_matches_naive_reference_with_parameters_and_temperature(name, params):
     ("skew_reverse_kl", {"alpha": 0.1}, 0.11313672216156873),
 ])
 def test_hand_computed_value(name, params, expected):
-    assert abs(REGISTRY[name](HAND_STUDENT, HAND_TEACHER, **params).item() - expected) < 1e-6
+    assert abs(divergence(name)(HAND_STUDENT, HAND_TEACHER, **params).item() - expected) < 1e-6
 
 
 def test_hand_computed_cross_entropy():
@@ -144,7 +147,7 @@ def test_hand_computed_cross_entropy():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_gradcheck(name):
     student, teacher, mask = _random_inputs((2, 3, 5), seed=1)
-    assert torch.autograd.gradcheck(lambda s, t: REGISTRY[name](s, t, mask, temperature=1.3), (student, teacher))
+    assert torch.autograd.gradcheck(lambda s, t: divergence(name)(s, t, mask, temperature=1.3), (student, teacher))
 
 
 def test_gradcheck_cross_entropy():
@@ -160,7 +163,7 @@ def test_gradcheck_cross_entropy():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_zero_for_identical_inputs(name):
     student, _, mask = _random_inputs((3, 7, 31))
-    assert abs(REGISTRY[name](student, student.detach().clone(), mask).item()) < 1e-12
+    assert abs(divergence(name)(student, student.detach().clone(), mask).item()) < 1e-12
 
 
 def test_jsd_endpoints_are_exactly_the_kls():
@@ -185,24 +188,24 @@ def test_forward_kl_matches_torch_kl_div():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_invariant_to_per_token_shift(name):
     student, teacher, mask = _random_inputs((3, 7, 31))
-    shifted = REGISTRY[name](student + 5 * torch.randn(3, 7, 1, dtype=torch.float64),
+    shifted = divergence(name)(student + 5 * torch.randn(3, 7, 1, dtype=torch.float64),
                              teacher - 7 * torch.randn(3, 7, 1, dtype=torch.float64), mask)
-    assert abs(shifted.item() - REGISTRY[name](student, teacher, mask).item()) < 1e-10
+    assert abs(shifted.item() - divergence(name)(student, teacher, mask).item()) < 1e-10
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_temperature_divides_both_logits(name):
     student, teacher, mask = _random_inputs((3, 7, 31))
-    torch.testing.assert_close(REGISTRY[name](student, teacher, mask, temperature=2.0),
-                               REGISTRY[name](student / 2, teacher / 2, mask), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(divergence(name)(student, teacher, mask, temperature=2.0),
+                               divergence(name)(student / 2, teacher / 2, mask), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_bf16_computes_in_float32(name):
     student, teacher, mask = _random_inputs((3, 7, 31), dtype=torch.bfloat16)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, REGISTRY[name](student.float(), teacher.float(), mask), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, divergence(name)(student.float(), teacher.float(), mask), rtol=1e-6, atol=1e-6)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert student_grad.dtype == torch.bfloat16 and torch.isfinite(student_grad.float()).all()
 
@@ -215,7 +218,7 @@ def test_micro_batches_with_num_valid_tokens_equal_full_batch(name):
     def loss(rows: slice, **kwargs):
         if name == "cross_entropy":
             return cross_entropy(student[rows], labels[rows], mask[rows], **kwargs)
-        return REGISTRY[name](student[rows], teacher[rows], mask[rows], **kwargs)
+        return divergence(name)(student[rows], teacher[rows], mask[rows], **kwargs)
 
     full = loss(slice(None))
     full_grads = torch.autograd.grad(full, (student, teacher), allow_unused=True)
@@ -235,7 +238,7 @@ def test_all_masked_gives_zero_without_nan(name):
     if name == "cross_entropy":
         loss = cross_entropy(student, torch.full((2, 3), -100))
     else:
-        loss = REGISTRY[name](student, teacher, mask)
+        loss = divergence(name)(student, teacher, mask)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert loss.item() == 0.0 and torch.equal(student_grad, torch.zeros_like(student))
 
@@ -246,7 +249,7 @@ def test_minus_inf_teacher_logits_give_finite_loss_and_gradients(name):
     blocked_vocabulary = torch.zeros(31, dtype=torch.bool)
     blocked_vocabulary[[0, 5, 30]] = True
     teacher = teacher.detach().masked_fill(blocked_vocabulary, float("-inf")).requires_grad_(True)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     student_grad, teacher_grad = torch.autograd.grad(loss, (student, teacher))
     assert torch.isfinite(loss) and torch.isfinite(student_grad).all() and torch.isfinite(teacher_grad).all()
 
@@ -267,7 +270,7 @@ def test_masked_positions_with_extreme_logits_get_zero_gradient(name):
     student[~mask] = 1e30
     teacher[~mask] = float("-inf")  # e.g. padding rows with no valid vocabulary at all
     student.requires_grad_(True)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert torch.isfinite(loss) and torch.isfinite(student_grad).all()
     assert torch.equal(student_grad[~mask], torch.zeros_like(student_grad[~mask]))
@@ -304,27 +307,28 @@ def test_masked_mean():
 # ---------------------------------------------------------------------------------------------
 
 def test_registry_is_documented():
-    assert set(FORMULAS) == set(PAPERS) == set(REGISTRY)
-    for function in REGISTRY.values():
-        assert function.__doc__ and "Source" in function.__doc__
+    assert LOSS_NAMES == ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
+    for spec in specs("token"):
+        assert spec.formula and spec.paper
+        assert spec.fn.__doc__ and "Source" in spec.fn.__doc__
 
 
-def test_get_loss_and_aliases():
-    assert get_loss("kl") is forward_kl and get_loss("fkl") is forward_kl and get_loss("rkl") is reverse_kl
-    assert get_loss("tvd") is tvd
-    assert all(target in REGISTRY for target in ALIASES.values())
+def test_look_up_by_name_and_alias():
+    assert divergence("kl") is forward_kl and divergence("fkl") is forward_kl and divergence("rkl") is reverse_kl
+    assert divergence("tvd") is tvd and divergence("skl") is skew_kl and divergence("srkl") is skew_reverse_kl
+    assert get_spec("kl", kind="token").name == "forward_kl"
     with pytest.raises(ValueError, match="forward_kl"):
-        get_loss("nope")
+        divergence("nope")
 
 
 def test_loss_parameters():
-    assert loss_parameters("forward_kl") == {}
-    assert loss_parameters("jsd") == {"beta": 0.5}
-    assert loss_parameters("skew_kl") == {"alpha": 0.1}
-    assert loss_parameters("skew_reverse_kl") == {"alpha": 0.1}
-    assert loss_parameters("rkl") == {}
+    assert get_spec("forward_kl", kind="token").defaults() == {}
+    assert get_spec("jsd", kind="token").defaults() == {"beta": 0.5}
+    assert get_spec("skew_kl", kind="token").defaults() == {"alpha": 0.1}
+    assert get_spec("skew_reverse_kl", kind="token").defaults() == {"alpha": 0.1}
+    assert get_spec("rkl", kind="token").defaults() == {}
     with pytest.raises(ValueError, match="unknown loss"):
-        loss_parameters("nope")
+        get_spec("nope", kind="token")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +338,7 @@ def test_loss_parameters():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_mismatched_vocabulary(name):
     with pytest.raises(ValueError, match="vocabulary 100 but teacher_logits 120"):
-        REGISTRY[name](torch.randn(2, 3, 100), torch.randn(2, 3, 120))
+        divergence(name)(torch.randn(2, 3, 100), torch.randn(2, 3, 120))
 
 
 def test_mismatched_shapes_and_mask():
@@ -352,7 +356,7 @@ def test_mismatched_shapes_and_mask():
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
 def test_bad_temperature(name, temperature):
     with pytest.raises(ValueError, match="temperature"):
-        REGISTRY[name](torch.randn(2, 5), torch.randn(2, 5), temperature=temperature)
+        divergence(name)(torch.randn(2, 5), torch.randn(2, 5), temperature=temperature)
 
 
 def test_bad_weights():

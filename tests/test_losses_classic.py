@@ -7,13 +7,23 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAND_STUDENT, HAND_TEACHER
-from distill.losses import forward_kl
+from distill.losses import forward_kl, get_spec, specs
 from distill.losses.classic import (
-    CLASSIC_FORMULAS, CLASSIC_PAPERS, CLASSIC_REGISTRY, classic_parameters, dkd, dkd_warmup, get_classic_loss,
-    hinton_kd, kd_decomposition, nckd, nkd, ofa_loss, plackett_luce_loss, pld, standardize_logits, tckd,
+    dkd, dkd_warmup, hinton_kd, kd_decomposition, nckd, nkd, ofa_loss, plackett_luce_loss, pld, standardize_logits,
+    tckd,
 )
 
 torch.set_num_threads(1)
+
+# The teacher-based terms of classic_kd.py and classic_targets.py (`ce` and `bdkd`, also classifier terms, are
+# tested in test_losses_registry.py and test_losses_ensemble.py).
+CLASSIC_NAMES = [spec.name for spec in specs("classifier") if spec.fn.__module__ in (hinton_kd.__module__,
+                                                                                       pld.__module__)]
+
+
+def classifier_loss(name: str):
+    """The registered classifier term `name`."""
+    return get_spec(name, kind="classifier").fn
 
 NUM_EXAMPLES, NUM_CLASSES = 7, 11  # odd on purpose
 
@@ -101,7 +111,7 @@ def _naive(name, student, teacher, labels, temperature, **params):
     return total / student.shape[0]
 
 
-FUNCTIONS = {**CLASSIC_REGISTRY, "tckd": tckd, "nckd": nckd}
+FUNCTIONS = {**{name: classifier_loss(name) for name in CLASSIC_NAMES}, "tckd": tckd, "nckd": nckd}
 DEFAULT_TEMPERATURE = {"kd": 4.0, "dkd": 4.0, "tckd": 4.0, "nckd": 4.0, "nkd": 1.0, "pld": 1.0, "ofa": 1.0}
 CASES = [(name, {}) for name in FUNCTIONS] + [
     ("kd", {"temperature": 2.0, "alpha": 0.3}), ("kd", {"temperature": 2.0, "alpha": 0.7, "standardize": True}),
@@ -326,11 +336,11 @@ def test_standardized_losses_ignore_logit_scale(name):
     student, teacher, labels = _inputs()
     scale = torch.rand(NUM_EXAMPLES, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 5 + 0.2
     kwargs = {"standardize": True, "alpha": 1.0} if name == "kd" else {"standardize": True}
-    loss = CLASSIC_REGISTRY[name](student, teacher, labels, **kwargs)
-    rescaled = CLASSIC_REGISTRY[name](student * scale, teacher / scale, labels, **kwargs)
+    loss = classifier_loss(name)(student, teacher, labels, **kwargs)
+    rescaled = classifier_loss(name)(student * scale, teacher / scale, labels, **kwargs)
     assert abs(rescaled.item() - loss.item()) < 1e-6
-    same_standardized = CLASSIC_REGISTRY[name](standardize_logits(student), standardize_logits(teacher), labels,
-                                               **{**kwargs, "standardize": False})
+    same_standardized = classifier_loss(name)(standardize_logits(student), standardize_logits(teacher), labels,
+                                              **{**kwargs, "standardize": False})
     assert abs(same_standardized.item() - loss.item()) < 1e-12
 
 
@@ -369,28 +379,31 @@ def test_pld_is_at_least_its_weighted_cross_entropy_term():
     assert pld(student, teacher, labels).item() >= (teacher_target * ce).mean().item()
 
 
-@pytest.mark.parametrize("name", list(CLASSIC_REGISTRY))
+@pytest.mark.parametrize("name", CLASSIC_NAMES)
 def test_bf16_computes_in_float32(name):
     student, teacher, labels = _inputs(dtype=torch.bfloat16)
-    loss = CLASSIC_REGISTRY[name](student, teacher, labels)
+    loss = classifier_loss(name)(student, teacher, labels)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, CLASSIC_REGISTRY[name](student.float(), teacher.float(), labels),
+    torch.testing.assert_close(loss, classifier_loss(name)(student.float(), teacher.float(), labels),
                                rtol=1e-6, atol=1e-6)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert student_grad.dtype == torch.bfloat16 and torch.isfinite(student_grad.float()).all()
 
 
 def test_registry_is_complete():
-    assert list(CLASSIC_REGISTRY) == ["kd", "dkd", "nkd", "pld", "ofa"]
-    assert set(CLASSIC_FORMULAS) == set(CLASSIC_PAPERS) == set(CLASSIC_REGISTRY)
-    assert get_classic_loss("dkd") is dkd
-    assert classic_parameters("dkd") == {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "standardize": False}
-    assert classic_parameters("kd") == {"temperature": 4.0, "alpha": 0.9, "standardize": False}
-    assert classic_parameters("nkd") == {"temperature": 1.0, "gamma": 1.5}
-    assert classic_parameters("pld") == {"temperature": 1.0}
-    assert classic_parameters("ofa") == {"temperature": 1.0, "eps": 1.0}
+    assert CLASSIC_NAMES == ["kd", "dkd", "nkd", "pld", "ofa"]
+    for name in CLASSIC_NAMES:
+        spec = get_spec(name, kind="classifier")
+        assert spec.formula and spec.paper and spec.needs_teacher
+    assert classifier_loss("dkd") is dkd and classifier_loss("kd") is hinton_kd and classifier_loss("ofa") is ofa_loss
+    assert get_spec("dkd", kind="classifier").defaults() == {"temperature": 4.0, "alpha": 1.0, "beta": 8.0,
+                                                             "standardize": False}
+    assert get_spec("kd", kind="classifier").defaults() == {"temperature": 4.0, "alpha": 0.9, "standardize": False}
+    assert get_spec("nkd", kind="classifier").defaults() == {"temperature": 1.0, "gamma": 1.5}
+    assert get_spec("pld", kind="classifier").defaults() == {"temperature": 1.0}
+    assert get_spec("ofa", kind="classifier").defaults() == {"temperature": 1.0, "eps": 1.0}
     with pytest.raises(ValueError, match="kd, dkd, nkd, pld, ofa"):
-        get_classic_loss("fitnet")
+        get_spec("fitnet", kind="classifier")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,21 @@ import pytest
 import torch
 
 from distill.diffusion.sampler import ode_step
+from distill.losses import get_spec, specs
 from distill.losses.diffusion import (
-    DIFFUSION_FORMULAS, DIFFUSION_OBJECTIVES, DIFFUSION_PAPERS, FDIVERGENCES, consistency_loss,
-    consistency_parametrization, dmd_generator_loss, edm_denoise, edm_denoising_loss, edm_preconditioning,
-    f_divergence_weight, flow_matching_loss, flow_to_edm, progressive_distillation_target, velocity_to_denoised,
+    consistency_loss, consistency_parametrization, dmd_generator_loss, edm_denoise, edm_denoising_loss,
+    edm_preconditioning, f_divergence_weight, flow_matching_loss, flow_to_edm, progressive_distillation_target,
+    velocity_to_denoised,
 )
 
 torch.set_num_threads(1)
+
+F_DIVERGENCE_NAMES = sorted(spec.name for spec in specs("f_divergence"))
+
+
+def f_divergence(name: str):
+    """The registered f-divergence `name`: an FDivergence, with f(r) as `.f` and log h(log r) as `.log_weight`."""
+    return get_spec(name, kind="f_divergence").fn
 
 ODD_SHAPE = (3, 2, 5, 7)  # [N, C, H, W]
 
@@ -123,10 +131,10 @@ def test_flow_matching_reference_gradcheck_and_edm_relation():
 RATIOS = [0.05, 0.3, 1.0, 2.5, 17.0]
 
 
-@pytest.mark.parametrize("name", sorted(FDIVERGENCES))
+@pytest.mark.parametrize("name", F_DIVERGENCE_NAMES)
 def test_f_divergence_weight_is_f_second_derivative_times_r_squared(name):
-    """h(r) = f''(r) r^2, with f'' by autograd twice; FDIVERGENCES stores log h as a function of log r."""
-    f, log_h = FDIVERGENCES[name]
+    """h(r) = f''(r) r^2, with f'' by autograd twice; the FDivergence holds log h as a function of log r."""
+    f, log_h = f_divergence(name).f, f_divergence(name).log_weight
     for ratio in RATIOS:
         r = torch.tensor(ratio, dtype=torch.float64, requires_grad=True)
         (first,) = torch.autograd.grad(f(r), r, create_graph=True)
@@ -150,7 +158,7 @@ def test_f_divergence_weight_closed_forms_and_normalisation():
 
 def test_f_divergence_weight_is_stable_and_detached():
     log_ratio = torch.tensor([-800.0, 0.0, 800.0], requires_grad=True)
-    for name in FDIVERGENCES:
+    for name in F_DIVERGENCE_NAMES:
         weights = f_divergence_weight(name, log_ratio, max_abs_log_ratio=10.0)
         assert bool(torch.isfinite(weights).all()) and not weights.requires_grad, name
     # Unclamped, forward KL puts the whole batch weight on the example with the largest ratio.
@@ -248,7 +256,7 @@ def test_dmd_gradient_matches_finite_difference_of_kl(theta, sigma):
     assert math.copysign(1, theta_tensor.grad.item()) == math.copysign(1, kl_slope)  # DMD's normaliser > 0
 
 
-@pytest.mark.parametrize("name", sorted(FDIVERGENCES))
+@pytest.mark.parametrize("name", F_DIVERGENCE_NAMES)
 def test_f_weighted_dmd_gradient_matches_finite_difference_of_f_divergence(name):
     """f-distill: d/dtheta D_f(p_data,sigma || p_gen,sigma) = E_{p_gen,sigma}[h(r) (s_gen - s_data)], r = p_data/p_gen.
 
@@ -267,7 +275,7 @@ def test_f_weighted_dmd_gradient_matches_finite_difference_of_f_divergence(name)
 
     def divergence(theta_value):
         log_ratio = log_density(grid, DATA_MEAN, v_d) - log_density(grid, theta_value, v_g)
-        return torch.trapezoid(log_density(grid, theta_value, v_g).exp() * FDIVERGENCES[name][0](log_ratio.exp()),
+        return torch.trapezoid(log_density(grid, theta_value, v_g).exp() * f_divergence(name).f(log_ratio.exp()),
                                dx=spacing).item()
 
     step = 1e-4
@@ -374,13 +382,12 @@ def test_progressive_target_gradcheck_and_bad_levels():
 
 
 def test_registry_is_documented():
-    assert set(DIFFUSION_OBJECTIVES) <= set(DIFFUSION_FORMULAS) and set(DIFFUSION_OBJECTIVES) <= set(DIFFUSION_PAPERS)
-    assert set(DIFFUSION_FORMULAS) == set(DIFFUSION_PAPERS)
-    # Every f-divergence has its weight written out for `distill losses`, and a recipe can name each one.
-    from typing import get_args
-
+    objectives = [spec for spec in specs("diffusion") if spec.is_objective]
+    assert [spec.name for spec in objectives] == ["edm_denoising", "flow_matching", "dmd_generator", "consistency"]
+    for spec in specs("diffusion") + specs("f_divergence"):  # `distill losses` shows each formula and paper
+        assert spec.formula and spec.paper
+    assert all(callable(spec.fn) and spec.fn.__doc__ for spec in objectives)
+    # a recipe can name each f-divergence
     from distill.diffusion.recipe import DiffusionObjectiveSpec
-    from distill.losses.diffusion import FDIVERGENCE_WEIGHTS
-    assert set(FDIVERGENCE_WEIGHTS) == set(FDIVERGENCES)
-    assert set(get_args(DiffusionObjectiveSpec.model_fields["divergence"].annotation)) == set(FDIVERGENCES)
-    assert all(callable(function) and function.__doc__ for function in DIFFUSION_OBJECTIVES.values())
+    for name in F_DIVERGENCE_NAMES:
+        assert DiffusionObjectiveSpec(divergence=name).divergence == name

@@ -11,15 +11,20 @@ import torch
 
 from conftest import HAND_STUDENT, HAND_TEACHER, random_loss_inputs as _random_inputs
 from distill.losses import (
-    ALIASES, FORMULAS, NOT_TOKEN_SEPARABLE, PAPERS, REGISTRY, TaidSchedule, ab_divergence, adaptive_kl, forward_kl,
-    get_loss, loss_parameters, reverse_kl, select_tokens, sinkhorn, student_entropy, taid,
+    TaidSchedule, ab_divergence, adaptive_kl, forward_kl, get_spec, reverse_kl, select_tokens, sinkhorn, specs,
+    student_entropy, taid,
 )
-from distill.lm.recipe import parse_recipe
+from distill.core.recipe import parse_recipe
 
 torch.set_num_threads(1)
 
 NEW_NAMES = ["ab_divergence", "adaptive_kl", "taid", "sinkhorn"]
 SEPARABLE = ["ab_divergence", "adaptive_kl", "taid"]
+
+
+def divergence(name: str):
+    """The registered token divergence `name` (or alias)."""
+    return get_spec(name, kind="token").fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ CASES = [
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_matches_naive_reference(name, params, dtype, tol):
     student, teacher, mask = _random_inputs((3, 7, 31), dtype)
-    loss = REGISTRY[name](student, teacher, mask, **params)
+    loss = divergence(name)(student, teacher, mask, **params)
     assert loss.dim() == 0 and loss.dtype == dtype
     grads = torch.autograd.grad(loss, (student, teacher), allow_unused=True)
 
@@ -155,7 +160,7 @@ def test_matches_naive_reference(name, params, dtype, tol):
                                           ("taid", {"t": 0.7}), ("sinkhorn", {"epsilon": 0.3})])
 def test_matches_naive_reference_4d_with_temperature(name, params):
     student, teacher, mask = _random_inputs((2, 5, 3, 13), seed=7)
-    loss = REGISTRY[name](student, teacher, mask, temperature=1.7, **params)
+    loss = divergence(name)(student, teacher, mask, temperature=1.7, **params)
     reference = _naive_loss(name, student, teacher, mask, temperature=1.7, **params)
     assert abs(loss.item() - reference.item()) < 1e-10
 
@@ -185,7 +190,7 @@ def test_matches_naive_reference_4d_with_temperature(name, params):
     ("sinkhorn", {}, 0.5),
 ])
 def test_hand_computed_value(name, params, expected):
-    assert abs(REGISTRY[name](HAND_STUDENT, HAND_TEACHER, **params).item() - expected) < 1e-6
+    assert abs(divergence(name)(HAND_STUDENT, HAND_TEACHER, **params).item() - expected) < 1e-6
 
 
 def test_hand_computed_adaptive_kl_on_three_tokens():
@@ -230,7 +235,7 @@ def test_hand_computed_student_entropy():
 ])
 def test_gradcheck(name, params):
     student, teacher, mask = _random_inputs((2, 3, 5), seed=1)
-    assert torch.autograd.gradcheck(lambda s, t: REGISTRY[name](s, t, mask, temperature=1.3, **params),
+    assert torch.autograd.gradcheck(lambda s, t: divergence(name)(s, t, mask, temperature=1.3, **params),
                                     (student, teacher))
 
 
@@ -248,7 +253,7 @@ def test_gradcheck_taid_teacher_side_and_student_entropy():
 @pytest.mark.parametrize("name, params", [(n, p) for n, p in CASES if n != "sinkhorn"])
 def test_zero_for_identical_inputs(name, params):
     student, _, mask = _random_inputs((3, 7, 31))
-    assert abs(REGISTRY[name](student, student.detach().clone(), mask, **params).item()) < 1e-12
+    assert abs(divergence(name)(student, student.detach().clone(), mask, **params).item()) < 1e-12
 
 
 def test_sinkhorn_is_minimal_not_zero_for_identical_inputs():
@@ -337,16 +342,16 @@ def test_adaptive_kl_avoids_the_sorted_mask_on_unsorted_probs_pitfall():
 @pytest.mark.parametrize("name", NEW_NAMES)
 def test_temperature_divides_both_logits(name):
     student, teacher, mask = _random_inputs((3, 7, 31))
-    torch.testing.assert_close(REGISTRY[name](student, teacher, mask, temperature=2.0),
-                               REGISTRY[name](student / 2, teacher / 2, mask), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(divergence(name)(student, teacher, mask, temperature=2.0),
+                               divergence(name)(student / 2, teacher / 2, mask), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", NEW_NAMES)
 def test_bf16_computes_in_float32(name):
     student, teacher, mask = _random_inputs((3, 7, 31), dtype=torch.bfloat16)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, REGISTRY[name](student.float(), teacher.float(), mask), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, divergence(name)(student.float(), teacher.float(), mask), rtol=1e-6, atol=1e-6)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert student_grad.dtype == torch.bfloat16 and torch.isfinite(student_grad.float()).all()
 
@@ -364,17 +369,17 @@ def test_sinkhorn_is_deterministic():
 # ---------------------------------------------------------------------------------------------
 
 def test_not_token_separable_lists_sinkhorn_only():
-    assert NOT_TOKEN_SEPARABLE == {"sinkhorn"} and NOT_TOKEN_SEPARABLE <= set(REGISTRY)
+    assert [spec.name for spec in specs("token") if not spec.token_separable] == ["sinkhorn"]
 
 
 @pytest.mark.parametrize("name", SEPARABLE)
 def test_micro_batches_with_num_valid_tokens_equal_full_batch(name):
     student, teacher, mask = _random_inputs((4, 6, 11), seed=3)
-    full = REGISTRY[name](student, teacher, mask)
+    full = divergence(name)(student, teacher, mask)
     full_grads = torch.autograd.grad(full, (student, teacher))
     total = mask.sum()
-    accumulated = (REGISTRY[name](student[:2], teacher[:2], mask[:2], num_valid_tokens=total)
-                   + REGISTRY[name](student[2:], teacher[2:], mask[2:], num_valid_tokens=int(total)))
+    accumulated = (divergence(name)(student[:2], teacher[:2], mask[:2], num_valid_tokens=total)
+                   + divergence(name)(student[2:], teacher[2:], mask[2:], num_valid_tokens=int(total)))
     accumulated_grads = torch.autograd.grad(accumulated, (student, teacher))
     torch.testing.assert_close(accumulated, full, rtol=1e-12, atol=1e-12)
     for accumulated_grad, full_grad in zip(accumulated_grads, full_grads):
@@ -388,13 +393,13 @@ def test_sinkhorn_num_valid_tokens_rescales_but_chunks_are_not_exact():
     assert abs(sinkhorn(student, teacher, mask, num_valid_tokens=2 * n).item() - full.item() / 2) < 1e-12
     chunked = (sinkhorn(student[:2], teacher[:2], mask[:2], num_valid_tokens=n)
                + sinkhorn(student[2:], teacher[2:], mask[2:], num_valid_tokens=n))
-    assert abs(chunked.item() - full.item()) > 1e-6  # why it is in NOT_TOKEN_SEPARABLE
+    assert abs(chunked.item() - full.item()) > 1e-6  # why its spec says token_separable=False
 
 
 @pytest.mark.parametrize("name", NEW_NAMES)
 def test_all_masked_gives_zero_without_nan(name):
     student, teacher, _ = _random_inputs((2, 3, 5))
-    loss = REGISTRY[name](student, teacher, torch.zeros(2, 3, dtype=torch.bool))
+    loss = divergence(name)(student, teacher, torch.zeros(2, 3, dtype=torch.bool))
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert loss.item() == 0.0 and torch.equal(student_grad, torch.zeros_like(student))
 
@@ -412,7 +417,7 @@ def test_minus_inf_teacher_logits_give_finite_loss_and_gradients(name, params, d
     blocked = torch.zeros(31, dtype=torch.bool)
     blocked[[0, 5, 30]] = True
     teacher = teacher.detach().masked_fill(blocked, float("-inf")).requires_grad_(True)
-    loss = REGISTRY[name](student, teacher, mask, **params)
+    loss = divergence(name)(student, teacher, mask, **params)
     student_grad, teacher_grad = torch.autograd.grad(loss, (student, teacher), allow_unused=True)
     assert torch.isfinite(loss) and torch.isfinite(student_grad).all()
     assert teacher_grad is None or torch.isfinite(teacher_grad).all()
@@ -425,7 +430,7 @@ def test_minus_inf_teacher_logits_count_as_zero_probability():
     for name, params in [("ab_divergence", {"alpha": 1.0, "beta": 0.0}), ("ab_divergence", {"alpha": 0.5, "beta": 0.5}),
                          ("taid", {"t": 0.6}), ("sinkhorn", {})]:  # (the reverse-KL part of AKL is infinite)
         reference = _naive_loss(name, student, teacher, mask, **params)
-        assert abs(REGISTRY[name](student, teacher, mask, **params).item() - reference.item()) < 1e-9, name
+        assert abs(divergence(name)(student, teacher, mask, **params).item() - reference.item()) < 1e-9, name
 
 
 @pytest.mark.parametrize("name", NEW_NAMES)
@@ -435,7 +440,7 @@ def test_masked_positions_with_extreme_logits_get_zero_gradient(name):
     student[~mask] = 1e30
     teacher[~mask] = float("-inf")
     student.requires_grad_(True)
-    loss = REGISTRY[name](student, teacher, mask)
+    loss = divergence(name)(student, teacher, mask)
     (student_grad,) = torch.autograd.grad(loss, (student,))
     assert torch.isfinite(loss) and torch.isfinite(student_grad).all()
     assert torch.equal(student_grad[~mask], torch.zeros_like(student_grad[~mask]))
@@ -584,25 +589,24 @@ def test_bad_parameters_name_themselves(function, params, name):
 @pytest.mark.parametrize("name", NEW_NAMES)
 def test_bad_inputs_as_the_other_divergences(name):
     with pytest.raises(ValueError, match="vocabulary 7 but teacher_logits 9"):
-        REGISTRY[name](torch.randn(2, 3, 7), torch.randn(2, 3, 9))
+        divergence(name)(torch.randn(2, 3, 7), torch.randn(2, 3, 9))
     with pytest.raises(ValueError, match="temperature"):
-        REGISTRY[name](torch.randn(2, 5), torch.randn(2, 5), temperature=0.0)
+        divergence(name)(torch.randn(2, 5), torch.randn(2, 5), temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         student_entropy(torch.randn(2, 5), temperature=-1.0)
 
 
 def test_registry_documentation_aliases_and_parameters():
-    assert set(FORMULAS) == set(PAPERS) == set(REGISTRY) and set(NEW_NAMES) <= set(REGISTRY)
-    for name in NEW_NAMES:
-        assert "Source" in REGISTRY[name].__doc__
-    assert get_loss("abkd") is ab_divergence and get_loss("akl") is adaptive_kl and get_loss("sinkd") is sinkhorn
-    assert all(target in REGISTRY for target in ALIASES.values())
-    assert loss_parameters("ab_divergence") == {"alpha": 0.5, "beta": 0.5}
-    assert loss_parameters("akl") == {"mu": 0.5}
-    assert loss_parameters("taid") == {"t": 1.0}
-    assert loss_parameters("sinkhorn") == {"epsilon": 0.1, "iterations": 20}
-    from distill.losses.logits import REGISTRY as logits_registry
-    assert logits_registry is REGISTRY
+    family = [spec for spec in specs("token") if spec.fn.__module__ == sinkhorn.__module__]
+    assert [spec.name for spec in family] == NEW_NAMES
+    for spec in family:
+        assert spec.formula and spec.paper and "Source" in spec.fn.__doc__
+    assert divergence("abkd") is ab_divergence and divergence("akl") is adaptive_kl
+    assert divergence("sinkd") is sinkhorn and divergence("taid") is taid
+    assert get_spec("ab_divergence", kind="token").defaults() == {"alpha": 0.5, "beta": 0.5}
+    assert get_spec("akl", kind="token").defaults() == {"mu": 0.5}
+    assert get_spec("taid", kind="token").defaults() == {"t": 1.0}
+    assert get_spec("sinkhorn", kind="token").defaults() == {"epsilon": 0.1, "iterations": 20}
 
 
 def _recipe(objective: dict) -> dict:
@@ -616,12 +620,12 @@ def _recipe(objective: dict) -> dict:
 def test_recipes_accept_every_new_divergence_with_its_parameters(objective):
     recipe = parse_recipe(_recipe(objective))
     params = recipe.objective.loss_params()
-    assert set(params) == set(loss_parameters(objective["loss"]))
+    assert set(params) == set(get_spec(objective["loss"], kind="token").params)
     extra = {k: v for k, v in objective.items() if k != "loss"}
     assert all(params[k] == v for k, v in extra.items())
     # and the parameters are accepted by the function itself
     student, teacher, mask = _random_inputs((2, 3, 5), requires_grad=False)
-    assert torch.isfinite(get_loss(recipe.objective.loss)(student, teacher, mask, **params))
+    assert torch.isfinite(divergence(recipe.objective.loss)(student, teacher, mask, **params))
 
 
 def test_recipes_select_new_divergences_with_set_overrides():

@@ -7,14 +7,23 @@ import math
 import pytest
 import torch
 
+from distill.losses import get_spec, specs
 from distill.losses.features import (
-    FEATURE_FORMULAS, FEATURE_PAPERS, FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES,
     attention_transfer, cka_loss, class_means, cosine_feature, fitnets, linear_cka, nd_loss,
     rkd_angle, rkd_distance,
 )
 from distill.losses.projectors import ConvProjector, LinearProjector, make_projector
 
 torch.set_num_threads(1)
+
+# The feature terms fn(student_features, teacher_features, **params); not nd, which takes the teacher's class means
+# and the labels (its spec says needs_class_means).
+PAIRWISE_NAMES = [spec.name for spec in specs("feature") if not spec.needs_class_means]
+
+
+def feature_loss(name: str):
+    """The registered feature term `name`."""
+    return get_spec(name, kind="feature").fn
 
 
 def _randn(*shape, seed=0, dtype=torch.float64, requires_grad=True):
@@ -283,13 +292,13 @@ def test_gradcheck_nd():
 # Properties
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(FEATURE_REGISTRY))
+@pytest.mark.parametrize("name", PAIRWISE_NAMES)
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4, 5, 6), (3, 5, 7)])
 def test_zero_for_identical_inputs(name, shape):
     features = _randn(*shape, seed=12, requires_grad=False)
     if name == "attention" and len(shape) == 2:
         return  # vectors have no positions
-    loss = FEATURE_REGISTRY[name](features, features.clone())
+    loss = feature_loss(name)(features, features.clone())
     assert abs(loss.item()) < 1e-12
 
 
@@ -308,7 +317,7 @@ def _random_rotation(width, seed):
 @pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle", "cka"])
 def test_relational_losses_invariant_to_rotation_and_scaling(name):
     student, teacher = _randn(6, 7, seed=14, requires_grad=False), _randn(6, 9, seed=15, requires_grad=False)
-    loss_fn = FEATURE_REGISTRY[name]
+    loss_fn = feature_loss(name)
     base = loss_fn(student, teacher).item()
     assert base > 1e-3  # not trivially zero
     rotated = student @ _random_rotation(7, seed=16)
@@ -361,7 +370,8 @@ def test_nd_norm_term():
 
 def test_compute_dtype():
     student, teacher = torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(5, 7, dtype=torch.bfloat16)
-    for name, loss_fn in FEATURE_REGISTRY.items():
+    for name in PAIRWISE_NAMES:
+        loss_fn = feature_loss(name)
         if name != "attention":
             assert loss_fn(student, teacher).dtype == torch.float32, name
     assert attention_transfer(student.view(5, 7, 1), teacher.view(5, 7, 1)).dtype == torch.float32
@@ -369,14 +379,14 @@ def test_compute_dtype():
 
 
 def test_registry_tables():
-    assert set(FEATURE_REGISTRY) == {"fitnets", "cosine", "attention", "rkd_distance", "rkd_angle", "cka"}
-    assert FEATURE_REGISTRY["cka"] is cka_loss
-    assert NEEDS_EQUAL_SHAPES == {"fitnets", "cosine"}
-    assert set(FEATURE_FORMULAS) == set(FEATURE_PAPERS) == set(FEATURE_REGISTRY) | {"nd"}
-    for name in FEATURE_REGISTRY:  # losses outside NEEDS_EQUAL_SHAPES accept different widths
-        if name not in NEEDS_EQUAL_SHAPES:
+    assert PAIRWISE_NAMES == ["fitnets", "cosine", "attention", "rkd_distance", "rkd_angle", "cka"]
+    assert feature_loss("cka") is cka_loss and feature_loss("nd") is nd_loss
+    assert [spec.name for spec in specs("feature") if spec.equal_shapes] == ["fitnets", "cosine", "nd"]
+    assert all(spec.formula and spec.paper for spec in specs("feature"))
+    for name in PAIRWISE_NAMES:  # losses whose spec does not say equal_shapes accept different widths
+        if not get_spec(name, kind="feature").equal_shapes:
             shapes = ((4, 3, 5), (4, 3, 8)) if name == "attention" else ((4, 3), (4, 8))
-            assert torch.isfinite(FEATURE_REGISTRY[name](torch.randn(*shapes[0]), torch.randn(*shapes[1])))
+            assert torch.isfinite(feature_loss(name)(torch.randn(*shapes[0]), torch.randn(*shapes[1])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,18 +452,18 @@ def test_pointwise_losses_need_equal_shapes(loss_fn):
         loss_fn(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))
 
 
-@pytest.mark.parametrize("name", list(FEATURE_REGISTRY))
+@pytest.mark.parametrize("name", PAIRWISE_NAMES)
 def test_batch_sizes_must_match(name):
     with pytest.raises(ValueError, match="student_features has 4 examples but teacher_features 5"):
-        FEATURE_REGISTRY[name](torch.randn(4, 3, 6), torch.randn(5, 3, 6))
+        feature_loss(name)(torch.randn(4, 3, 6), torch.randn(5, 3, 6))
 
 
-@pytest.mark.parametrize("name", list(FEATURE_REGISTRY))
+@pytest.mark.parametrize("name", PAIRWISE_NAMES)
 def test_rank_is_checked(name):
     with pytest.raises(ValueError, match=r"student_features has shape \(4,\): expected \[N, D\]"):
-        FEATURE_REGISTRY[name](torch.randn(4), torch.randn(4))
+        feature_loss(name)(torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match="teacher_features must be a Tensor"):
-        FEATURE_REGISTRY[name](torch.randn(4, 3, 2), [[1.0]])
+        feature_loss(name)(torch.randn(4, 3, 2), [[1.0]])
 
 
 def test_attention_bad_inputs():

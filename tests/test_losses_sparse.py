@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import REGISTRY, get_loss
-from distill.losses.fused import TeacherSignal, fused_linear_distillation, not_token_separable
+from distill.losses import get_spec, specs
+from distill.losses.fused import TeacherSignal, fused_linear_distillation
 from distill.losses.sparse import dense_teacher_logits, student_topk_tail_logits, teacher_topk_tail_logits
 
 
@@ -39,7 +39,7 @@ def test_hand_value_of_the_bucketed_forward_kl():
     ids = torch.tensor([[0]])
     teacher = teacher_topk_tail_logits(torch.tensor([[math.log(0.5)]], dtype=torch.float64),
                                        torch.tensor([math.log(0.5)], dtype=torch.float64))
-    value = get_loss("forward_kl")(student_topk_tail_logits(student, ids), teacher)
+    value = get_spec("forward_kl", kind="token").fn(student_topk_tail_logits(student, ids), teacher)
     assert value.item() == pytest.approx(0.5 * math.log(1.5) + 0.5 * math.log(0.75), abs=1e-12)
 
 
@@ -50,7 +50,7 @@ def test_renormalized_teacher_puts_its_top_k_in_place():
     assert torch.isinf(dense[0, 1]) and torch.isinf(dense[0, 3])
 
 
-@pytest.mark.parametrize("loss", [name for name in REGISTRY if name not in not_token_separable()])
+@pytest.mark.parametrize("loss", [spec.name for spec in specs("token") if spec.token_separable])
 def test_fused_path_with_a_top_k_and_tail_teacher_equals_the_plain_one(loss):
     """Every token-separable divergence, chunked from hidden states, against the bucketed plain loss."""
     generator = torch.Generator().manual_seed(1)
@@ -61,8 +61,8 @@ def test_fused_path_with_a_top_k_and_tail_teacher_equals_the_plain_one(loss):
     tail = teacher_logprobs.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
     mask = torch.rand(2, 5, generator=generator) > 0.3
     logits = hidden @ weight.T
-    expected = get_loss(loss)(student_topk_tail_logits(logits, top.indices, 1.5),
-                              teacher_topk_tail_logits(top.values, tail), mask, temperature=1.5)
+    expected = get_spec(loss, kind="token").fn(student_topk_tail_logits(logits, top.indices, 1.5),
+                                               teacher_topk_tail_logits(top.values, tail), mask, temperature=1.5)
     teacher = TeacherSignal(topk_ids=top.indices, topk_logprobs=top.values, tail_logmass=tail)
     value = fused_linear_distillation(hidden, weight, teacher, mask=mask, loss=loss, temperature=1.5, chunk_size=3)
     torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
@@ -70,7 +70,7 @@ def test_fused_path_with_a_top_k_and_tail_teacher_equals_the_plain_one(loss):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("loss", list(REGISTRY))
+@pytest.mark.parametrize("loss", [spec.name for spec in specs("token")])
 @pytest.mark.parametrize("mode", ["tail", "renormalize"])
 def test_every_divergence_is_finite_on_a_sparse_teacher(loss, mode):
     """Both views of a top-k teacher (zeros outside the top-k in `renormalize`) give finite values and
@@ -84,6 +84,6 @@ def test_every_divergence_is_finite_on_a_sparse_teacher(loss, mode):
         student, teacher = student_topk_tail_logits(logits, top.indices), teacher_topk_tail_logits(top.values, tail)
     else:
         student, teacher = logits, dense_teacher_logits(top.indices, top.values, 19)
-    value = get_loss(loss)(student, teacher, torch.ones(2, 4, dtype=torch.bool))
+    value = get_spec(loss, kind="token").fn(student, teacher, torch.ones(2, 4, dtype=torch.bool))
     grad, = torch.autograd.grad(value, logits)
     assert torch.isfinite(value) and torch.isfinite(grad).all()

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.core.errors import DistillError
-from distill.lm.models import (ASSETS, build_student, check_same_vocabulary, copy_teacher_layers, count_parameters,
+from distill.core.metrics import count_parameters
+from distill.lm.models import (ASSETS, build_student, check_same_vocabulary, copy_teacher_layers,
                             load_causal_lm, load_tokenizer, resolve_model_path, tiny_llama_config)
 from distill.lm.tasks.arithmetic import ArithmeticTask
 from distill.lm.tasks.oracle import OracleTask

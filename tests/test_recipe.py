@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from distill.core.errors import DistillError
-from distill.lm.recipe import Recipe, apply_override, load_recipe, parse_recipe
+from distill.core.recipe import apply_override, load_recipe, parse_recipe
+from distill.lm.recipe import LMRecipe as Recipe
 
 torch.set_num_threads(1)
 
@@ -57,7 +58,12 @@ MALFORMED = [
     ("data-builtin-and-train", _edit("data.train", "train.jsonl"), [], ["data", "exactly one"]),
     ("data-eval-without-train", _edit("data.eval", "eval.jsonl"), [], ["data.eval"]),
     ("unknown-builtin-task", _edit("data.builtin", "sudoku"), [], ["data.builtin", "'sudoku'"]),
-    ("unknown-loss", _edit("objective", {"loss": "jsdd"}), [], ["objective.loss", "did you mean `jsd`"]),
+    ("unknown-loss", _edit("objective", {"loss": "jsdd"}), [], ["objective.loss", "did you mean 'jsd'", "sinkhorn"]),
+    ("param-out-of-range", _edit("objective", {"loss": "jsd", "beta": 1.5}), [],
+     ["objective.beta", "[0, 1]", "got 1.5", "use beta=0.5"]),
+    ("param-not-an-integer", _edit("objective", {"loss": "sinkhorn", "iterations": 2.5}), [],
+     ["objective.iterations", "an integer in [1, inf)"]),
+    ("schedule-without-its-loss", _edit("objective", {"loss": "jsd", "taid": {}}), [], ["objective.taid", "taid"]),
     ("param-not-of-loss", _edit("objective", {"loss": "forward_kl", "beta": 0.5}), [],
      ["objective.beta", "forward_kl"]),
     ("misspelt-param", _edit("objective", {"loss": "jsd", "betta": 0.5}), [], ["objective.betta", "beta"]),
@@ -186,6 +192,13 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     assert load_recipe(path, ["objective.beta=2.5E-1"]).objective.loss_params() == {"beta": pytest.approx(0.25)}
 
 
+def test_objective_reads_the_registry_aliases_defaults_and_coerced_values():
+    recipe = parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "sinkd", "iterations": "5"}})
+    assert recipe.objective.loss == "sinkhorn"  # the canonical name, as the resolved recipe.yaml records it
+    assert recipe.objective.loss_params() == {"epsilon": 0.1, "iterations": 5}
+    assert "iterations: 5\n" in recipe.to_yaml()
+
+
 def test_apply_override_in_place():
     data = {"train": {"steps": 4}}
     apply_override(data, "train.schedule=linear")
@@ -223,7 +236,7 @@ def test_defaults_of_a_minimal_recipe(tiny_recipe):
 
 
 def test_taid_schedule_needs_the_taid_loss_and_a_fixed_t_replaces_it():
-    from distill.lm.recipe import parse_recipe
+    from distill.core.recipe import parse_recipe
 
     recipe = parse_recipe({**copy.deepcopy(BASE), "objective": {"loss": "taid"}})
     assert recipe.objective.taid.t_start == 0.4  # the default schedule is filled in

@@ -56,7 +56,7 @@ def test_interrupted_run_resumed_ends_with_the_same_metrics(tiny_recipe, write_r
     crashed = run_cli("run", str(recipe), "--set", f"output={interrupted_dir}", env={"DISTILL_CRASH_AFTER_STEP": "4"})
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
     assert not (interrupted_dir / "results.json").exists()
-    assert json.loads((interrupted_dir / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((interrupted_dir / "checkpoints" / "distilled" / "state.json").read_text())["step"] == 4
     refused = run_cli("run", str(recipe), "--set", f"output={interrupted_dir}")
     assert refused.returncode == 2 and "unfinished run" in refused.stderr and "--resume" in refused.stderr
     resumed = run_cli("run", str(recipe), "--set", f"output={interrupted_dir}", "--resume")
@@ -79,9 +79,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, w
     assert result.returncode == 2, result.stderr
     assert "non-finite at step" in result.stderr and "Traceback" not in result.stderr
     step = int(result.stderr.split("non-finite at step ")[1].split()[0])
-    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoints" / "distilled" / "state.json").read_text())
     assert state["step"] == step - 1
-    weights = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "distilled" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -111,9 +111,9 @@ def test_two_processes_train_one_model(tiny_recipe, write_recipe, tmp_path):
                                "-m", "distill", "run", str(recipe)], capture_output=True, text=True, env=env, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     results = json.loads((ddp_dir / "results.json").read_text())
-    assert results["world_size"] == 2
+    assert results["meta"]["world_size"] == 2
     for phase in ("distilled", "alone"):
-        hashes = results["weight_sha256_per_rank"][phase]
+        hashes = results["meta"]["weight_sha256_per_rank"][phase]
         assert len(hashes) == 2 and hashes[0] == hashes[1]
     single = distill.run({**tiny_recipe, "output": str(single_dir),
                           "train": {**tiny_recipe["train"], "batch_size": 2 * tiny_recipe["train"]["batch_size"]}})
@@ -180,14 +180,14 @@ def test_taid_schedule_is_trainer_state_that_resumes_exactly(tiny_recipe, tmp_pa
     monkeypatch.setenv("DISTILL_CRASH_AFTER_STEP", "4")
     with pytest.raises(SystemExit):
         distill.run({**recipe, "output": str(tmp_path / "resumed")})
-    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
-    assert 0.3 < state["taid"]["t"] <= 1.0  # t moved up from t_start and was checkpointed
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "distilled" / "state.json").read_text())
+    assert 0.3 < state["regime"]["taid"]["t"] <= 1.0  # t moved up from t_start and was checkpointed
     monkeypatch.delenv("DISTILL_CRASH_AFTER_STEP")
     resumed = distill.run({**recipe, "output": str(tmp_path / "resumed")}, resume=True)
     for key, value in _weights(straight.run_dir).items():
         assert torch.equal(value, _weights(resumed.run_dir)[key]), key
-    final = json.loads((straight.run_dir / "checkpoint" / "state.json").read_text())["taid"]["t"]
-    assert final == json.loads((resumed.run_dir / "checkpoint" / "state.json").read_text())["taid"]["t"]
+    final = json.loads((straight.run_dir / "checkpoints" / "distilled" / "state.json").read_text())["regime"]["taid"]["t"]
+    assert final == json.loads((resumed.run_dir / "checkpoints" / "distilled" / "state.json").read_text())["regime"]["taid"]["t"]
 
 
 def test_token_selection_and_entropy_terms_train_on_the_plain_path(tiny_recipe, tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.core.hooks import forward
-from distill.classifier.models import count_parameters
+from distill.core.metrics import count_parameters
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:

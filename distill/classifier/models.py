@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.core.errors import DistillError
+from distill.core.io import staged_directory
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CONFIG_FILE = "classifier.json"
@@ -88,20 +89,14 @@ def build_classifier(arch: str, input_shape: tuple[int, ...], num_classes: int, 
 
 
 def save_classifier(model: nn.Module, directory: str | Path, *, arch: str, input_shape, num_classes: int,
-                    options: dict | None = None) -> None:
-    """Write `model.safetensors` + `classifier.json` into `directory` (staged, then renamed: atomic)."""
-    directory = Path(directory)
-    staging = directory.with_name(directory.name + ".tmp")
-    staging.mkdir(parents=True, exist_ok=True)
+                    options: dict | None = None, task: str | None = None) -> None:
+    """Write `model.safetensors` + `classifier.json` into `directory` (staged, then renamed: atomic).
+    `task` records the built-in data it was trained on (what `distill eval` scores it on by default)."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(staging / "model.safetensors"))
-    (staging / CONFIG_FILE).write_text(json.dumps({"arch": arch, "options": options or {}, "input_shape":
-                                                   list(input_shape), "num_classes": num_classes}, indent=1))
-    if directory.exists():
-        import shutil
-
-        shutil.rmtree(directory)
-    staging.rename(directory)
+    config = {"arch": arch, "options": options or {}, "input_shape": list(input_shape), "num_classes": num_classes}
+    with staged_directory(directory) as staging:
+        save_file(state, str(staging / "model.safetensors"))
+        (staging / CONFIG_FILE).write_text(json.dumps({**config, **({"task": task} if task else {})}, indent=1))
 
 
 def resolve_classifier_path(path: str, field: str) -> Path:
@@ -130,7 +125,3 @@ def load_classifier(path: str, field: str) -> tuple[nn.Module, dict]:
                              field=field)
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval(), config
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

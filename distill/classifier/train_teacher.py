@@ -33,5 +33,6 @@ def train_image_teacher(task: str, out: str | Path, *, epochs: float = 15, batch
     spec = ClassifierTrainSpec(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, weight_decay=1e-4)
     ClassifierTrainer(model, [TermSpec(loss=CE_TERM)], data.train_x, data.train_y, spec, ClassifierRegimeSpec(),
                       phase="teacher").fit()
-    save_classifier(model, out, arch="cnn", input_shape=data.input_shape, num_classes=data.num_classes, options=options)
+    save_classifier(model, out, arch="cnn", input_shape=data.input_shape, num_classes=data.num_classes, options=options,
+                    task=task)
     return evaluate_classifier(model, data.eval_x, data.eval_y, batch_size=500, final=True)

@@ -4,52 +4,51 @@ the student's own EMA / checkpoint, or an online peer), an objective that is a w
 A step reads top to bottom: batch -> teacher logits and hooked features (no grad) -> student logits and
 features -> each term -> weighted sum -> backward, step (-> EMA update). Learned projectors (when a
 student feature's shape differs from the teacher's) train with the student and are never saved with it.
+
+Every term is a registered loss (`distill.losses.registry`, kind `classifier` or `feature`); what a term
+needs (labels, a teacher, the teacher's class means, equal shapes) is read from its spec, never from its
+name. With a run directory the trainer logs to it and writes resumable checkpoints (student, peer,
+projectors, self-teacher, optimizer, scheduler, the data-order generator): a run killed after a
+checkpoint and resumed ends with the same weights, bit for bit.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.core.hooks import FeatureTaps, check_feature_name, forward
-from distill.classifier.recipe import CE_TERM, ClassifierRegimeSpec, ClassifierTrainSpec, TermSpec
+from distill.classifier.recipe import ClassifierRegimeSpec, ClassifierTrainSpec, TermSpec, term_loss
+from distill.core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, simulate_crash_after
 from distill.core.errors import DistillError
-from distill.losses.classic import CLASSIC_REGISTRY
-from distill.losses.ensemble import balanced_divergence, combine_teachers
-from distill.losses.features import FEATURE_REGISTRY, NEEDS_EQUAL_SHAPES, class_means, nd_loss
+from distill.core.hooks import FeatureTaps, check_feature_name, forward
+from distill.core.rundir import RunDirectory
+from distill.losses.ensemble import combine_teachers
+from distill.losses.features import class_means
 from distill.losses.projectors import make_projector
-
-
-def _bdkd(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0, gamma: float = 2.0):
-    return balanced_divergence(student_logits, teacher_logits, temperature=temperature, gamma=gamma)
-
-
-LOGIT_TERMS: dict[str, Callable] = {**CLASSIC_REGISTRY, "bdkd": _bdkd}
+from distill.losses.registry import LossSpec
 
 
 @dataclass
 class Term:
-    """One weighted objective term, resolved: its function, parameters and (feature terms) projector."""
+    """One weighted objective term, resolved: its registered loss, parameters and (feature terms) projector."""
 
     spec: TermSpec
+    loss: LossSpec
     index: int
     projector: nn.Module | None = None
-    teacher_class_means: torch.Tensor | None = None  # nd: teacher class-mean features of its layer
-    teacher_norm: float | None = None  # nd: the teacher's mean feature norm there (the student's norm target)
+    teacher_class_means: torch.Tensor | None = None  # needs_class_means: the teacher's class means of its layer
+    teacher_norm: float | None = None  # ... and its mean feature norm there (the student's norm target)
 
     @property
     def name(self) -> str:
-        return f"{self.spec.loss}" if self.index == 0 else f"{self.spec.loss}.{self.index}"
+        return self.loss.name if self.index == 0 else f"{self.loss.name}.{self.index}"
 
     @property
     def params(self) -> dict:
@@ -57,57 +56,48 @@ class Term:
 
     @property
     def is_feature(self) -> bool:
-        return self.spec.loss in FEATURE_REGISTRY or self.spec.loss == "nd"
+        return self.loss.kind == "feature"
 
     def weight_at(self, epoch: float) -> float:
         ramp = min(epoch / self.spec.warmup_epochs, 1.0) if self.spec.warmup_epochs > 0 else 1.0
         return self.spec.weight * ramp
 
     def value(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> torch.Tensor:
-        loss = self.spec.loss
-        if loss == CE_TERM:
-            return F.cross_entropy(student_logits, labels)
-        if loss in LOGIT_TERMS:
-            return LOGIT_TERMS[loss](student_logits, teacher_logits, labels, **self.params)
+        if not self.is_feature:
+            return self.loss.fn(student_logits, teacher_logits, labels, **self.params)
         student = student_features[self.spec.student_layer]
         if self.projector is not None:
             student = self.projector(student)
-        if loss == "nd":
-            return nd_loss(student.flatten(1), self.teacher_class_means, labels,
-                           **{"teacher_norm": self.teacher_norm, **self.params})
-        return FEATURE_REGISTRY[loss](student, teacher_features[self.spec.teacher_layer], **self.params)
+        if self.loss.needs_class_means:
+            return self.loss.fn(student.flatten(1), self.teacher_class_means, labels,
+                                **{"teacher_norm": self.teacher_norm, **self.params})
+        return self.loss.fn(student, teacher_features[self.spec.teacher_layer], **self.params)
 
 
 def _is_training(model: nn.Module) -> bool:
     return any(module.training for module in model.modules())
 
 
-@dataclass
 class ClassifierTrainer:
-    """Trains `student` (and an online `peer`) on (train_x, train_y) with the objective `terms`."""
+    """Trains `student` (and an online `peer`) on (train_x, train_y) with the objective `terms`.
 
-    student: nn.Module
-    terms_spec: list[TermSpec]
-    train_x: torch.Tensor | dict
-    train_y: torch.Tensor
-    spec: ClassifierTrainSpec
-    regime: ClassifierRegimeSpec
-    phase: str = "distilled"
-    teachers: list[nn.Module] = field(default_factory=list)
-    peer: nn.Module | None = None
-    evaluate: Callable[[nn.Module], dict] | None = None
-    eval_every_epochs: float = 1.0
-    metrics_file: Path | None = None
-    losses_file: Path | None = None
-    terms: list[Term] = field(init=False, default_factory=list)
+    Construction checks everything that can fail (hook names, feature shapes; projectors built, class
+    means computed) before anything is written; `fit` trains."""
 
-    def __post_init__(self):
+    def __init__(self, student: nn.Module, terms: list[TermSpec], train_x, train_y: torch.Tensor,
+                 spec: ClassifierTrainSpec, regime: ClassifierRegimeSpec, *, phase: str = "distilled",
+                 teachers: list[nn.Module] = (), peer: nn.Module | None = None,
+                 evaluate: Callable[[nn.Module], dict] | None = None, eval_every_epochs: float = 1.0,
+                 run_dir: RunDirectory | None = None):
+        self.student, self.train_x, self.train_y, self.spec, self.regime = student, train_x, train_y, spec, regime
+        self.phase, self.teachers, self.peer = phase, list(teachers), peer
+        self.evaluate, self.eval_every_epochs, self.run_dir = evaluate, eval_every_epochs, run_dir
         for index, teacher in enumerate(self.teachers):
             if _is_training(teacher):
                 warnings.warn(f"teacher {index} was in training mode (dropout / batch-norm statistics would change "
                               "its outputs); distill put it in eval mode", stacklevel=3)
             teacher.eval().requires_grad_(False)
-        self.terms = [Term(spec, index) for index, spec in enumerate(self.terms_spec)]
+        self.terms = [Term(term, term_loss(term.loss), index) for index, term in enumerate(terms)]
         self.num_examples = len(self.train_y)
         self.steps_per_epoch = math.ceil(self.num_examples / self.spec.batch_size)
         self.total_steps = max(1, math.ceil(self.spec.epochs * self.steps_per_epoch))
@@ -117,6 +107,11 @@ class ClassifierTrainer:
         if self.regime.kind == "online" and any(t.is_feature for t in self.terms):
             raise DistillError("regime online trains two models on each other's logits; feature terms need a "
                                "frozen teacher", field="objective.terms", fix="keep logit terms (ce, kd, bdkd, ...)")
+        if not self._teacher_models() and self.peer is None and any(t.loss.needs_teacher for t in self.terms):
+            needs = next(t.name for t in self.terms if t.loss.needs_teacher)
+            raise DistillError(f"objective term `{needs}` needs a teacher and there is none", field="objective.terms",
+                               fix="give a teacher, or use only `ce`")
+        self._prepare()
 
     # ---- teacher signal ------------------------------------------------------------------------
 
@@ -153,21 +148,26 @@ class ClassifierTrainer:
             return {key: value[index] for key, value in self.train_x.items()}, self.train_y[index]
         return self.train_x[index], self.train_y[index]
 
-    def prepare(self) -> None:
-        """Check hook names, build projectors from one batch's shapes, and compute ND's class means."""
+    def _prepare(self) -> None:
+        """Check hook names, build projectors from one batch's shapes, and compute class means."""
         teacher = (self._teacher_models() or [None])[0]
         for position, term in enumerate(self.terms):
             if not term.is_feature:
                 continue
-            check_feature_name(self.student, term.spec.student_layer, field=f"objective.terms.{position}.student_layer",
-                               role="student")
-            if teacher is not None and term.spec.teacher_layer:
-                check_feature_name(teacher, term.spec.teacher_layer, field=f"objective.terms.{position}.teacher_layer",
-                                   role="teacher")
+            where = f"objective.terms.{position}"
+            check_feature_name(self.student, term.spec.student_layer, field=f"{where}.student_layer", role="student")
+            if teacher is None:
+                raise DistillError(f"feature term `{term.name}` compares with a teacher's features and there is no "
+                                   "teacher", field=f"{where}.loss", fix="give a teacher, or use logit terms")
+            check_feature_name(teacher, term.spec.teacher_layer, field=f"{where}.teacher_layer", role="teacher")
+            if self.spec.batch_size < term.loss.min_examples:
+                raise DistillError(f"`{term.loss.name}` compares examples of a batch with each other and needs at "
+                                   f"least {term.loss.min_examples} per batch", field="train.batch_size",
+                                   fix=f"set train.batch_size >= {term.loss.min_examples}")
         if not any(t.is_feature for t in self.terms):
             return
         probe = torch.arange(min(self.spec.batch_size, self.num_examples))
-        inputs, labels = self._batch(probe)
+        inputs, _ = self._batch(probe)
         _, teacher_features = self.teacher_signal(inputs)
         taps = FeatureTaps(self.student, self._layers("student"))
         was_training = self.student.training
@@ -180,19 +180,17 @@ class ClassifierTrainer:
                 continue
             where = f"objective.terms.{position}"
             student_shape = tuple(taps.features[term.spec.student_layer].shape[1:])
-            if term.spec.loss == "nd":
+            if term.loss.needs_class_means:  # compared with class means of the teacher's (flattened) features
                 term.teacher_class_means, term.teacher_norm = self._class_means(term)
                 target_shape = (term.teacher_class_means.shape[1],)
                 student_shape = (math.prod(student_shape),)
             else:
                 target_shape = tuple(teacher_features[term.spec.teacher_layer].shape[1:])
-            if term.spec.loss not in NEEDS_EQUAL_SHAPES and term.spec.loss != "nd":
-                continue  # relational / attention losses compare shapes of their own kind
-            if student_shape == target_shape:
-                continue
+            if not term.loss.equal_shapes or student_shape == target_shape:
+                continue  # relational / attention terms compare shapes of their own kind
             if term.spec.projector == "none":
                 raise DistillError(f"student feature `{term.spec.student_layer}` has shape {student_shape} and teacher "
-                                   f"feature `{term.spec.teacher_layer}` {target_shape}; `{term.spec.loss}` needs equal "
+                                   f"feature `{term.spec.teacher_layer}` {target_shape}; `{term.loss.name}` needs equal "
                                    "shapes", field=f"{where}.projector",
                                    fix="set projector: auto (a learned linear / 1x1-conv map), or pick layers of equal shape")
             try:
@@ -202,7 +200,7 @@ class ClassifierTrainer:
 
     @torch.no_grad()
     def _class_means(self, term: Term) -> tuple[torch.Tensor, float]:
-        """ND: the teacher's class-mean features of `teacher_layer` over the training set, and their mean norm."""
+        """The teacher's class-mean features of `teacher_layer` over the training set, and their mean norm."""
         teacher = self._teacher_models()[0]
         layer = term.spec.teacher_layer
         chunks = []
@@ -233,7 +231,8 @@ class ClassifierTrainer:
         return optimizer, scheduler
 
     def _objective(self, logits, teacher_logits, labels, features, teacher_features, epoch: float):
-        total, parts = 0.0, {}
+        # Starts as a zero tied to the graph: while every weight is still 0 (warm-up) the step is a no-op.
+        total, parts = logits.sum() * 0.0, {}
         for term in self.terms:
             weight = term.weight_at(epoch)
             value = term.value(logits, teacher_logits, labels, features, teacher_features)
@@ -242,21 +241,43 @@ class ClassifierTrainer:
                 total = total + weight * value
         return total, parts
 
-    def fit(self) -> nn.Module:
-        """Train for `spec.epochs`; evaluate every `eval_every_epochs`; return the student."""
-        self.prepare()
+    def _modules(self) -> dict[str, nn.Module]:
+        """Everything that trains or changes during training, by checkpoint name."""
+        modules = {"model": self.student}
+        if self.peer is not None:
+            modules["peer"] = self.peer
+        if self.self_teacher is not None:
+            modules["self_teacher"] = self.self_teacher
+        modules.update({f"projector_{t.index}": t.projector for t in self.terms if t.projector is not None})
+        return modules
+
+    def fit(self, resume: bool = False) -> nn.Module:
+        """Train for `spec.epochs` (from the phase's last checkpoint if `resume` finds one); evaluate every
+        `eval_every_epochs`; return the student."""
         models = [self.student] + ([self.peer] if self.peer is not None else [])
         parameters = [p for m in models + self.projectors() for p in m.parameters()]
         optimizer, scheduler = self._optimizer(parameters)
+        # The data order of an epoch is drawn from `generator`; `epoch_start` is its state before that draw,
+        # what a checkpoint stores so that a resumed run draws the same order again.
         generator = torch.Generator().manual_seed(self.spec.seed)
+        torch.manual_seed(self.spec.seed)  # dropout & co: a phase's randomness does not depend on what ran before
+        step, order, epoch_start = 0, None, generator.get_state()
+        checkpoints = self.run_dir.checkpoint_dir(self.phase) if self.run_dir is not None else None
+        if resume and checkpoints is not None and (found := find_checkpoint(checkpoints)) is not None:
+            state = load_checkpoint(found, modules=self._modules(), optimizers={"optimizer": optimizer},
+                                    schedulers={"scheduler": scheduler}, generators={"order": generator})
+            step = state["step"]
+        if self.run_dir is not None:
+            self.run_dir.rewind(self.phase, step)
         eval_every = max(1, round(self.eval_every_epochs * self.steps_per_epoch))
+        checkpoint_every = self.spec.checkpoint_every
         student_layers = self._layers("student")
-        bar = tqdm(total=self.total_steps, desc=self.phase, dynamic_ncols=True, leave=False)
-        step, order = 0, torch.empty(0, dtype=torch.long)
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.phase, dynamic_ncols=True, leave=False)
         for model in models + self.projectors():
             model.train()
         while step < self.total_steps:
-            if step % self.steps_per_epoch == 0:
+            if step % self.steps_per_epoch == 0 or order is None:
+                epoch_start = generator.get_state()
                 order = torch.randperm(self.num_examples, generator=generator)
             position = (step % self.steps_per_epoch) * self.spec.batch_size
             inputs, labels = self._batch(order[position:position + self.spec.batch_size])
@@ -284,18 +305,29 @@ class ClassifierTrainer:
             self._update_self_teacher(step)
             step += 1
             bar.update(1)
+            if self.run_dir is None:
+                continue
             if step % self.spec.log_every == 0 or step == self.total_steps:
-                ce = sum(v for k, v in parts.items() if k.split(".")[0] == CE_TERM)
-                self._log(self.losses_file, {"phase": self.phase, "step": step, "epoch": round(step / self.steps_per_epoch, 3),
-                                             "loss": float(loss.detach()), "kd": float(loss.detach()) - ce, "ce": ce,
-                                             **parts, "lr": scheduler.get_last_lr()[0],
-                                             "step_seconds": time.perf_counter() - started,
-                                             "teacher_seconds": teacher_seconds})
+                hard = sum(parts[t.name] for t in self.terms if not t.loss.needs_teacher)
+                self.run_dir.log_losses({"phase": self.phase, "step": step,
+                                         "epoch": round(step / self.steps_per_epoch, 3),
+                                         "loss": float(loss.detach()), "kd": float(loss.detach()) - hard, "ce": hard,
+                                         **parts, "lr": scheduler.get_last_lr()[0],
+                                         "step_seconds": time.perf_counter() - started,
+                                         "teacher_seconds": teacher_seconds})
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if self.evaluate is not None and (step % eval_every == 0 or step == self.total_steps):
-                self._log(self.metrics_file, {"phase": self.phase, "step": step, **self.evaluate(self.student)})
+                self.run_dir.log_metrics({"phase": self.phase, "step": step, **self.evaluate(self.student)})
                 for model in models + self.projectors():
                     model.train()
+            if step % checkpoint_every == 0 or step == self.total_steps:
+                # The next step's epoch order is drawn from `epoch_start`, or (a new epoch) from the generator now.
+                draw_from = torch.Generator()
+                draw_from.set_state(generator.get_state() if step % self.steps_per_epoch == 0 else epoch_start)
+                save_checkpoint(checkpoints, modules=self._modules(), optimizers={"optimizer": optimizer},
+                                schedulers={"scheduler": scheduler}, generators={"order": draw_from},
+                                state={"step": step, "phase": self.phase})
+                simulate_crash_after(step)
         bar.close()
         self.student.eval()
         return self.student
@@ -314,9 +346,3 @@ class ClassifierTrainer:
                     teacher_value.copy_(student_value)
         elif (step + 1) % (self.regime.refresh_epochs * self.steps_per_epoch) == 0:
             self.self_teacher.load_state_dict(self.student.state_dict())
-
-    @staticmethod
-    def _log(file: Path | None, record: dict) -> None:
-        if file is not None:
-            with open(file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")

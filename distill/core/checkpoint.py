@@ -1,24 +1,74 @@
-"""Resumable checkpoints written atomically: a crash mid-write never leaves a half checkpoint.
+"""Resumable checkpoints, written atomically and without pickle.
 
-A checkpoint directory holds `model.safetensors`, `trainer.pt` (optimizer, scheduler, RNG
-states) and `state.json` (step, data position, objective state). It is written to
-`<name>.tmp`, then swapped in by renames, so the previous good checkpoint survives until the
-new one is complete.
+A checkpoint directory holds one `<name>.safetensors` per module (`model.safetensors` for the
+trained model), `trainer.safetensors` + `trainer.json` (optimizers, schedulers, random generators
+and the global RNG states: their tensors, and a JSON skeleton that says where each tensor goes) and
+`state.json` (step, data position, anything the trainer adds). The directory is staged and swapped
+in by renames (`core.io.staged_directory`), so the previous good checkpoint survives until the new
+one is complete, and loading never runs code from the file (no `torch.load`, no pickle).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.core.errors import DistillError
+from distill.core.io import recover_directory, staged_directory
+
+STATE_FILE = "state.json"
+# Testing aid: stop as if killed right after the checkpoint of this step (every family's trainer).
+CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
+
+
+# ---- state trees (optimizer / scheduler / RNG state) <-> tensors + JSON -------------------------------
+
+def _encode(value, tensors: dict[str, torch.Tensor]):
+    """A JSON-able skeleton of `value`, its tensors and arrays moved into `tensors` (by key)."""
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+        return {"__ndarray__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"__dict__": {k: _encode(v, tensors) for k, v in value.items()}}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"__tuple__" if isinstance(value, tuple) else "__list__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _decode(skeleton, tensors: dict[str, torch.Tensor]):
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if "__ndarray__" in skeleton:
+        return tensors[skeleton["__ndarray__"]].numpy()
+    if "__dict__" in skeleton:
+        return {k: _decode(v, tensors) for k, v in skeleton["__dict__"].items()}
+    if "__items__" in skeleton:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in skeleton["__items__"]}
+    if "__tuple__" in skeleton:
+        return tuple(_decode(v, tensors) for v in skeleton["__tuple__"])
+    return [_decode(v, tensors) for v in skeleton["__list__"]]
+
 
 def rng_states() -> dict:
+    """The global random states (Python, NumPy, torch; CUDA where present)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -26,57 +76,63 @@ def rng_states() -> dict:
 
 
 def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(directory: Path, *, model, optimizer, scheduler, state: dict) -> None:
-    """Write model, optimizer, scheduler, RNG states and `state` to `directory` atomically."""
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def save_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: dict | None = None,
+                    schedulers: dict | None = None, generators: dict[str, torch.Generator] | None = None,
+                    state: dict | None = None) -> None:
+    """Write everything a trainer needs to continue exactly where it stopped, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    trainer = {"optimizers": {k: _encode(v.state_dict(), tensors) for k, v in (optimizers or {}).items()},
+               "schedulers": {k: _encode(v.state_dict(), tensors) for k, v in (schedulers or {}).items()},
+               "generators": {k: _encode(v.get_state(), tensors) for k, v in (generators or {}).items()},
+               "rng": _encode(rng_states(), tensors)}
+    with staged_directory(directory) as staging:
+        for name, module in modules.items():
+            # safetensors refuses shared storage (tied weights): store independent contiguous copies.
+            weights = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+            save_file(weights, str(staging / f"{name}.safetensors"))
+        save_file(tensors, str(staging / "trainer.safetensors"))
+        (staging / "trainer.json").write_text(json.dumps(trainer))
+        (staging / STATE_FILE).write_text(json.dumps(state or {}, indent=1))  # last: marks it complete
+
+
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """The last complete checkpoint in `directory`, recovering from a crash between the two renames."""
+    found = recover_directory(directory, STATE_FILE)
+    if found is not None and (found / "trainer.pt").exists():
+        raise DistillError(f"`{found}` was written by an earlier distill (pickled trainer state), which this "
+                           "version does not load", field="--resume", fix="run again with --overwrite")
+    return found
+
+
+def load_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: dict | None = None,
+                    schedulers: dict | None = None, generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore everything `save_checkpoint` wrote into the given objects; return the saved `state`."""
     directory = Path(directory)
-    staging, previous = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    # safetensors refuses shared storage (tied weights): store independent contiguous copies.
-    tensors = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(staging / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
-               staging / "trainer.pt")
-    (staging / "state.json").write_text(json.dumps(state, indent=1))
-    _sync_directory(staging)
-    if directory.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(directory, previous)
-    os.replace(staging, directory)
-    shutil.rmtree(previous, ignore_errors=True)
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(directory / f"{name}.safetensors")))
+    tensors = load_file(str(directory / "trainer.safetensors"))
+    trainer = json.loads((directory / "trainer.json").read_text())
+    for kind, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
+        for name, target in (objects or {}).items():
+            target.load_state_dict(_decode(trainer[kind][name], tensors))
+    for name, generator in (generators or {}).items():
+        generator.set_state(_decode(trainer["generators"][name], tensors))
+    restore_rng_states(_decode(trainer["rng"], tensors))
+    return json.loads((directory / STATE_FILE).read_text())
 
 
-def find_checkpoint(directory: Path) -> Path | None:
-    """The last complete checkpoint, recovering from a crash between the two renames."""
-    directory = Path(directory)
-    if (directory / "state.json").is_file():
-        return directory
-    previous = directory.with_name(directory.name + ".old")
-    if (previous / "state.json").is_file():
-        os.replace(previous, directory)
-        return directory
-    return None
-
-
-def load_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the saved `state`."""
-    directory = Path(directory)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    trainer_state = torch.load(directory / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    restore_rng_states(trainer_state["rng"])
-    return json.loads((directory / "state.json").read_text())
-
-
-def _sync_directory(directory: Path) -> None:
-    for file in directory.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+def simulate_crash_after(step: int) -> None:
+    """Testing aid: raise SystemExit as if killed, when `step` is the one named in DISTILL_CRASH_AFTER_STEP.
+    Trainers call it right after writing a checkpoint."""
+    if step == int(os.environ.get(CRASH_AFTER_STEP_ENV, "0") or 0):
+        raise SystemExit(f"{CRASH_AFTER_STEP_ENV}={step}: simulated crash after the checkpoint")

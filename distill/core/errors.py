@@ -14,3 +14,12 @@ class DistillError(Exception):
     def render(self) -> str:
         head = f"{self.field}: {self.message}" if self.field else self.message
         return f"{head}\n  fix: {self.fix}" if self.fix else head
+
+
+class FieldValueError(ValueError):
+    """A recipe validator's complaint about one field below the model it validates (`field`, dotted),
+    so that the error names e.g. `objective.beta` rather than just `objective`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

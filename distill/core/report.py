@@ -1,65 +1,93 @@
-"""The end of every run: `results.json`, `report.md`, a self-contained `report.html` and
-`plots/*.png` (loss curves; eval metric vs step for both students)."""
+"""The one report writer of every family: the rows as a table, `report.md`, a self-contained
+`report.html`, `plots/*.png` (training losses; the primary metric during training; then the family's
+own figures) and `results.json` ({rows, meta}), written last."""
 from __future__ import annotations
 
 import base64
 import html
 import json
 from pathlib import Path
+from typing import Callable
 
-ROW_NAMES = ("teacher", "alone", "distilled")
-ROW_LABELS = {"teacher": "teacher", "alone": "alone", "distilled": "distilled"}
-HIDDEN_COLUMNS = ("oracle_entropy",)  # a property of the eval data, the same in every row: a footnote
-COLUMN_ORDER = ("nll", "teacher_top1_agreement", "teacher_kl", "parameters", "generation_tokens_per_second",
-                "examples_per_second")
+from distill.core.io import atomic_write_json, atomic_write_text, read_jsonl
+
+# Columns every family may report, in this order after the primary metric and the task's own metrics.
+COMMON_COLUMNS = ("nll", "teacher_top1_agreement", "teacher_kl", "parameters", "generation_tokens_per_second",
+                  "examples_per_second", "function_evaluations", "sample_seconds")
 COLUMN_LABELS = {"teacher_top1_agreement": "top1=T", "generation_tokens_per_second": "gen tok/s",
                  "oracle_forward_kl": "KL(oracle‖m)", "oracle_reverse_kl": "KL(m‖oracle)", "parameters": "params",
                  "exact_match": "exact match", "teacher_kl": "KL(T‖m)", "examples_per_second": "ex/s",
-                 "ece": "ECE"}
+                 "ece": "ECE", "function_evaluations": "NFE", "sample_seconds": "sample s"}
+RATE_COLUMNS = ("generation_tokens_per_second", "examples_per_second")
 
 
-def columns(rows: dict[str, dict], primary_metric: str) -> list[str]:
-    """Primary metric first, then the other task metrics, then the common ones."""
-    present = [key for row in rows.values() for key in row]
-    task_metrics = [k for k in dict.fromkeys(present)
-                    if k not in COLUMN_ORDER and k != primary_metric and k not in HIDDEN_COLUMNS]
-    return [k for k in dict.fromkeys([primary_metric, *task_metrics, *COLUMN_ORDER]) if k in present]
+def columns(rows: dict[str, dict], meta: dict) -> list[str]:
+    """Primary metric first, then the task's other metrics, then the common ones; hidden ones left out."""
+    hidden = set(meta.get("hidden_columns", ()))
+    present = [key for key in dict.fromkeys(k for row in rows.values() for k in row) if key not in hidden]
+    primary = meta.get("primary_metric")
+    task_metrics = [k for k in present if k not in COMMON_COLUMNS and k != primary]
+    return [k for k in dict.fromkeys([primary, *task_metrics, *COMMON_COLUMNS]) if k in present]
 
 
-def _cell(key: str, value) -> str:
+def cell(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "parameters":
-        return f"{int(value):,}"
-    if key in ("generation_tokens_per_second", "examples_per_second"):
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if key in RATE_COLUMNS:
         return f"{value:,.0f}"
     return f"{value:.4f}"
 
 
-def table_rows(rows: dict[str, dict], primary_metric: str) -> tuple[list[str], list[list[str]]]:
-    keys = columns(rows, primary_metric)
+def table_rows(rows: dict[str, dict], meta: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, body) of the table of `rows`."""
+    keys = columns(rows, meta)
     header = ["model"] + [COLUMN_LABELS.get(k, k) for k in keys]
-    body = [[ROW_LABELS[name]] + [_cell(k, rows[name].get(k)) for k in keys] for name in ROW_NAMES if name in rows]
-    return header, body
+    return header, [[name] + [cell(k, row.get(k)) for k in keys] for name, row in rows.items()]
 
 
-def format_table(rows: dict[str, dict], primary_metric: str, higher_is_better: bool) -> str:
-    """A plain-text (markdown) table of the rows, with a line on who wins the primary metric."""
-    header, body = table_rows(rows, primary_metric)
+def verdict_line(rows: dict[str, dict], meta: dict) -> str:
+    """Whether distillation beat the student trained alone on the primary metric (when both rows exist)."""
+    metric = meta.get("primary_metric")
+    alone, distilled = rows.get("alone", {}).get(metric), rows.get("distilled", {}).get(metric)
+    if alone is None or distilled is None:
+        return ""
+    higher = bool(meta.get("higher_is_better"))
+    better = distilled > alone if higher else distilled < alone
+    return (f"{metric} ({'higher' if higher else 'lower'} is better): distilled {distilled:.4f} vs alone {alone:.4f} "
+            f"-> {'distillation helped' if better else 'distillation did NOT help'}")
+
+
+def best_line(best: dict[str, dict]) -> str:
+    if not best:
+        return ""
+    return "best eval during training: " + ", ".join(
+        f"{phase} {b['value']:.4f} at step {b['step']}" for phase, b in best.items())
+
+
+def notes(rows: dict[str, dict], meta: dict) -> list[str]:
+    """The lines under a table: the verdict, the best evals during training, the family's notes."""
+    lines = [verdict_line(rows, meta), best_line(meta.get("best_eval", {})), *meta.get("notes", ())]
+    return [line for line in lines if line]
+
+
+def format_table(rows: dict[str, dict], meta: dict) -> str:
+    """A markdown table of the rows with its notes."""
+    header, body = table_rows(rows, meta)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    notes = [verdict_line(rows, primary_metric, higher_is_better), footnote(rows)]
-    return "\n".join(lines + [""] + [n for n in notes if n])
+    return "\n".join(lines + [""] + notes(rows, meta))
 
 
-def best_evals(run_dir: Path, primary_metric: str, higher_is_better: bool) -> dict[str, dict]:
-    """Each phase's best eval of the primary metric during training ({phase: {step, value}}).
-
-    The rows are the final models (same steps for both students); a student alone that overfits
-    its data peaks earlier, and an honest report says so."""
+def best_evals(metrics_file: Path, metric: str, higher_is_better: bool) -> dict[str, dict]:
+    """Each phase's best eval of `metric` during training ({phase: {step, value}}): the rows are the
+    final models, and a student that overfits peaks earlier; an honest report says so."""
     best = {}
-    for record in _read_jsonl(Path(run_dir) / "metrics.jsonl"):
-        value = record.get(primary_metric)
+    for record in read_jsonl(metrics_file):
+        value = record.get(metric)
         if value is None:
             continue
         current = best.get(record["phase"])
@@ -68,75 +96,12 @@ def best_evals(run_dir: Path, primary_metric: str, higher_is_better: bool) -> di
     return best
 
 
-def best_line(best: dict[str, dict]) -> str:
-    if not best:
-        return ""
-    return "best eval during training: " + ", ".join(
-        f"{ROW_LABELS.get(phase, phase)} {b['value']:.4f} at step {b['step']}" for phase, b in best.items())
-
-
-def footnote(rows: dict[str, dict]) -> str:
-    entropy = next((r["oracle_entropy"] for r in rows.values() if "oracle_entropy" in r), None)
-    return "" if entropy is None else f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"
-
-
-def verdict_line(rows: dict[str, dict], primary_metric: str, higher_is_better: bool) -> str:
-    if "alone" not in rows or "distilled" not in rows:
-        return ""
-    alone, distilled = rows["alone"].get(primary_metric), rows["distilled"].get(primary_metric)
-    if alone is None or distilled is None:
-        return ""
-    better = distilled > alone if higher_is_better else distilled < alone
-    direction = "higher" if higher_is_better else "lower"
-    return (f"{primary_metric} ({direction} is better): distilled {distilled:.4f} vs alone {alone:.4f} -> "
-            f"{'distillation helped' if better else 'distillation did NOT help'}")
-
-
-def _read_jsonl(file: Path) -> list[dict]:
-    return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
-
-
-def make_plots(run_dir: Path, primary_metric: str, rows: dict[str, dict]) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    written = []
-    losses, metrics = _read_jsonl(run_dir / "losses.jsonl"), _read_jsonl(run_dir / "metrics.jsonl")
-    phases = list(dict.fromkeys(r["phase"] for r in losses)) or ["-"]
-    # One panel per phase: the divergence and cross-entropy live on different scales.
-    figure, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
-    for axis, phase in zip(axes[0], phases):
-        points = [r for r in losses if r["phase"] == phase]
-        parts = [key for key in ("kd", "ce") if any(r.get(key) for r in points)]
-        for key, label in (("loss", "total"), ("kd", "divergence"), ("ce", "hard-label CE")):
-            if key in parts or (key == "loss" and len(parts) > 1):
-                axis.plot([r["step"] for r in points], [r[key] for r in points], label=label)
-        axis.set(xlabel="step", ylabel="training loss", title=ROW_LABELS.get(phase, phase))
-        axis.legend()
-    figure.tight_layout(); figure.savefig(plots / "loss.png", dpi=110); plt.close(figure)
-    written.append(plots / "loss.png")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for phase in dict.fromkeys(r["phase"] for r in metrics):
-        points = [r for r in metrics if r["phase"] == phase and primary_metric in r]
-        axis.plot([r["step"] for r in points], [r[primary_metric] for r in points], marker="o", label=ROW_LABELS.get(phase, phase))
-    if primary_metric in rows.get("teacher", {}):
-        axis.axhline(rows["teacher"][primary_metric], color="gray", linestyle="--", label="teacher")
-    axis.set(xlabel="step", ylabel=COLUMN_LABELS.get(primary_metric, primary_metric), title=f"eval {primary_metric} vs step")
-    axis.legend(); figure.tight_layout(); figure.savefig(plots / "eval_metric.png", dpi=110); plt.close(figure)
-    written.append(plots / "eval_metric.png")
-    return written
-
-
-def step_time_line(run_dir: Path) -> str:
+def step_time_line(losses: list[dict]) -> str:
     """Median seconds per step of each phase, split into generation, teacher and the rest (student
-    forward, loss, backward, optimizer), from losses.jsonl."""
-    records = _read_jsonl(run_dir / "losses.jsonl")
+    forward, loss, backward, optimizer)."""
     parts = []
-    for phase in dict.fromkeys(r["phase"] for r in records):
-        mine = [r for r in records if r["phase"] == phase and "step_seconds" in r]
+    for phase in dict.fromkeys(r["phase"] for r in losses):
+        mine = [r for r in losses if r["phase"] == phase and "step_seconds" in r]
         if not mine:
             continue
 
@@ -150,34 +115,106 @@ def step_time_line(run_dir: Path) -> str:
     return ("Median step time: " + "; ".join(parts) + ".") if parts else ""
 
 
-def write_report(result) -> None:
-    """results.json, report.md, report.html and plots for a RunResult."""
-    run_dir = Path(result.run_dir)
-    best = best_evals(run_dir, result.primary_metric, result.higher_is_better)
-    result.extras["best_eval"] = best
-    results = {"rows": result.rows, "primary_metric": result.primary_metric,
-               "higher_is_better": result.higher_is_better, **result.extras}
-    plots = make_plots(run_dir, result.primary_metric, result.rows)
-    table = result.table()
-    name = result.extras.get("recipe", {}).get("name", run_dir.name)
-    markdown = [f"# distill run `{name}`", "", table, best_line(best), "",
-                f"World size {result.extras.get('world_size', 1)}; {result.extras.get('seconds', 0):.0f} s in all. "
-                "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels with the "
-                "same init, data order and steps.", step_time_line(run_dir), ""]
+# ---- plots ---------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(losses: list[dict], path: Path) -> Path | None:
+    """One panel per phase (losses of different phases live on different scales)."""
+    phases = list(dict.fromkeys(r["phase"] for r in losses))
+    if not phases:
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for axis, phase in zip(axes[0], phases):
+        points = [r for r in losses if r["phase"] == phase]
+        parts = [key for key in ("kd", "ce") if any(r.get(key) for r in points)]
+        for key, label in (("loss", "total"), ("kd", "divergence"), ("ce", "hard-label CE")):
+            if key in parts or (key == "loss" and (len(parts) != 1)):
+                axis.plot([r["step"] for r in points], [r.get(key) for r in points], label=label)
+        axis.set(xlabel="step", ylabel="training loss", title=phase)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_metric(series: dict[str, list[dict]], metric: str, path: Path, *, title: str,
+                references: dict[str, float] | None = None) -> Path | None:
+    """`metric` against step, one line per series (e.g. a phase, or a run's phase); dashed references."""
+    series = {name: [r for r in records if metric in r] for name, records in series.items()}
+    series = {name: records for name, records in series.items() if records}
+    if not series:
+        return None
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name, records in series.items():
+        axis.plot([r["step"] for r in records], [r[metric] for r in records], marker="o", label=name)
+    for name, value in (references or {}).items():
+        axis.axhline(value, color="gray", linestyle="--", label=name)
+    axis.set(xlabel="step", ylabel=COLUMN_LABELS.get(metric, metric), title=title)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ---- the writer ----------------------------------------------------------------------------------
+
+def html_page(title: str, body: str) -> str:
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+            "img{max-width:100%}</style></head><body>" + body + "</body></html>\n")
+
+
+def html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return "<table><tr>" + head + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>"
+
+
+def html_images(plots: list[Path]) -> str:
+    return "".join(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   "</figure>" for p in plots)
+
+
+def write_report(run_dir: Path, result, figures: Callable[[Path], list[Path]] | None = None) -> None:
+    """report.md, report.html, plots/ and, last, results.json for a finished run."""
+    run_dir = Path(run_dir)
+    meta = result.meta
+    losses, metrics_file = read_jsonl(run_dir / "losses.jsonl"), run_dir / "metrics.jsonl"
+    meta["best_eval"] = best_evals(metrics_file, result.primary_metric, result.higher_is_better)
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    history = read_jsonl(metrics_file)
+    phases = {phase: [r for r in history if r["phase"] == phase] for phase in dict.fromkeys(r["phase"] for r in history)}
+    teacher_value = result.rows.get("teacher", {}).get(result.primary_metric)
+    plots = [plot_losses(losses, plots_dir / "loss.png"),
+             plot_metric(phases, result.primary_metric, plots_dir / "eval_metric.png",
+                         title=f"eval {result.primary_metric} vs step",
+                         references={"teacher": teacher_value} if teacher_value is not None else None)]
+    plots = [p for p in plots if p is not None] + list(figures(plots_dir) if figures else [])
+    name = meta.get("name", run_dir.name)
+    summary = (f"World size {meta.get('world_size', 1)}; {meta.get('seconds', 0):.0f} s in all. "
+               f"{meta.get('rows_note', '')}").strip()
+    timing = step_time_line(losses)
+    markdown = [f"# distill run `{name}` ({meta.get('task', '')})", "", result.table(), "", summary, timing, ""]
     markdown += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    (run_dir / "report.md").write_text("\n".join(markdown) + "\n")
-    header, body = table_rows(result.rows, result.primary_metric)
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    images = "".join(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></figure>'
-                     for p in plots)
-    verdict = html.escape(verdict_line(result.rows, result.primary_metric, result.higher_is_better))
-    recipe = html.escape(json.dumps(result.extras.get("recipe", {}), indent=1))
-    (run_dir / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>distill: {html.escape(name)}</title><style>"
-        "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-        f"<h1>distill run {html.escape(name)}</h1><table><tr>{cells}</tr>{body_html}</table><p>{verdict}</p><p>{html.escape(best_line(best))}</p><p>{html.escape(step_time_line(run_dir))}</p>"
-        f"{images}<details><summary>recipe</summary><pre>{recipe}</pre></details></body></html>\n")
-    # Written last: its presence marks a finished run.
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(run_dir / "report.md", "\n".join(markdown) + "\n")
+    header, body = table_rows(result.rows, meta)
+    paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in [*notes(result.rows, meta), summary, timing] if line)
+    recipe = html.escape(json.dumps(meta.get("recipe", {}), indent=1))
+    atomic_write_text(run_dir / "report.html", html_page(
+        f"distill: {name}", f"<h1>distill run {html.escape(name)}</h1>" + html_table(header, body) + paragraphs
+        + html_images(plots) + f"<details><summary>recipe</summary><pre>{recipe}</pre></details>"))
+    atomic_write_json(run_dir / "results.json", result.to_json())  # last: marks the run finished

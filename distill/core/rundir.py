@@ -1,58 +1,193 @@
-"""The run directory and a run's result, shared by every task (light: no transformers import).
+"""The run directory, one contract for every family, and a run's result.
 
-Never overwrite silently: a finished or unfinished run needs --overwrite (or --resume)."""
+    recipe.yaml     the resolved recipe, written once, after every check passed
+    metrics.jsonl   one line per evaluation during training ({phase, step, metric...}), appended
+    losses.jsonl    one line per logged training step ({phase, step, loss...}), appended
+    checkpoints/    <phase>/ for --resume (core.checkpoint)
+    results.json    {"rows": {row: {metric: value}}, "meta": {...}}, written last: it marks a finished run
+    report.md, report.html, plots/   from the one report writer (core.report)
+
+Never overwrite silently: a finished or unfinished run needs --overwrite (or --resume), and a
+directory that is not a distill run is never deleted.
+"""
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.core.errors import DistillError
-from distill.core.report import format_table
+from distill.core.io import append_jsonl, atomic_write_text, read_jsonl
 
-FINISHED_MARKER = "results.json"
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+LOSSES_FILE = "losses.jsonl"
+RESULTS_FILE = "results.json"  # written last: its presence marks a finished run
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass
 class RunResult:
-    """What a run produced: the three rows of metrics and where everything was written."""
+    """What a run (or an evaluation) produced: rows of metrics and what they mean (`meta`: task, name,
+    primary_metric, higher_is_better, world_size, seconds, recipe, ...)."""
 
-    run_dir: Path
+    run_dir: Path | None
     rows: dict[str, dict]
-    primary_metric: str
-    higher_is_better: bool
-    extras: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.meta["primary_metric"]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.meta.get("higher_is_better", False))
 
     def table(self) -> str:
-        return format_table(self.rows, self.primary_metric, self.higher_is_better)
+        """The rows as a markdown table, with the notes under it."""
+        from distill.core.report import format_table
+
+        return format_table(self.rows, self.meta)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "meta": self.meta}
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunResult":
-        results = json.loads((Path(run_dir) / FINISHED_MARKER).read_text())
-        return cls(Path(run_dir), results["rows"], results["primary_metric"], results["higher_is_better"],
-                   {k: v for k, v in results.items() if k not in ("rows", "primary_metric", "higher_is_better")})
+        """The result a finished run wrote (results.json)."""
+        run_dir = Path(run_dir)
+        file = run_dir / RESULTS_FILE
+        if not file.is_file():
+            raise DistillError(f"`{run_dir}` holds no finished run (no {RESULTS_FILE})", field="RUN",
+                               fix="give the output directory of a run that completed")
+        data = json.loads(file.read_text())
+        if "meta" not in data:  # written before the `meta` section existed: everything but rows was top-level
+            data = {"rows": data["rows"], "meta": {k: v for k, v in data.items() if k != "rows"}}
+        return cls(run_dir, data["rows"], data["meta"])
 
 
-def prepare_output_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Never overwrite silently: a finished or unfinished run needs --overwrite (or --resume)."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    is_run = (run_dir / "recipe.yaml").is_file()
-    if overwrite:
-        if not is_run:
-            raise DistillError(f"`{run_dir}` is not empty and is not a distill run; refusing to delete it",
-                               field="output", fix="choose another output directory")
-        if is_main:
-            shutil.rmtree(run_dir)
-        return
-    if resume:
-        if not is_run:
-            raise DistillError(f"`{run_dir}` holds no run to resume", field="output", fix="run without --resume")
-        return
-    if (run_dir / FINISHED_MARKER).is_file():
-        raise DistillError(f"`{run_dir}` holds a finished run", field="output",
-                           fix="pass --overwrite to replace it, or set output to a new directory")
-    raise DistillError(f"`{run_dir}` holds an unfinished run" if is_run else f"`{run_dir}` is not empty",
-                       field="output", fix="pass --resume to continue it, --overwrite to start again, "
-                                           "or choose another output directory")
+class RunDirectory:
+    """A run's directory: checked before anything is written, started once the recipe is valid and the
+    family has loaded everything, then logs, checkpoints and the report."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.resume, self.overwrite = resume, overwrite
+        self.is_main = True
+        self.recipe_changes: list[str] = []
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def losses_file(self) -> Path:
+        return self.path / LOSSES_FILE
+
+    def checkpoint_dir(self, phase: str) -> Path:
+        return self.path / CHECKPOINTS_DIR / phase
+
+    def holds_run(self) -> bool:
+        return (self.path / RECIPE_FILE).is_file()
+
+    def check(self) -> None:
+        """Refuse what would overwrite something silently. Writes nothing."""
+        path = self.path
+        if not path.exists() or not any(path.iterdir()):
+            return
+        if not path.is_dir():
+            raise DistillError(f"`{path}` is a file", field="output", fix="choose a directory")
+        if self.overwrite:
+            if not self.holds_run():
+                raise DistillError(f"`{path}` is not empty and is not a distill run; refusing to delete it",
+                                   field="output", fix="choose another output directory")
+            return
+        if self.resume:
+            if not self.holds_run():
+                raise DistillError(f"`{path}` holds no run to resume", field="output", fix="run without --resume")
+            return
+        if (path / RESULTS_FILE).is_file():
+            raise DistillError(f"`{path}` holds a finished run", field="output",
+                               fix="pass --overwrite to replace it, or set output to a new directory")
+        raise DistillError(f"`{path}` holds an unfinished run" if self.holds_run() else f"`{path}` is not empty",
+                           field="output", fix="pass --resume to continue it, --overwrite to start again, "
+                                               "or choose another output directory")
+
+    def start(self, recipe, *, is_main: bool = True) -> None:
+        """After every check: clear an overwritten run, create the directory, write recipe.yaml (a resumed
+        run keeps the one it started with; a changed recipe is warned about and recorded in `meta`)."""
+        self.is_main = is_main
+        if not is_main:
+            return
+        if self.overwrite and self.holds_run():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved = self.path / RECIPE_FILE
+        if self.resume and saved.is_file():
+            self.recipe_changes = recipe_differences(saved.read_text(), recipe.to_yaml())
+            if self.recipe_changes:
+                warnings.warn("resuming with a recipe that differs from the saved one: "
+                              + "; ".join(self.recipe_changes), stacklevel=2)
+            return
+        atomic_write_text(saved, recipe.to_yaml())
+
+    # ---- logs ------------------------------------------------------------------------------------
+
+    def log_metrics(self, record: dict) -> None:
+        if self.is_main:
+            append_jsonl(self.metrics_file, record)
+
+    def log_losses(self, record: dict) -> None:
+        if self.is_main:
+            append_jsonl(self.losses_file, record)
+
+    def rewind(self, phase: str, step: int) -> None:
+        """Resuming `phase` from its step-`step` checkpoint: drop its log lines written after that step
+        (they are written again), keep every other line."""
+        if not self.is_main:
+            return
+        for file in (self.metrics_file, self.losses_file):
+            if not file.exists():
+                continue
+            lines = file.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and not _after(json.loads(line), phase, step)]
+            if len(kept) != len(lines):
+                atomic_write_text(file, "".join(line + "\n" for line in kept))
+
+    def history(self, phase: str) -> list[dict]:
+        """The eval records of `phase` so far."""
+        return [r for r in read_jsonl(self.metrics_file) if r.get("phase") == phase]
+
+    # ---- the end ----------------------------------------------------------------------------------
+
+    def finish(self, result: RunResult, figures=None) -> None:
+        """Write the report (core.report); results.json last."""
+        from distill.core.report import write_report
+
+        if self.recipe_changes:
+            result.meta["recipe_changes_on_resume"] = self.recipe_changes
+        if self.is_main:
+            write_report(self.path, result, figures)
+
+
+def _after(record: dict, phase: str, step: int) -> bool:
+    return record.get("phase") == phase and record.get("step", 0) > step
+
+
+def recipe_differences(saved_yaml: str, current_yaml: str) -> list[str]:
+    """`field: old -> new` for every leaf that differs between two resolved recipes."""
+    import yaml
+
+    def flat(data, prefix=""):
+        for key, value in (data or {}).items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    # `output` is where the run is, not how it runs: a moved run directory resumes without a warning.
+    before, after = dict(flat(yaml.safe_load(saved_yaml))), dict(flat(yaml.safe_load(current_yaml)))
+    before.pop("output", None), after.pop("output", None)
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k)]

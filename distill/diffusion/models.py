@@ -44,12 +44,13 @@ class NoiseEmbedding(nn.Module):
 class _Preconditioned(nn.Module):
     sigma_data: float
 
-    def _sigma(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def sigma_per_example(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """sigma (a number or [N]) as one level per example of x, [N], in x's dtype."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma.reshape(x.shape[0])
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        sigma = self._sigma(x, sigma)
+        sigma = self.sigma_per_example(x, sigma)
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         shape = (-1,) + (1,) * (x.dim() - 1)
         raw = self.network(x * c_in.reshape(shape), c_noise)

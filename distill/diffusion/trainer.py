@@ -15,13 +15,17 @@ or gmm2d's exact one).
   EMA target at the teacher's one ODE step down to sigma_n.
 - `train_progressive`: progressive distillation (Salimans & Ho 2022): each round, one student step does
   what two steps of the previous round's model did; the step count halves every round.
+
+The students' trainers are given a `Tracker` (distill/diffusion/tracking.py) that records losses, evaluates
+and checkpoints everything that changes during training (networks, optimizers, the data generator), and
+on resume restores it: a killed and resumed run ends with the same weights, bit for bit.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,9 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill.diffusion.sampler import few_step_sigmas, karras_level, ode_step, sample_ode
+from distill.diffusion.tracking import Tracker
 from distill.losses.diffusion import (consistency_loss, consistency_parametrization, dmd_generator_loss,
-                                      edm_denoising_loss, edm_preconditioning, f_divergence_weight,
-                                      progressive_distillation_target)
+                                      edm_denoising_loss, edm_preconditioning, progressive_distillation_target)
+from distill.losses.f_divergence import f_divergence_weight
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
@@ -69,23 +74,6 @@ def _log_uniform_sigma(n: int, low: float, high: float, generator: torch.Generat
     return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand(n, generator=generator))
 
 
-@dataclass
-class Log:
-    """Losses every `every` steps, as dicts (the caller writes them to losses.jsonl)."""
-
-    phase: str
-    every: int = 50
-    records: list[dict] = field(default_factory=list)
-    sink: Callable[[dict], None] | None = None
-
-    def __call__(self, step: int, total: int, **values) -> None:
-        if step % self.every == 0 or step == total:
-            record = {"phase": self.phase, "step": step, **{k: float(v) for k, v in values.items()}}
-            self.records.append(record)
-            if self.sink is not None:
-                self.sink(record)
-
-
 def _bar(total: int, phase: str):
     return tqdm(total=total, desc=phase, dynamic_ncols=True, leave=False, mininterval=1.0)
 
@@ -94,7 +82,7 @@ def _bar(total: int, phase: str):
 
 def train_denoiser(model: nn.Module, sample_data: Sampler, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
                    p_mean: float = -1.2, p_std: float = 1.2, ema_decay: float | None = None, seed: int = 0,
-                   log: Log | None = None) -> nn.Module:
+                   tracker: Tracker | None = None) -> nn.Module:
     """EDM training: ln sigma ~ N(p_mean, p_std^2), loss lambda(sigma) ||D(x0 + sigma eps, sigma) - x0||^2.
     With `ema_decay`, the returned weights are the exponential moving average of the trained ones (the
     usual practice for image diffusion models: the average samples better than the last iterate)."""
@@ -118,8 +106,8 @@ def train_denoiser(model: nn.Module, sample_data: Sampler, *, steps: int, batch_
                 for averaged, value in zip(average.parameters(), model.parameters()):
                     averaged.lerp_(value, 1 - ema_decay)
         bar.update(1)
-        if log is not None:
-            log(step, steps, loss=loss.detach())
+        if tracker is not None:
+            tracker.log(step, steps, loss=loss.detach())
     bar.close()
     if average is not None:
         model.load_state_dict(average.state_dict())
@@ -169,13 +157,17 @@ class DMDSpec:
 
 
 def train_dmd(teacher: Denoiser, generator_model: nn.Module, sample_data: Sampler, spec: DMDSpec, schedule: Schedule,
-              *, log: Log | None = None) -> nn.Module:
-    """Distribution matching distillation into a one-step generator; returns it (eval mode)."""
+              *, tracker: Tracker | None = None) -> nn.Module:
+    """Distribution matching distillation into a one-step generator; returns it (eval mode). With a
+    tracker: loss records, evaluations of the generator and checkpoints (resumed from, if asked)."""
+    tracker = tracker or Tracker()
     rng = torch.Generator().manual_seed(spec.seed)
     probe = sample_data(2, rng)
     data_shape = tuple(probe.shape[1:])
     fake = copy.deepcopy(generator_model).train()
-    discriminator = Discriminator(data_shape, generator_model.sigma_data)
+    with torch.random.fork_rng():  # its init depends on the seed alone, not on what ran before
+        torch.manual_seed(spec.seed)
+        discriminator = Discriminator(data_shape, generator_model.sigma_data)
     needs_ratio = spec.divergence != "reverse_kl" or spec.gan_weight > 0
     g_optimizer = torch.optim.Adam(generator_model.parameters(), lr=spec.lr, betas=(0.0, 0.99))
     f_optimizer = torch.optim.Adam(fake.parameters(), lr=spec.fake_lr, betas=(0.0, 0.99))
@@ -186,9 +178,15 @@ def train_dmd(teacher: Denoiser, generator_model: nn.Module, sample_data: Sample
         with torch.no_grad():
             pairs = (z, sample_ode(teacher, z, schedule.sigmas(spec.teacher_steps), "heun"))
     sigma_high = spec.sigma_high if spec.sigma_high is not None else schedule.sigma_max
+    # Everything that changes during training; the regression pairs above are drawn again, identically.
+    resumable = dict(modules={"generator": generator_model, "fake": fake, "discriminator": discriminator},
+                     optimizers={"generator": g_optimizer, "fake": f_optimizer, "discriminator": d_optimizer},
+                     generators={"data": rng})
+    done = tracker.restore(**resumable)
     generator_model.train()
     bar = _bar(spec.steps, f"dmd {spec.divergence}")
-    for step in range(1, spec.steps + 1):
+    bar.update(done)
+    for step in range(done + 1, spec.steps + 1):
         started = time.perf_counter()
         for _ in range(spec.fake_updates):  # the fake score follows the generator (two time-scale)
             with torch.no_grad():
@@ -240,9 +238,10 @@ def train_dmd(teacher: Denoiser, generator_model: nn.Module, sample_data: Sample
         loss.backward()
         g_optimizer.step()
         bar.update(1)
-        if log is not None:
-            log(step, spec.steps, loss=loss.detach(), fake=fake_loss.detach(), **values,
-                step_seconds=time.perf_counter() - started)
+        tracker.log(step, spec.steps, loss=loss.detach(), fake=fake_loss.detach(), **values,
+                    step_seconds=time.perf_counter() - started)
+        tracker.evaluate(step, spec.steps, generator_model)
+        tracker.checkpoint(step, spec.steps, **resumable)
     bar.close()
     return generator_model.eval()
 
@@ -258,7 +257,7 @@ class ConsistencyModel(nn.Module):
         self.denoiser, self.sigma_min, self.sigma_data = denoiser, sigma_min, denoiser.sigma_data
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        sigma = self.denoiser._sigma(x, sigma)
+        sigma = self.denoiser.sigma_per_example(x, sigma)
         c_skip, c_out = consistency_parametrization(sigma, self.sigma_min, self.sigma_data)
         _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         raw = self.denoiser.network(x * _per_example(c_in, x).to(x.dtype), c_noise)
@@ -293,15 +292,21 @@ class ConsistencySpec:
 
 
 def train_consistency(teacher: Denoiser, student: ConsistencyModel, sample_data: Sampler, spec: ConsistencySpec,
-                      schedule: Schedule, *, log: Log | None = None) -> ConsistencyModel:
-    """Consistency distillation; returns the student (eval mode)."""
+                      schedule: Schedule, *, tracker: Tracker | None = None) -> ConsistencyModel:
+    """Consistency distillation; returns the student (eval mode). With a tracker: loss records,
+    evaluations of the student and checkpoints (resumed from, if asked)."""
+    tracker = tracker or Tracker()
     rng = torch.Generator().manual_seed(spec.seed)
     levels = spec.discretization
     target = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(student.parameters(), lr=spec.lr)
+    resumable = dict(modules={"student": student, "target": target}, optimizers={"student": optimizer},
+                     generators={"data": rng})
+    done = tracker.restore(**resumable)
     student.train()
     bar = _bar(spec.steps, "consistency")
-    for step in range(1, spec.steps + 1):
+    bar.update(done)
+    for step in range(done + 1, spec.steps + 1):
         x0 = sample_data(spec.batch_size, rng)
         # Adjacent levels of the N-level Karras discretisation, at a random fractional offset: the student
         # meets every noise level, so multistep sampling may re-noise to levels between the grid points
@@ -322,8 +327,9 @@ def train_consistency(teacher: Denoiser, student: ConsistencyModel, sample_data:
             for target_value, value in zip(target.parameters(), student.parameters()):
                 target_value.mul_(spec.ema_decay).add_(value, alpha=1 - spec.ema_decay)
         bar.update(1)
-        if log is not None:
-            log(step, spec.steps, loss=loss.detach())
+        tracker.log(step, spec.steps, loss=loss.detach())
+        tracker.evaluate(step, spec.steps, student)
+        tracker.checkpoint(step, spec.steps, **resumable)
     bar.close()
     return student.eval()
 
@@ -341,24 +347,44 @@ class ProgressiveSpec:
 
 
 def train_progressive(teacher: Denoiser, sample_data: Sampler, spec: ProgressiveSpec, schedule: Schedule,
-                      *, student: nn.Module | None = None, log: Log | None = None,
+                      *, student: nn.Module | None = None, tracker: Tracker | None = None,
                       keep: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Progressive distillation from `start_steps` DDIM steps down to `final_steps`; returns the last student.
     The first round's student starts from `student` (default: a copy of the teacher network), later rounds
-    from the previous round's student. `keep(step_count, model)` is called after every round (e.g. to
-    evaluate the 4- and 2-step students)."""
+    from the previous round's student. `keep(step_count, model)` is called after every round (e.g. to save
+    the 4- and 2-step students). Steps are counted over all rounds (round r holds steps r * steps_per_round
+    + 1 ...), so a tracker's records and checkpoints of different rounds never share a step; a resumed run
+    continues inside the round its checkpoint was written in."""
     if spec.start_steps & (spec.start_steps - 1) or spec.final_steps < 1 or spec.start_steps % spec.final_steps:
         raise ValueError(f"start_steps ({spec.start_steps}) must be a power of two and a multiple of final_steps "
                          f"({spec.final_steps})")
+    tracker = tracker or Tracker()
     rng = torch.Generator().manual_seed(spec.seed)
-    current_teacher, student_steps = teacher, spec.start_steps // 2
+    rounds = [spec.start_steps >> k for k in range(1, spec.start_steps.bit_length())
+              if spec.start_steps >> k >= spec.final_steps]
     start = student if student is not None else teacher
-    while student_steps >= spec.final_steps:
+    current_teacher = teacher
+    saved = tracker.saved_state()
+    first_round = saved["round"] if saved is not None else 0
+    if first_round > 0:  # the previous round's student teaches the round we continue (its weights: below)
+        current_teacher = copy.deepcopy(start).eval().requires_grad_(False)
+    per_round = spec.steps_per_round
+    for round_index, student_steps in enumerate(rounds):
+        if round_index < first_round:
+            continue  # finished before the interruption (kept then)
         teacher_grid = schedule.sigmas(2 * student_steps)
         student = copy.deepcopy(start).train().requires_grad_(True)
         optimizer = torch.optim.Adam(student.parameters(), lr=spec.lr)
-        bar = _bar(spec.steps_per_round, f"progressive {2 * student_steps}->{student_steps}")
-        for step in range(1, spec.steps_per_round + 1):
+        # Everything that changes during a round; the round's teacher is the previous round's student.
+        modules = {"student": student, **({"round_teacher": current_teacher} if round_index else {})}
+        resumable = dict(modules=modules, optimizers={"student": optimizer}, generators={"data": rng})
+        done = round_index * per_round
+        if saved is not None and round_index == first_round:
+            done = tracker.restore(**resumable)
+        last = (round_index + 1) * per_round
+        bar = _bar(per_round, f"progressive {2 * student_steps}->{student_steps}")
+        bar.update(done - round_index * per_round)
+        for step in range(done + 1, last + 1):
             x0 = sample_data(spec.batch_size, rng)
             index = 2 * torch.randint(0, student_steps, (spec.batch_size,), generator=rng)
             sigma_t, sigma_mid, sigma_s = teacher_grid[index], teacher_grid[index + 1], teacher_grid[index + 2]
@@ -372,11 +398,12 @@ def train_progressive(teacher: Denoiser, sample_data: Sampler, spec: Progressive
             loss.backward()
             optimizer.step()
             bar.update(1)
-            if log is not None:
-                log(step, spec.steps_per_round, loss=loss.detach(), student_steps=student_steps)
+            tracker.log(step, last, loss=loss.detach(), student_steps=student_steps)
+            tracker.evaluate(step, last, student, sampling_steps=student_steps)
+            tracker.checkpoint(step, last, **resumable, state={"round": round_index, "student_steps": student_steps})
         bar.close()
         student.eval().requires_grad_(False)
         if keep is not None:
             keep(student_steps, student)
-        current_teacher, start, student_steps = student, student, student_steps // 2
+        current_teacher, start = student, student
     return student

@@ -152,3 +152,27 @@ class BatchOrder:
             permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
             indices.extend(permutation[offset:offset + count - len(indices)].tolist())
         return indices
+
+
+def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Example], list[Example]]:
+    """(train_records, eval_records, train_examples, eval_examples) of a recipe's `data` section: the
+    built-in `task`'s seeded records, or the train/eval files (eval: the last `eval_size` train rows
+    when no eval file is given)."""
+    if task is not None:
+        train_records = task.records(spec.train_size, spec.seed, "train")
+        eval_records = task.records(spec.eval_size, spec.seed, "eval")
+        append_eos = task.append_eos
+    else:
+        train_records = read_records(spec.train, "data.train")
+        if spec.eval is not None:
+            eval_records = read_records(spec.eval, "data.eval")
+        else:
+            if len(train_records) <= spec.eval_size:
+                raise DistillError(f"{len(train_records)} rows cannot spare eval_size={spec.eval_size} for eval",
+                                   field="data.eval_size", fix="give data.eval, or lower data.eval_size")
+            train_records, eval_records = train_records[:-spec.eval_size], train_records[-spec.eval_size:]
+        append_eos = True
+    options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
+                   append_eos=append_eos)
+    return (train_records, eval_records, tokenize(train_records, tokenizer, field="data.train", **options),
+            tokenize(eval_records, tokenizer, field="data.eval", **options))

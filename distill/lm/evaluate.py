@@ -2,14 +2,12 @@
 metric, size, and generation throughput measured on this machine."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from distill.lm.data import IGNORE_INDEX, Example, collate
 from distill.losses.logits import forward_kl
 from distill.losses.sparse import student_topk_tail_logits, teacher_topk_tail_logits
-from distill.lm.models import count_parameters
+from distill.core.metrics import count_parameters, median_seconds, teacher_agreement_sums
 
 
 @torch.no_grad()
@@ -34,9 +32,8 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
         num_tokens += int(mask.sum())
         if teacher is not None:
             teacher_logprobs = torch.log_softmax(teacher(**inputs).logits[:, :-1, :vocab_size].float(), -1)
-            agreement += (logprobs.argmax(-1) == teacher_logprobs.argmax(-1))[mask].sum().item()
-            kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1)
-            teacher_kl += kl[mask].sum().item()
+            agreed, kl = teacher_agreement_sums(logprobs[mask], teacher_logprobs[mask])
+            agreement, teacher_kl = agreement + agreed, teacher_kl + kl
         elif teacher_cache is not None:
             cache, spans = teacher_cache
             ids, top_logprobs, tail = (t.to(device) for t in cache.batch(spans[start:start + batch_size], mask.cpu()))
@@ -77,18 +74,15 @@ def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int
 
 @torch.no_grad()
 def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:
-    """Greedy decoding speed of one sequence with the KV cache: best of `repeats` after a warm-up."""
+    """Greedy decoding speed of one sequence with the KV cache: median of `repeats` after a warm-up."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
-    model.generate(input_ids=input_ids, **{**options, "max_new_tokens": 4, "min_new_tokens": 4})
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.generate(input_ids=input_ids, **options)
-        best = min(best, time.perf_counter() - started)
-    return new_tokens / best
+    seconds = median_seconds(lambda: model.generate(input_ids=input_ids, **options), repeats=repeats,
+                             warmup=lambda: model.generate(input_ids=input_ids, **{**options, "max_new_tokens": 4,
+                                                                                    "min_new_tokens": 4}))
+    return new_tokens / seconds
 
 
 def evaluate_model(model, *, task, tokenizer, eval_records: list[dict], eval_examples: list[Example],

@@ -9,9 +9,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from distill.core.errors import DistillError
+from distill.core.io import staged_directory
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_accelerator():
+    """The accelerate Accelerator runs use. Without a GPU, plain Accelerator() under `accelerate launch
+    --multi_gpu` gives independent world-size-1 processes (measured); cpu=True joins them into one gloo
+    process group."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def quiet_transformers() -> None:
@@ -176,5 +186,11 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student
     return vocab_size
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """`save_pretrained` of the model and its tokenizer into `directory`, atomically (staged, fsynced,
+    renamed): a crash never leaves a half-written model under the final name."""
+    with staged_directory(directory) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

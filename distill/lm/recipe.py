@@ -1,52 +1,18 @@
-"""A recipe is one YAML file that says everything about a run (DESIGN.md, "Recipes").
-
-`load_recipe(path, overrides)` reads YAML, applies `--set a.b=c` overrides and validates with
-pydantic; every problem becomes a `DistillError` naming the field path and a fix, before any
-model loads.
+"""The recipe of a causal-LM run (`task: lm`, the default): teacher, student, data, objective,
+regime, training and evaluation. Loaded by `distill.core.recipe.load_recipe`, which gives every
+problem as a `DistillError` naming the field path and a fix, before any model loads.
 """
 from __future__ import annotations
 
-import copy
-import difflib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.core.errors import DistillError
-
-BUILTIN_TASKS = ("oracle", "arithmetic")
+from distill.core.errors import FieldValueError
+from distill.core.recipe import RunRecipe, StrictModel
 
 
-class _FieldValueError(ValueError):
-    """A model validator's complaint about one field below the model (`field`, dotted), so the
-    error names e.g. `objective.beta` rather than just `objective`."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RunRecipe(_Strict):
-    """What every task's recipe has: a name and a run directory."""
-
-    name: str = "run"
-    output: str | None = Field(None, description="Run directory; default runs/<name>.")
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/{self.name}")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictModel):
     """The model whose distribution the student learns."""
 
     path: str = Field(description="Local directory, hub id, or `builtin:<task>-teacher`.")
@@ -54,7 +20,7 @@ class TeacherSpec(_Strict):
         "float32", description="The teacher's own dtype; losses always compute in float32.")
 
 
-class StudentSpec(_Strict):
+class StudentSpec(StrictModel):
     """The model being trained: a saved model (`path`) or the teacher's config with overrides."""
 
     path: str | None = Field(None, description="Local directory or hub id of a causal LM.")
@@ -70,13 +36,13 @@ class StudentSpec(_Strict):
             raise ValueError("give exactly one of `student.path` (a saved model) or `student.config` "
                              "(overrides of the teacher's config, `{}` for a copy of its shape)")
         if self.init_from_teacher_layers is not None and self.config is None:
-            raise _FieldValueError("init_from_teacher_layers",
+            raise FieldValueError("init_from_teacher_layers",
                                    "`init_from_teacher_layers` needs `student.config` (a student built from "
                                    "the teacher's config)")
         return self
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     """Training and evaluation data: a built-in task or local jsonl/parquet files."""
 
     builtin: Literal["oracle", "arithmetic"] | None = Field(None, description="A built-in task.")
@@ -95,13 +61,17 @@ class DataSpec(_Strict):
         if (self.builtin is None) == (self.train is None):
             raise ValueError("give exactly one of `data.builtin` (oracle | arithmetic) or `data.train` (a file)")
         if self.eval is not None and self.train is None:
-            raise _FieldValueError("eval", "`data.eval` needs `data.train`; built-in tasks make their own eval set")
+            raise FieldValueError("eval", "`data.eval` needs `data.train`; built-in tasks make their own eval set")
         return self
 
 
-class TaidSpec(_Strict):
+class TaidSpec(StrictModel):
     """TAID's interpolation schedule (Shing et al. 2025): t rises from t_start to t_end, faster
-    while the loss keeps falling (momentum of the relative loss change)."""
+    while the loss keeps falling (momentum of the relative loss change). It drives the losses whose registry
+    spec says `schedule: taid`, setting their parameter `t` each step."""
+
+    SCHEDULE: ClassVar[str] = "taid"  # the LossSpec.schedule this section drives
+    PARAMETER: ClassVar[str] = "t"  # the loss parameter it sets each step
 
     t_start: float = Field(0.4, ge=0, lt=1)
     t_end: float = Field(1.0, gt=0, le=1)
@@ -111,10 +81,12 @@ class TaidSpec(_Strict):
 
 
 class ObjectiveSpec(BaseModel):
-    """The distillation loss; extra keys are the loss's own parameters (e.g. `beta` for jsd)."""
+    """The distillation loss; extra keys are the loss's own parameters (e.g. `beta` for jsd). The loss and
+    its parameters are checked against the loss registry (`distill losses`, table `objective.loss`)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    loss: str = Field("forward_kl", description="A name from `distill losses`.")
+    loss: str = Field("forward_kl", description="A token divergence from `distill losses` (an alias becomes "
+                                                "its canonical name).")
     temperature: float = Field(1.0, gt=0, description="Divides both logits (no T^2 factor, as GKD/TRL).")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross-entropy mixed in.")
@@ -122,52 +94,48 @@ class ObjectiveSpec(BaseModel):
                                                    "(as TSD-KD), < 0 is a confidence penalty (Pereyra et al. 2017).")
     token_selection: float | None = Field(None, gt=0, le=1, description="Distil only this fraction of tokens, "
                                           "those where the student is least sure relative to the teacher (TSD-KD).")
-    taid: "TaidSpec | None" = Field(None, description="TAID's adaptive schedule of t (loss `taid` only); "
-                                                      "default {} when the loss is taid.")
+    taid: "TaidSpec | None" = Field(None, description="TAID's adaptive schedule of t (losses with schedule taid, "
+                                                      "i.e. `taid`); default {} when the loss has no fixed t.")
 
     @model_validator(mode="after")
     def _known_loss_and_params(self) -> "ObjectiveSpec":
-        from distill.losses import REGISTRY, get_loss, loss_parameters
+        from distill.losses import LossParameterError, check_params, get_spec, specs
 
+        extra = self.model_extra or {}
         try:
-            get_loss(self.loss)
-        except (KeyError, ValueError):
-            close = difflib.get_close_matches(self.loss, list(REGISTRY), n=1)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            raise _FieldValueError("loss", f"unknown loss `{self.loss}`; {hint}known: {', '.join(REGISTRY)}") from None
-        allowed = loss_parameters(self.loss)
-        for key, value in (self.model_extra or {}).items():
-            if key not in allowed:
-                known = ", ".join(allowed) or "none"
-                raise _FieldValueError(
-                    key, f"`{key}` is not a parameter of loss `{self.loss}` (its parameters: {known})")
-            if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
-                try:
-                    value = self.model_extra[key] = float(value)
-                except ValueError:
-                    pass
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise _FieldValueError(key, f"`{key}` must be a number, got {value!r}")
-        if self.taid is not None and get_loss(self.loss).__name__ != "taid":
-            raise _FieldValueError("taid", "`objective.taid` (the schedule) needs `loss: taid`")
-        if get_loss(self.loss).__name__ == "taid":
-            # A fixed `t` is a constant interpolation; without it, TAID's adaptive schedule sets t.
-            if "t" in (self.model_extra or {}) and self.taid is not None:
-                raise _FieldValueError("t", "give either a fixed `t` or the schedule `objective.taid`, not both")
-            if "t" not in (self.model_extra or {}) and self.taid is None:
-                self.__dict__["taid"] = TaidSpec()  # (not assignment: that would re-run this validator)
+            spec = get_spec(self.loss, kind="token")
+            checked = check_params(spec.name, extra, kind="token", field_prefix="")
+        except LossParameterError as error:  # field None: the name itself, whose message lists the known ones
+            message = str(error) + (f"; {error.fix}" if error.field is not None and error.fix else "")
+            raise FieldValueError(error.field or "loss", message) from None
+        # (not assignment: that would re-run this validator)
+        self.__dict__["loss"] = spec.name
+        extra.update({key: checked[key] for key in extra})  # coerced: PyYAML reads `1e-3` as a string
+        scheduled = spec.schedule == TaidSpec.SCHEDULE
+        if self.taid is not None and not scheduled:
+            names = ", ".join(s.name for s in specs("token") if s.schedule == TaidSpec.SCHEDULE)
+            raise FieldValueError("taid", f"`objective.taid` (the schedule) needs a loss it drives ({names}); "
+                                          f"`{spec.name}` has no schedule")
+        if scheduled:
+            # A fixed parameter is a constant interpolation; without it, the schedule sets it each step.
+            parameter = TaidSpec.PARAMETER
+            if parameter in extra and self.taid is not None:
+                raise FieldValueError(parameter, f"give either a fixed `{parameter}` or the schedule "
+                                                 "`objective.taid`, not both")
+            if parameter not in extra and self.taid is None:
+                self.__dict__["taid"] = TaidSpec()
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
         return self
 
-    def loss_params(self) -> dict[str, float]:
+    def loss_params(self) -> dict[str, Any]:
         """The loss-specific parameters with their defaults filled in."""
-        from distill.losses import loss_parameters
+        from distill.losses import check_params
 
-        return {**loss_parameters(self.loss), **(self.model_extra or {})}
+        return check_params(self.loss, self.model_extra or {}, kind="token", field_prefix="")
 
 
-class RegimeSpec(_Strict):
+class RegimeSpec(StrictModel):
     """Where the training sequences and the teacher signal come from."""
 
     kind: Literal["off_policy", "on_policy", "opd", "sequence", "self", "cache"] = Field(
@@ -219,15 +187,15 @@ class RegimeSpec(_Strict):
         if self.kind == "self" and "lmbda" not in self.model_fields_set:
             self.__dict__["lmbda"] = 1.0  # on-policy self-distillation samples every batch by default
         if self.rsd_threshold > 0 and self.kind != "sequence":
-            raise _FieldValueError("rsd_threshold", f"rsd_threshold filters teacher generations, which only regime "
+            raise FieldValueError("rsd_threshold", f"rsd_threshold filters teacher generations, which only regime "
                                                     f"`sequence` makes (this is `{self.kind}`); remove it or set "
                                                     "kind: sequence")
         if self.kind == "cache" and not self.path:
-            raise _FieldValueError("path", "regime `cache` needs `path`, the cache directory")
+            raise FieldValueError("path", "regime `cache` needs `path`, the cache directory")
         return self
 
 
-class TrainSpec(_Strict):
+class TrainSpec(StrictModel):
     """Optimisation. `batch_size` is per process and micro-step (as in HF `per_device_*`)."""
 
     steps: int = Field(400, gt=0, description="Optimizer steps.")
@@ -251,12 +219,12 @@ class TrainSpec(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
-            raise _FieldValueError("warmup_steps",
+            raise FieldValueError("warmup_steps",
                                    f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         return self
 
 
-class EvalSpec(_Strict):
+class EvalSpec(StrictModel):
     """Evaluation during and after training."""
 
     every: int = Field(100, gt=0, description="Steps between evals (metrics.jsonl).")
@@ -265,10 +233,10 @@ class EvalSpec(_Strict):
     throughput_tokens: int = Field(64, gt=0, description="New tokens per sequence when timing generation.")
 
 
-class Recipe(RunRecipe):
-    """Everything about one run. Every field has a default where one is sensible."""
+class LMRecipe(RunRecipe):
+    """Everything about one causal-LM run. Every field has a default where one is sensible."""
 
-    task: Literal["lm", "classifier", "diffusion"] = "lm"
+    task: Literal["lm"] = "lm"
     teacher: TeacherSpec
     student: StudentSpec
     data: DataSpec
@@ -278,129 +246,8 @@ class Recipe(RunRecipe):
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @model_validator(mode="after")
-    def _task_available(self) -> "Recipe":
+    def _task_available(self) -> "LMRecipe":
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
         return self
-
-
-# ---- loading, overrides, readable errors ------------------------------------------------------
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` (value parsed as YAML) to the nested dict `data` in place."""
-    if "=" not in assignment:
-        raise DistillError(f"`{assignment}` is not of the form key.path=value", field="--set",
-                           fix="write e.g. --set train.steps=50")
-    key_path, raw_value = assignment.split("=", 1)
-    keys = [k for k in key_path.strip().split(".") if k]
-    if not keys:
-        raise DistillError(f"`{assignment}` names no field", field="--set", fix="write e.g. --set train.steps=50")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError:
-        value = raw_value
-    node = data
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise DistillError(f"`{'.'.join(keys[:depth + 1])}` is a value, not a section", field="--set",
-                               fix=f"set `{'.'.join(keys[:depth + 1])}=...` directly")
-        node = child
-    node[keys[-1]] = value
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at `loc` (for 'did you mean' on unknown keys)."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if annotation is None:
-            return []
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        nested = [a for a in candidates if issubclass(a, BaseModel)]
-        if not nested:
-            return []
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _readable(error: ValidationError, model: type[BaseModel] | None = None) -> DistillError:
-    lines, first_field = [], None
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        cause = (item.get("ctx") or {}).get("error")
-        if isinstance(cause, _FieldValueError):
-            loc += tuple(cause.field.split("."))
-        field = ".".join(str(p) for p in loc) or "recipe"
-        first_field = first_field or field
-        kind, message = item["type"], item["msg"].removeprefix("Value error, ")
-        if kind == "extra_forbidden":
-            allowed = _fields_at(model or Recipe, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            message = "unknown key" + (f"; did you mean `{close[0]}`?" if close else "")
-            message += f" (allowed here: {', '.join(allowed)})" if allowed else ""
-        elif kind == "missing":
-            message = "required field is missing"
-        elif "input" in item and kind not in ("value_error", "assertion_error"):
-            message += f" (got {item['input']!r})"
-        lines.append(f"{field}: {message}")
-    fix = "edit the recipe or override with --set FIELD=VALUE; `distill run --help` lists the options"
-    return DistillError("invalid recipe\n  " + "\n  ".join(lines), field=None, fix=fix)
-
-
-def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Validate a recipe given as a dict (after applying `overrides`)."""
-    if not isinstance(data, dict):
-        raise DistillError(f"a recipe is a mapping of sections, got {type(data).__name__}",
-                           fix="start from recipes/oracle-demo.yaml")
-    data = copy.deepcopy(data)  # overrides must not change the caller's dict
-    for assignment in overrides:
-        apply_override(data, assignment)
-    model = Recipe
-    if data.get("task") == "classifier":
-        from distill.classifier.recipe import ClassifierRecipe
-
-        model = ClassifierRecipe
-    elif data.get("task") == "diffusion":
-        from distill.diffusion.recipe import DiffusionRecipe
-
-        model = DiffusionRecipe
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise _readable(error, model) from None
-
-
-def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Recipe from a YAML path, `builtin:<name>`, a dict or a Recipe, with `--set` overrides."""
-    if isinstance(source, BaseModel):  # a Recipe or ClassifierRecipe
-        return parse_recipe(source.model_dump(mode="json"), overrides)
-    if isinstance(source, dict):
-        return parse_recipe(dict(source), overrides)
-    path = builtin_recipe_path(str(source)) if str(source).startswith("builtin:") else Path(source)
-    if not path.is_file():
-        raise DistillError(f"recipe file `{path}` not found", fix="give the path of a YAML recipe, "
-                           "e.g. recipes/oracle-demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if context is not None and getattr(error, "context", None) and (mark is None or context.line != mark.line):
-            where += f" ({error.context} from line {context.line + 1}, column {context.column + 1})"
-        raise DistillError(f"`{path}` is not valid YAML{where}: {getattr(error, 'problem', error)}",
-                           fix="check indentation and `key: value` pairs there") from None
-    return parse_recipe(data if data is not None else {}, overrides)
-
-
-def builtin_recipe_path(name: str) -> Path:
-    """`builtin:oracle-demo` -> the recipe shipped inside the package."""
-    stem = name.removeprefix("builtin:")
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{stem}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise DistillError(f"no built-in recipe `{stem}`", fix=f"use one of: {', '.join(known)}")
-    return path

@@ -1,22 +1,37 @@
-"""The regimes where the student samples its own completions: on-policy KD (GKD), on-policy
-distillation as RL (OPD) and on-policy self-distillation with privileged context (OPSD). The trainer calls these while it builds a step's micro-batches and,
-for OPD, for the loss; sampling is seeded by (seed, step, micro-batch, rank), so a resumed run
-samples exactly what the uninterrupted one did."""
+"""Regimes: where a micro-batch's sequences and its teacher signal come from, as objects.
+
+A regime sees the trainer only through a `StudentView` (the student's forward, its sampler, sizes and
+seed) and returns what it made: a `MicroBatch` (tensors + generation timing) and, for its loss, a
+`StepLoss` (loss, logged parts, the teacher's seconds). It never reads or writes the trainer.
+
+- `Distill`: the data's sequences (or the teacher's generations, regime `sequence`), scored by a teacher
+  source (live, cached) through the token objective; with no teacher, hard labels only (`alone`).
+- `OnPolicy` (GKD): with probability lmbda a micro-batch's completions are the student's own samples.
+- `OPD`: every micro-batch is student samples, trained by policy gradient on the teacher's reward.
+- `SelfDistill` (OPSD): the teacher is the student itself, given privileged context before the prompt.
+
+Sampling is seeded by (seed, step, micro-batch, rank), so a resumed run samples exactly what the
+uninterrupted one did, with no RNG state to save.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from distill.lm.data import IGNORE_INDEX, Example
+from distill.lm.data import IGNORE_INDEX, Example, collate
+from distill.lm.generate import Generation, sample
+from distill.lm.objective import TokenObjective
+from distill.losses import cross_entropy
 from distill.losses.policy import group_advantages, opd_loss
 
 
 @dataclass
-class OnPolicy:
-    """How the student samples its own completions (GKD's on-policy mixture)."""
+class Sampling:
+    """How a model samples completions (the student on-policy, the teacher for sequence KD)."""
 
     lmbda: float
     max_new_tokens: int
@@ -27,28 +42,49 @@ class OnPolicy:
 
 
 @dataclass
-class OPD:
-    """On-policy distillation as RL (distill/losses/policy.py): sampling, reward scale, reference
-    model (the initial student, frozen; unused at scale 1), optional verifiable sequence reward."""
+class StudentView:
+    """What a regime may use of the trainer: the student's forward (with gradients, through the
+    distributed engine), its sampler, and the run's sizes and seed. `head` is set on the fused path, where
+    the engine returns final hidden states and the objective applies the head chunk by chunk."""
 
-    sampling: OnPolicy
-    scale: float = 1.0
-    reference: torch.nn.Module | None = None
-    reward_fn: Callable[[list[str], list[str]], list[float]] | None = None
-    reward_weight: float = 1.0
-    group_size: int = 1
-    decode: Callable[[list[int]], str] | None = None
+    model: torch.nn.Module
+    engine: torch.nn.Module
+    head: torch.nn.Linear | None
+    vocab_size: int
+    pad_token_id: int
+    seed: int
+    grad_accum: int
+
+    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.engine(input_ids=input_ids, attention_mask=attention_mask)
+
+    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+        output = self.engine(input_ids=input_ids, attention_mask=attention_mask)
+        return self.head(output) if self.head is not None else output.logits
+
+    def sample(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Generation:
+        """The current student completes `prompts` (eval mode for the draw; its mode is restored)."""
+        return sample(self.model, prompts, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
+                      eos_token_id=sampling.eos_token_id, temperature=sampling.temperature, top_p=sampling.top_p,
+                      generator=generator, greedy=sampling.temperature == 0, vocab_size=self.vocab_size)
 
 
 @dataclass
-class SelfDistill:
-    """OPSD: the teacher is the student's own model conditioned on privileged context (e.g. the
-    reference solution) before the prompt; the student sees the prompt only. `snapshot` is a
-    frozen copy of the initial student, or None to use the current weights under no_grad."""
+class MicroBatch:
+    """A collated micro-batch and what making it cost."""
 
-    sampling: OnPolicy
-    teacher_prompts: dict[str, list[int]]  # example id -> privileged context + prompt, tokenized
-    snapshot: torch.nn.Module | None = None
+    tensors: dict[str, torch.Tensor]
+    generate_seconds: float = 0.0
+    generated_tokens: int = 0
+    sampled: bool = False
+    sequence_reward: float | None = None
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    parts: dict[str, float]
+    teacher_seconds: float = 0.0
 
 
 def prompt_of(example: Example) -> list[int]:
@@ -58,125 +94,194 @@ def prompt_of(example: Example) -> list[int]:
 
 
 def sampling_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """A generator from (seed, step, micro-batch, rank): the coin flip and the samples of a step are
-    the same after a resume, with no RNG state to save."""
-    import numpy as np
-
+    """A generator from (seed, step, micro-batch, rank): the coin flip and the samples of a step are the
+    same after a resume."""
     state = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator().manual_seed(state)
 
 
-def student_samples(trainer, examples: list[Example], step: int, micro: int, rank: int, timing: dict,
-                    policy: OnPolicy | None = None) -> list[Example]:
-    """With probability lmbda, the batch's prompts completed by the current student (sampled)."""
-    policy = policy or trainer.phase.on_policy
-    generator = sampling_generator(trainer.spec.seed, step, micro, rank)
-    if policy.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= policy.lmbda:
-        return examples
-    from distill.lm.generate import sample
-
-    generation = sample(trainer.model, [prompt_of(e) for e in examples], max_new_tokens=policy.max_new_tokens,
-                        pad_token_id=trainer.pad_token_id, eos_token_id=policy.eos_token_id,
-                        temperature=policy.temperature, top_p=policy.top_p, generator=generator,
-                        greedy=policy.temperature == 0, vocab_size=trainer.vocab_size)
-    trainer.engine.train()  # sampling ran in eval mode
-    timing["generate_seconds"] += generation.seconds
-    timing["generated_tokens"] += generation.new_tokens
-    timing["sampled_batches"] += 1
-    return generation.to_examples()
+def _collate(examples: list[Example], indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    tensors = collate(examples, pad_token_id)
+    tensors["example_index"] = torch.tensor(indices, dtype=torch.long)
+    return tensors
 
 
-def opd_samples(trainer, examples: list[Example], step: int, micro: int, rank: int,
-                timing: dict) -> tuple[list[Example], torch.Tensor | None]:
-    """batch_size / group_size prompts, each completed group_size times by the student; the
-    sequence rewards' group advantages (None without a reward function)."""
-    opd = trainer.phase.opd
-    policy = opd.sampling
-    prompts = [prompt_of(e) for e in examples[:len(examples) // opd.group_size] for _ in range(opd.group_size)]
-    from distill.lm.generate import sample
+class Distill:
+    """Sequences as given, scored by `teacher` (a source with `signal(batch, hidden=...)`), through the
+    token objective. `teacher=None` with a hard-label objective trains on labels alone."""
 
-    generation = sample(trainer.model, prompts, max_new_tokens=policy.max_new_tokens,
-                        pad_token_id=trainer.pad_token_id, eos_token_id=policy.eos_token_id,
-                        temperature=policy.temperature, top_p=policy.top_p,
-                        generator=sampling_generator(trainer.spec.seed, step, micro, rank),
-                        greedy=policy.temperature == 0, vocab_size=trainer.vocab_size)
-    trainer.engine.train()
-    timing["generate_seconds"] += generation.seconds
-    timing["generated_tokens"] += generation.new_tokens
-    timing["sampled_batches"] += 1
-    advantages = None
-    if opd.reward_fn is not None:
-        rewards = opd.reward_fn([opd.decode(p) for p in generation.prompts()],
-                                [opd.decode(c) for c in generation.completions()])
-        rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
-        share = float(rewards.mean()) / trainer.spec.grad_accum  # the step's mean over micro-batches
-        timing["sequence_reward"] = timing.get("sequence_reward", 0.0) + share
-        advantages = group_advantages(rewards, opd.group_size)
-    return generation.to_examples(), advantages
+    kind = "off_policy"
+    samples = False  # draws from the student (its timing is logged)
+    full_logits = False  # needs the student's full logits (no fused path)
 
+    def __init__(self, objective: TokenObjective, teacher=None):
+        self.objective, self.teacher = objective, teacher
 
-def opd_step_loss(trainer, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
-    """Policy gradient on the student's samples with the teacher's per-token reward."""
-    opd = trainer.phase.opd
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    index = labels.clamp(min=0).unsqueeze(-1)
+    def micro_batch(self, examples: list[Example], indices: list[int], student: StudentView, *, step: int,
+                    micro: int, rank: int) -> MicroBatch:
+        return MicroBatch(_collate(examples, indices, student.pad_token_id))
 
-    def sampled_logprobs(model):
-        logits = model(**inputs).logits[:, :-1, :trainer.vocab_size].float()
-        return torch.log_softmax(logits, -1).gather(-1, index).squeeze(-1)
+    def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
+        signal, seconds = None, 0.0
+        if self.teacher is not None and self.objective.uses_teacher:
+            started = time.perf_counter()
+            signal = self.teacher.signal(batch, hidden=student.head is not None)
+            seconds = time.perf_counter() - started
+        loss, parts = self.objective.loss(student, batch, signal, num_valid_tokens)
+        return StepLoss(loss, parts, seconds)
 
-    student = sampled_logprobs(trainer.engine)
-    started = time.perf_counter()
-    with torch.no_grad():
-        teacher = sampled_logprobs(trainer.phase.teacher)
-        reference = sampled_logprobs(opd.reference) if opd.reference is not None else None
-    trainer.teacher_seconds += time.perf_counter() - started
-    loss, diagnostics = opd_loss(student, teacher, mask, reference_logprobs=reference, scale=opd.scale,
-                                 sequence_advantages=batch.get("sequence_advantage"),
-                                 reward_weight=opd.reward_weight, num_valid_tokens=num_valid_tokens)
-    return loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}
+    def state_dict(self) -> dict:
+        return self.objective.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state)
 
 
-def self_distill_examples(trainer, examples: list[Example], step: int, micro: int, rank: int,
-                          timing: dict) -> tuple[list[Example], list[Example]]:
-    """(student examples, teacher examples): the same completions (the student's samples with
-    probability lmbda, else the data's) after the prompt, and after privileged context + prompt."""
-    settings = trainer.phase.self_distill
-    completed = student_samples(trainer, examples, step, micro, rank, timing, policy=settings.sampling)
-    teacher_examples = []
-    for original, example in zip(examples, completed):
-        start = len(prompt_of(example))
-        completion = example.input_ids[start:]
-        prompt = settings.teacher_prompts[original.id]
-        teacher_examples.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, original.id))
-    return completed, teacher_examples
+def _sampled(generation: Generation) -> dict:
+    return dict(generate_seconds=generation.seconds, generated_tokens=generation.new_tokens, sampled=True)
 
 
-def self_distill_loss(trainer, batch: dict, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
-    """The objective's divergence between the student on (prompt, y) and its privileged self on
-    (context, prompt, y), over the tokens of y, plus the objective's CE on y."""
-    from distill.losses import cross_entropy
+class OnPolicy(Distill):
+    """GKD: with probability `sampling.lmbda`, the micro-batch's prompts completed by the current student."""
 
-    objective, settings = trainer.phase.objective, trainer.phase.self_distill
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    logits = trainer.engine(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits[:, :-1, :trainer.vocab_size]
-    started = time.perf_counter()
-    with torch.no_grad():
-        teacher = settings.snapshot if settings.snapshot is not None else trainer.model
-        teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
-                                 attention_mask=batch["teacher_attention_mask"]).logits[:, :-1, :trainer.vocab_size]
-    trainer.teacher_seconds += time.perf_counter() - started
-    teacher_mask = batch["teacher_labels"][:, 1:] != IGNORE_INDEX
-    # Both sides hold the same completion tokens in the same order: align by position in y.
-    kd = trainer.divergence(logits[mask], teacher_logits[teacher_mask], None, temperature=objective.temperature,
-                            num_valid_tokens=num_valid_tokens, **trainer.loss_params)
-    loss, parts = objective.kd_weight * kd, {"kd": kd.item()}
-    if objective.ce_weight > 0:
-        ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
-        loss, parts["ce"] = loss + objective.ce_weight * ce, ce.item()
-    parts["loss"] = loss.item()
-    return loss, parts
+    kind = "on_policy"
+    samples = True
+
+    def __init__(self, objective: TokenObjective, teacher, sampling: Sampling):
+        super().__init__(objective, teacher)
+        self.sampling = sampling
+
+    def draw(self, examples: list[Example], student: StudentView, generator: torch.Generator) -> Generation | None:
+        """The student's completions of the examples' prompts, or None when the coin says data."""
+        if self.sampling.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= self.sampling.lmbda:
+            return None
+        return student.sample([prompt_of(e) for e in examples], self.sampling, generator)
+
+    def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
+        generation = self.draw(examples, student, sampling_generator(student.seed, step, micro, rank))
+        if generation is None:
+            return MicroBatch(_collate(examples, indices, student.pad_token_id))
+        return MicroBatch(_collate(generation.to_examples(), indices, student.pad_token_id), **_sampled(generation))
+
+
+class OPD(Distill):
+    """On-policy distillation as RL (distill/losses/policy.py): batch_size / group_size prompts, each
+    completed group_size times by the student; per-token reward scale * (log p_T - log p_ref) - (log p_S -
+    log p_ref) with the reference the initial student (unused at scale 1), plus an optional verifiable
+    sequence reward centred within each group."""
+
+    kind = "opd"
+    samples = True
+    full_logits = True
+
+    def __init__(self, objective: TokenObjective, teacher: torch.nn.Module, sampling: Sampling, *, scale: float = 1.0,
+                 reference: torch.nn.Module | None = None,
+                 reward_fn: Callable[[list[str], list[str]], list[float]] | None = None, reward_weight: float = 1.0,
+                 group_size: int = 1, decode: Callable[[list[int]], str] | None = None):
+        super().__init__(objective, None)
+        self.teacher_model, self.sampling, self.scale, self.reference = teacher, sampling, scale, reference
+        self.reward_fn, self.reward_weight, self.group_size, self.decode = reward_fn, reward_weight, group_size, decode
+
+    def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
+        prompts = [prompt_of(e) for e in examples[:len(examples) // self.group_size] for _ in range(self.group_size)]
+        generation = student.sample(prompts, self.sampling, sampling_generator(student.seed, step, micro, rank))
+        tensors = _collate(generation.to_examples(), indices, student.pad_token_id)
+        reward = None
+        if self.reward_fn is not None:
+            rewards = self.reward_fn([self.decode(p) for p in generation.prompts()],
+                                     [self.decode(c) for c in generation.completions()])
+            rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
+            reward = float(rewards.mean()) / student.grad_accum  # the step's mean over micro-batches
+            tensors["sequence_advantage"] = group_advantages(rewards, self.group_size)
+        return MicroBatch(tensors, sequence_reward=reward, **_sampled(generation))
+
+    def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        index = labels.clamp(min=0).unsqueeze(-1)
+
+        def sampled_logprobs(logits):
+            return torch.log_softmax(logits[:, :-1, :student.vocab_size].float(), -1).gather(-1, index).squeeze(-1)
+
+        student_logprobs = sampled_logprobs(student.logits(**inputs))
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher = sampled_logprobs(self.teacher_model(**inputs).logits)
+            reference = sampled_logprobs(self.reference(**inputs).logits) if self.reference is not None else None
+        seconds = time.perf_counter() - started
+        loss, diagnostics = opd_loss(student_logprobs, teacher, mask, reference_logprobs=reference, scale=self.scale,
+                                     sequence_advantages=batch.get("sequence_advantage"),
+                                     reward_weight=self.reward_weight, num_valid_tokens=num_valid_tokens)
+        return StepLoss(loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}, seconds)
+
+
+class SelfDistill(OnPolicy):
+    """OPSD: the student on (prompt, y) learns from itself on (privileged context, prompt, y), over the
+    tokens of y (the student's sample with probability lmbda, else the data's completion). The teacher is
+    `snapshot` (the initial student, frozen) or, when None, the current weights under no_grad."""
+
+    kind = "self"
+    full_logits = True
+
+    def __init__(self, objective: TokenObjective, sampling: Sampling, teacher_prompts: dict[str, list[int]],
+                 snapshot: torch.nn.Module | None = None):
+        super().__init__(objective, None, sampling)
+        self.teacher_prompts, self.snapshot = teacher_prompts, snapshot
+
+    def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
+        generation = self.draw(examples, student, sampling_generator(student.seed, step, micro, rank))
+        completed = generation.to_examples() if generation is not None else examples
+        teacher_examples = []
+        for original, example in zip(examples, completed):
+            completion = example.input_ids[len(prompt_of(example)):]
+            prompt = self.teacher_prompts[original.id]
+            teacher_examples.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, original.id))
+        tensors = _collate(completed, indices, student.pad_token_id)
+        tensors.update({f"teacher_{k}": v for k, v in collate(teacher_examples, student.pad_token_id).items()})
+        return MicroBatch(tensors, **(_sampled(generation) if generation is not None else {}))
+
+    def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
+        objective, spec = self.objective, self.objective.spec
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        logits = student.logits(batch["input_ids"], batch["attention_mask"])[:, :-1, :student.vocab_size]
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher = self.snapshot if self.snapshot is not None else student.model
+            teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                                     attention_mask=batch["teacher_attention_mask"]).logits[:, :-1, :student.vocab_size]
+        seconds = time.perf_counter() - started
+        teacher_mask = batch["teacher_labels"][:, 1:] != IGNORE_INDEX
+        # Both sides hold the same completion tokens in the same order: align by position in y.
+        kd = objective.divergence_value(logits[mask], teacher_logits[teacher_mask], None, num_valid_tokens)
+        loss, parts = spec.kd_weight * kd, {"kd": kd.item()}
+        if spec.ce_weight > 0:
+            ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
+            loss, parts["ce"] = loss + spec.ce_weight * ce, ce.item()
+        parts["loss"] = loss.item()
+        return StepLoss(loss, parts, seconds)
+
+
+@dataclass
+class StepTiming:
+    """What a step's micro-batches cost to make (losses.jsonl of sampling regimes)."""
+
+    generate_seconds: float = 0.0
+    generated_tokens: int = 0
+    sampled_batches: int = 0
+    sequence_reward: float | None = None
+
+    def add(self, batch: MicroBatch) -> None:
+        self.generate_seconds += batch.generate_seconds
+        self.generated_tokens += batch.generated_tokens
+        self.sampled_batches += int(batch.sampled)
+        if batch.sequence_reward is not None:
+            self.sequence_reward = (self.sequence_reward or 0.0) + batch.sequence_reward
+
+    def record(self) -> dict:
+        record = {"generate_seconds": self.generate_seconds, "generated_tokens": self.generated_tokens,
+                  "sampled_batches": self.sampled_batches}
+        if self.sequence_reward is not None:
+            record["sequence_reward"] = self.sequence_reward
+        return record

@@ -1,79 +1,122 @@
-"""`distill.run()`: recipe -> models, data, teacher signal, trainer, evaluation, report.
-(The module is `pipeline`, not `run`, so that `distill.run` stays the function.)
+"""A causal-LM run: recipe -> tokenizer, data, teacher signal, student -> regime, trainer -> rows.
 
-Three rows on the same eval data end every run: the teacher, the student trained alone (same
-init, data order and steps, hard labels) and the distilled student.
+`prepare` loads and checks everything (nothing written); `LMJob.run` trains the distilled student and
+the student alone (same init, data order and steps, hard labels) and evaluates three rows on the same
+eval data: teacher, alone, distilled. The skeleton around it is core's (`core.run.run_recipe`).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import importlib
-import shutil
 import time
-import warnings
-from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch
-from accelerate import Accelerator
 from transformers import AutoConfig
-from accelerate.utils import gather_object
 
-from distill.lm.data import read_records, tokenize
 from distill.core.errors import DistillError
+from distill.core.families import Job
+from distill.core.rundir import RunDirectory, RunResult
+from distill.lm.data import load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
-                            quiet_transformers, resolve_model_path)
-from distill.lm.recipe import Recipe, load_recipe
-from distill.core.report import ROW_NAMES, write_report
-from distill.core.rundir import RunResult, prepare_output_dir
+                               make_accelerator, quiet_transformers, resolve_model_path, save_model)
+from distill.lm.objective import TokenObjective
+from distill.lm.recipe import LMRecipe
+from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
 from distill.lm.tasks import get_task
 from distill.lm.tasks.completions import CompletionsScorer
+from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identity_differences, teacher_identity,
+                                            tokenizer_sha256)
+from distill.lm.teacher.live import LiveTeacher
 from distill.lm.teacher.sequences import teacher_sequences
-from distill.lm.trainer import LMTrainer, Phase
-from distill.lm.regimes import OPD, OnPolicy, SelfDistill, prompt_of
+from distill.lm.trainer import LMTrainer
 
-def make_accelerator() -> Accelerator:
-    # Without a GPU, plain Accelerator() under `accelerate launch --multi_gpu` gives independent
-    # world-size-1 processes (measured); cpu=True joins them into one gloo process group.
-    return Accelerator(cpu=not torch.cuda.is_available())
+ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
 
 
-def load_data(recipe: Recipe, tokenizer, task):
-    """(train_records, eval_records, train_examples, eval_examples) for a built-in task or files."""
-    spec = recipe.data
-    if task is not None:
-        train_records = task.records(spec.train_size, spec.seed, "train")
-        eval_records = task.records(spec.eval_size, spec.seed, "eval")
-        append_eos = task.append_eos
-    else:
-        train_records = read_records(spec.train, "data.train")
-        if spec.eval is not None:
-            eval_records = read_records(spec.eval, "data.eval")
-        else:
-            if len(train_records) <= spec.eval_size:
-                raise DistillError(f"{len(train_records)} rows cannot spare eval_size={spec.eval_size} for eval",
-                                   field="data.eval_size", fix="give data.eval, or lower data.eval_size")
-            train_records, eval_records = train_records[:-spec.eval_size], train_records[-spec.eval_size:]
-        append_eos = True
-    options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
-                   append_eos=append_eos)
-    return (train_records, eval_records, tokenize(train_records, tokenizer, field="data.train", **options),
-            tokenize(eval_records, tokenizer, field="data.eval", **options))
+class LMSetup:
+    """What both a run and `distill eval` need: tokenizer, data, scorer, and the teacher (live, or its
+    cache), with the evaluation of any model on the eval data."""
+
+    def __init__(self, recipe: LMRecipe, *, accelerator=None, need_teacher: bool = True):
+        self.recipe = recipe
+        self.accelerator = accelerator or make_accelerator()
+        self.task = get_task(recipe.data.builtin) if recipe.data.builtin else None
+        self.tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
+        self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
+            recipe.data, self.tokenizer, self.task)
+        # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
+        self.scorer = self.task or CompletionsScorer.for_records(self.eval_records, self.tokenizer)
+        self.cache, self.eval_cache, self.teacher = None, None, None
+        if recipe.regime.kind == "cache":
+            self.cache, self.train_spans = open_cache(recipe, self.tokenizer, self.train_examples)
+            self.eval_cache = (self.cache, self.cache.rows_for("eval", self.eval_examples, field="data.eval"))
+        elif need_teacher:
+            self.teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
+            self.teacher.requires_grad_(False)
+        self.vocab_size = len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def evaluate(self, model, final: bool = False) -> dict:
+        """Every metric of `model` on the eval data; `final` also times generation and counts parameters."""
+        recipe = self.recipe
+        return evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
+                              eval_examples=self.eval_examples, vocab_size=self.vocab_size,
+                              batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                              seed=recipe.data.seed, teacher=self.teacher, teacher_cache=self.eval_cache,
+                              throughput_tokens=recipe.eval.throughput_tokens if final else None)
+
+    def teacher_row(self) -> dict:
+        """The teacher's row; from a cache, the evaluation made when the cache was built."""
+        if self.teacher is not None:
+            return self.evaluate(self.teacher.to(self.accelerator.device), final=True)
+        return dict(self.cache.manifest["teacher_eval"])
+
+    def meta(self, rows: dict[str, dict]) -> dict:
+        """What the rows mean (results.json `meta`)."""
+        entropy = next((row["oracle_entropy"] for row in rows.values() if "oracle_entropy" in row), None)
+        return {"primary_metric": self.scorer.metric if self.scorer else "nll",
+                "higher_is_better": self.scorer.higher_is_better if self.scorer else False,
+                "hidden_columns": ["oracle_entropy"],  # a property of the eval data, the same in every row
+                "notes": [f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"]
+                if entropy is not None else [],
+                "rows_note": "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels "
+                             "with the same init, data order and steps."}
 
 
-def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) -> OnPolicy:
-    """Sampling settings of on_policy / sequence, checked before training: prompts exist, completions
-    fit the context."""
+def open_cache(recipe: LMRecipe, tokenizer, train_examples) -> tuple[TeacherCache, list[tuple[int, int]]]:
+    """The recipe's teacher cache, checked against this run's teacher, tokenizer and data, and the cache
+    rows (offset, count) of every training example."""
     regime = recipe.regime
-    prompts = [prompt_of(e) for e in train_examples]
-    if task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
+    cache = TeacherCache(regime.path, k=regime.k if "k" in regime.model_fields_set else None)
+    built = cache.manifest["identity"]
+    current = {"tokenizer_sha256": tokenizer_sha256(tokenizer),
+               "teacher": teacher_identity(resolve_model_path(recipe.teacher.path, "teacher.path"))}
+    differences = identity_differences({k: built[k] for k in current}, current)
+    if differences:
+        raise DistillError(f"the cache at `{regime.path}` was built with another {', '.join(differences)} than "
+                           "this recipe's", field="regime.path",
+                           fix="rebuild it with `distill cache <recipe>` into a new directory, or point "
+                               "teacher.path at the teacher it was built with")
+    # Every training example is cached, with the same tokens: checked now, before any model loads.
+    return cache, cache.rows_for("train", train_examples)
+
+
+def sampling_settings(recipe: LMRecipe, setup: LMSetup, models) -> Sampling:
+    """Sampling of on_policy / opd / self / sequence, checked before training: prompts exist, completions
+    fit the context."""
+    regime, examples = recipe.regime, setup.train_examples
+    prompts = [prompt_of(e) for e in examples]
+    if setup.task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
         raise DistillError(f"regime {regime.kind} samples completions for the data's prompts, and these rows have "
                            "none (`text` rows)", field="data.train",
                            fix="use prompt/completion or chat `messages` rows, or regime.kind: off_policy")
-    completions = [len(e.input_ids) - len(p) for e, p in zip(train_examples, prompts)]
+    completions = [len(e.input_ids) - len(p) for e, p in zip(examples, prompts)]
     max_new_tokens = regime.max_new_tokens or max(completions)
     longest = max(map(len, prompts)) + max_new_tokens
     for model in models:
@@ -82,33 +125,33 @@ def on_policy_settings(recipe: Recipe, train_examples, task, tokenizer, models) 
             raise DistillError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={max_new_tokens} "
                                f"reaches {longest} positions, over the model's {limit}", field="regime.max_new_tokens",
                                fix=f"set regime.max_new_tokens <= {limit - max(map(len, prompts))}")
-    eos = tokenizer.eos_token_id if (task is None or task.append_eos) else None
-    return OnPolicy(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
+    eos = setup.tokenizer.eos_token_id if (setup.task is None or setup.task.append_eos) else None
+    return Sampling(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
                     top_p=regime.top_p, eos_token_id=eos, filter_threshold=regime.rsd_threshold)
 
 
-def privileged_prompts(recipe: Recipe, records: list[dict], examples, tokenizer) -> dict[str, list[int]]:
+def privileged_prompts(recipe: LMRecipe, setup: LMSetup) -> dict[str, list[int]]:
     """Example id -> tokens of the teacher's prompt (privileged context + prompt), for regime self."""
     regime = recipe.regime
     prompts = {}
-    for index, (record, example) in enumerate(zip(records, examples)):
+    for index, (record, example) in enumerate(zip(setup.train_records, setup.train_examples)):
         if not isinstance(record, dict) or "prompt" not in record or regime.privileged_field not in record:
             missing = "prompt" if not isinstance(record, dict) or "prompt" not in record else regime.privileged_field
             raise DistillError(f"regime self: training row {index} has no `{missing}` field", field=(
                 "regime.privileged_field" if missing != "prompt" else "data.train"),
                 fix="give prompt/completion rows with the privileged field (e.g. a reference solution)")
         text = regime.privileged_template.format(privileged=record[regime.privileged_field], prompt=record["prompt"])
-        prompts[example.id] = tokenizer(text).input_ids
+        prompts[example.id] = setup.tokenizer(text).input_ids
     return prompts
 
 
-def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
+def resolve_reward(recipe: LMRecipe, setup: LMSetup):
     """The opd sequence reward function, imported and probed on two training rows before training."""
     spec = recipe.regime.reward
     if spec is None:
         return None
     if spec == "builtin":
-        reward_fn = getattr(task, "reward", None)
+        reward_fn = getattr(setup.task, "reward", None)
         if reward_fn is None:
             raise DistillError("`builtin` names the task's own reward, and this data has none", field="regime.reward",
                                fix="use data.builtin: arithmetic, or give `module:function`")
@@ -119,7 +162,7 @@ def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
         except (ImportError, AttributeError, ValueError) as error:
             raise DistillError(f"cannot import the reward `{spec}`: {error}", field="regime.reward",
                                fix="give `package.module:function`, importable from the current directory") from None
-    probe = [r for r in train_records[:2] if isinstance(r, dict) and "prompt" in r and "completion" in r]
+    probe = [r for r in setup.train_records[:2] if isinstance(r, dict) and "prompt" in r and "completion" in r]
     if probe:
         try:
             scores = reward_fn([str(r["prompt"]) for r in probe], [str(r["completion"]) for r in probe])
@@ -136,26 +179,6 @@ def resolve_reward(recipe: Recipe, task, train_records: list[dict]):
     return reward_fn
 
 
-def open_cache(recipe: Recipe, tokenizer, train_examples) -> tuple["TeacherCache", list[tuple[int, int]]]:
-    """The recipe's teacher cache, checked against this run's teacher, tokenizer and data, and the
-    cache rows (offset, count) of every training example."""
-    from distill.lm.teacher.cache.store import TeacherCache, identity_differences, teacher_identity, tokenizer_sha256
-
-    regime = recipe.regime
-    cache = TeacherCache(regime.path, k=regime.k if "k" in regime.model_fields_set else None)
-    built = cache.manifest["identity"]
-    current = {"tokenizer_sha256": tokenizer_sha256(tokenizer),
-               "teacher": teacher_identity(resolve_model_path(recipe.teacher.path, "teacher.path"))}
-    differences = identity_differences({k: built[k] for k in current}, current)
-    if differences:
-        raise DistillError(f"the cache at `{regime.path}` was built with another {', '.join(differences)} than "
-                           "this recipe's", field="regime.path",
-                           fix="rebuild it with `distill cache <recipe>` into a new directory, or point "
-                               "teacher.path at the teacher it was built with")
-    # Every training example is cached, with the same tokens: checked now, before any model loads.
-    return cache, cache.rows_for("train", train_examples)
-
-
 def weights_sha256(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -164,169 +187,127 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def run(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
-        overwrite: bool = False) -> RunResult:
-    """Distill the recipe's teacher into its student; write the run directory; return the rows."""
-    recipe = load_recipe(recipe, overrides)
-    if recipe.task == "classifier":
-        from distill.classifier.run import run_classifier
-
-        return run_classifier(recipe, resume=resume, overwrite=overwrite)
-    started = time.perf_counter()
+def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
+    """Tokenizers, data, teacher and student loaded; every check that can fail done. Nothing written."""
     quiet_transformers()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    accelerator = make_accelerator()
-    is_main = accelerator.is_main_process
-    run_dir = recipe.output_dir
-    prepare_output_dir(run_dir, resume=resume, overwrite=overwrite, is_main=is_main)
-    accelerator.wait_for_everyone()
-
     # Tokenizers and data before any model loads: the cheap checks fail first.
-    task = get_task(recipe.data.builtin) if recipe.data.builtin else None
-    tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
-    student_tokenizer = load_tokenizer(recipe.student.path, "student.path") if recipe.student.path else tokenizer
-    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
-        check_same_vocabulary(tokenizer, student_tokenizer, None, None)
-    train_records, eval_records, train_examples, eval_examples = load_data(recipe, tokenizer, task)
-    # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
-    scorer = task or CompletionsScorer.for_records(eval_records, tokenizer)
+    setup = LMSetup(recipe)
+    student_tokenizer = load_tokenizer(recipe.student.path, "student.path") if recipe.student.path else setup.tokenizer
+    if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab():
+        check_same_vocabulary(setup.tokenizer, student_tokenizer, None, None)
+    job = LMJob(recipe, setup)
+    student = job.new_student()
+    setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
+    longest = max(len(e.input_ids) for e in setup.train_examples + setup.eval_examples)
+    for role, model in (("teacher", setup.teacher), ("student", student)):
+        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
+        if limit is not None and longest > limit:
+            raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
+                               field="data.max_length", fix=f"set data.max_length <= {limit}")
+    kind = recipe.regime.kind
+    job.student = student
+    job.sampling = sampling_settings(recipe, setup, [setup.teacher, student]) if kind in (
+        "on_policy", "opd", "sequence", "self") else None
+    job.teacher_prompts = privileged_prompts(recipe, setup) if kind == "self" else None
+    job.reward_fn = resolve_reward(recipe, setup) if kind == "opd" else None
+    return job
 
-    cache, train_spans = (open_cache(recipe, tokenizer, train_examples) if recipe.regime.kind == "cache"
-                          else (None, None))
-    if cache is None:
-        teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
-        teacher.requires_grad_(False)
-    else:  # no teacher in memory: its config builds the student; its layers only if asked to copy them
-        teacher = None
 
-    def new_student():
+class LMJob(Job):
+    """A prepared causal-LM run (see the module docstring)."""
+
+    def __init__(self, recipe: LMRecipe, setup: LMSetup):
+        self.recipe, self.setup = recipe, setup
+        self.accelerator = setup.accelerator
+        self.is_main = self.accelerator.is_main_process
+        self.student = self.sampling = self.teacher_prompts = self.reward_fn = None
+        self.started = time.perf_counter()
+
+    def new_student(self):
+        """A fresh student: loaded from `student.path`, or built from the teacher's config (seeded)."""
+        recipe, teacher = self.recipe, self.setup.teacher
         if recipe.student.path:
             torch.manual_seed(recipe.train.seed)
             return load_causal_lm(recipe.student.path, "student.path")
         source = teacher
-        if source is None:
+        if source is None:  # from a cache: the teacher's config builds the student; its layers only if copied
             layers = recipe.student.init_from_teacher_layers
             source = (load_causal_lm(recipe.teacher.path, "teacher.path") if layers is not None
                       else SimpleNamespace(config=AutoConfig.from_pretrained(resolve_model_path(
                           recipe.teacher.path, "teacher.path"))))
         return build_student(source, recipe.student.config, recipe.student.init_from_teacher_layers, recipe.train.seed)
 
-    student = new_student()
-    vocab_size = check_same_vocabulary(tokenizer, student_tokenizer, teacher or student, student)
-    longest = max(len(e.input_ids) for e in train_examples + eval_examples)
-    for role, model in (("teacher", teacher), ("student", student)):
-        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
-        if limit is not None and longest > limit:
-            raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
-                               field="data.max_length", fix=f"set data.max_length <= {limit}")
-    sampling = (on_policy_settings(recipe, train_examples, task, tokenizer, [teacher, student])
-                if recipe.regime.kind in ("on_policy", "opd", "sequence", "self") else None)
-    teacher_prompts = privileged_prompts(recipe, train_records, train_examples, tokenizer) \
-        if recipe.regime.kind == "self" else None
-    reward_fn = resolve_reward(recipe, task, train_records) if recipe.regime.kind == "opd" else None
+    def objective(self, spec=None) -> TokenObjective:
+        return TokenObjective(spec, vocab_size=self.setup.vocab_size,
+                              memory_budget_bytes=int(self.recipe.train.loss_memory_mb * 2**20))
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and (run_dir / "recipe.yaml").is_file():
-            _warn_changed_fields(load_recipe(run_dir / "recipe.yaml"), recipe)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    accelerator.wait_for_everyone()
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    def distill_regime(self, run_dir: RunDirectory):
+        """The distilled row's regime, and the examples it trains on."""
+        recipe, setup, device = self.recipe, self.setup, self.accelerator.device
+        regime, kind, examples = recipe.regime, recipe.regime.kind, setup.train_examples
+        objective = self.objective(recipe.objective)
+        teacher = (CachedTeacher(setup.cache, setup.train_spans, regime.sparse) if setup.cache is not None
+                   else LiveTeacher(setup.teacher))
+        if kind == "on_policy":
+            return OnPolicy(objective, teacher, self.sampling), examples
+        if kind == "self":
+            snapshot = None
+            if regime.teacher_weights == "snapshot":  # the initial student, frozen
+                snapshot = copy.deepcopy(self.student).eval().requires_grad_(False).to(device)
+            return SelfDistill(objective, self.sampling, self.teacher_prompts, snapshot), examples
+        if kind == "opd":
+            reference = None
+            if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out)
+                reference = copy.deepcopy(self.student).eval().requires_grad_(False).to(device)
+            tokenizer = setup.tokenizer
+            return OPD(objective, setup.teacher, self.sampling, scale=regime.scale, reference=reference,
+                       reward_fn=self.reward_fn, reward_weight=regime.reward_weight, group_size=regime.group_size,
+                       decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)), examples
+        if kind == "sequence":  # the teacher's completions, generated once (resumable)
+            filtering = regime.rsd_threshold > 0
+            if filtering:
+                self.student.to(device)  # it filters the teacher's proposals
+            examples = teacher_sequences(setup.teacher, examples, self.sampling, run_dir.path,
+                                         accelerator=self.accelerator, pad_token_id=setup.pad_token_id,
+                                         vocab_size=setup.vocab_size, seed=recipe.data.seed,
+                                         batch_size=recipe.eval.batch_size, student=self.student if filtering else None)
+        return Distill(objective, teacher), examples
 
-    eval_cache = (cache, cache.rows_for("eval", eval_examples, field="data.eval")) if cache is not None else None
+    def run(self, run_dir: RunDirectory) -> RunResult:
+        recipe, setup, accelerator = self.recipe, self.setup, self.accelerator
+        from accelerate.utils import gather_object
 
-    def evaluate(model, final: bool = False) -> dict:
-        return evaluate_model(model, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
-                              eval_examples=eval_examples, vocab_size=vocab_size,
-                              batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                              seed=recipe.data.seed, teacher=teacher, teacher_cache=eval_cache,
-                              throughput_tokens=recipe.eval.throughput_tokens if final else None)
-
-    distilled = Phase("distilled", run_dir / "checkpoint", teacher, recipe.objective)
-    distilled_examples = train_examples
-    if recipe.regime.kind == "on_policy":
-        distilled.on_policy = sampling
-    elif recipe.regime.kind == "self":
-        snapshot = None
-        if recipe.regime.teacher_weights == "snapshot":  # the initial student, frozen
-            snapshot = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
-        distilled.self_distill = SelfDistill(sampling=sampling, teacher_prompts=teacher_prompts, snapshot=snapshot)
-    elif recipe.regime.kind == "opd":
-        regime = recipe.regime
-        reference = None
-        if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out)
-            reference = copy.deepcopy(student).eval().requires_grad_(False).to(accelerator.device)
-        distilled.opd = OPD(sampling=sampling, scale=regime.scale, reference=reference, reward_fn=reward_fn,
-                            reward_weight=regime.reward_weight, group_size=regime.group_size,
-                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    elif recipe.regime.kind == "sequence":  # the teacher's completions, generated once (resumable)
-        if recipe.regime.rsd_threshold > 0:
-            student.to(accelerator.device)  # it filters the teacher's proposals
-        distilled_examples = teacher_sequences(teacher, train_examples, sampling, run_dir, accelerator=accelerator,
-                                               pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size,
-                                               seed=recipe.data.seed, batch_size=recipe.eval.batch_size,
-                                               student=student if recipe.regime.rsd_threshold > 0 else None)
-    if cache is not None:
-        distilled.cache, distilled.sparse = cache, recipe.regime.sparse
-        distilled.cache_spans = train_spans
-    phases = [("distilled", "student", distilled)]
-    if recipe.train.baseline:
-        phases.append(("alone", "alone", Phase("alone", run_dir / "checkpoint-alone")))
-    rows, weight_hashes = {}, {}
-    for row, model_dir_name, phase in phases:
-        model_dir = run_dir / model_dir_name
-        model = student if row == "distilled" else new_student()
-        if resume and (model_dir / "config.json").is_file():
-            model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
-        else:
-            trainer = LMTrainer(accelerator=accelerator, student=model, phase=phase,
-                                examples=distilled_examples if row == "distilled" else train_examples,
-                                pad_token_id=tokenizer.pad_token_id or 0, vocab_size=vocab_size, spec=recipe.train,
-                                eval_every=recipe.eval.every, evaluate=evaluate,
-                                metrics_file=run_dir / "metrics.jsonl", losses_file=run_dir / "losses.jsonl")
-            trainer.fit(resume=resume)
-            model = trainer.model
-            weight_hashes[row] = gather_object([weights_sha256(model)])
-            if is_main:
-                _save_model_atomically(model, tokenizer, model_dir)
-            accelerator.wait_for_everyone()
-        if is_main:
-            rows[row] = evaluate(model.to(accelerator.device).eval(), final=True)
-    if is_main:
-        # From a cache, the teacher row is the evaluation made when the cache was built.
-        teacher_row = evaluate(teacher, final=True) if teacher is not None else dict(cache.manifest["teacher_eval"])
-        rows = {"teacher": teacher_row, **rows}
-        extras = {"world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
-                  "seconds": time.perf_counter() - started, "recipe": recipe.model_dump(mode="json")}
-        result = RunResult(run_dir, {k: rows[k] for k in ROW_NAMES if k in rows},
-                           scorer.metric if scorer else "nll", scorer.higher_is_better if scorer else False, extras)
-        write_report(result)
-    accelerator.wait_for_everyone()
-    return result if is_main else None
-
-
-def _warn_changed_fields(saved: Recipe, current: Recipe) -> None:
-    """Resuming with a changed recipe is allowed (e.g. a lower lr after a non-finite loss), but said."""
-    def flat(data, prefix=""):
-        for key, value in data.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
+        if setup.teacher is not None:
+            setup.teacher.to(accelerator.device)
+        phases = [("distilled", *self.distill_regime(run_dir))]
+        if recipe.train.baseline:
+            phases.append(("alone", Distill(self.objective()), setup.train_examples))
+        rows, weight_hashes = {}, {}
+        for row, regime, examples in phases:
+            model_dir = run_dir.path / ROW_DIRS[row]
+            if run_dir.resume and (model_dir / "config.json").is_file():
+                model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
             else:
-                yield f"{prefix}{key}", value
-    before, after = dict(flat(saved.model_dump(mode="json"))), dict(flat(current.model_dump(mode="json")))
-    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
-               if before.get(k) != after.get(k)]
-    if changed:
-        warnings.warn("resuming with a recipe that differs from the saved one: " + "; ".join(changed), stacklevel=2)
+                model = self.student if row == "distilled" else self.new_student()
+                trainer = LMTrainer(accelerator=accelerator, student=model, regime=regime, phase=row, examples=examples,
+                                    pad_token_id=setup.pad_token_id, vocab_size=setup.vocab_size, spec=recipe.train,
+                                    eval_every=recipe.eval.every, evaluate=setup.evaluate, run_dir=run_dir)
+                trainer.fit(resume=run_dir.resume)
+                model = trainer.model
+                weight_hashes[row] = gather_object([weights_sha256(model)])
+                if self.is_main:
+                    save_model(model, setup.tokenizer, model_dir)
+                accelerator.wait_for_everyone()
+            if self.is_main:
+                rows[row] = setup.evaluate(model.to(accelerator.device).eval(), final=True)
+        if not self.is_main:
+            return RunResult(run_dir.path, {}, {})
+        rows = {"teacher": setup.teacher_row(), **{row: rows[row] for row in ("alone", "distilled") if row in rows}}
+        meta = {**setup.meta(rows), "world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
+                "seconds": time.perf_counter() - self.started}
+        return RunResult(run_dir.path, rows, meta)
 
-
-def _save_model_atomically(model, tokenizer, directory: Path) -> None:
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
-
+    def close(self) -> None:
+        self.accelerator.wait_for_everyone()

@@ -2,7 +2,6 @@
 (plain cross-entropy), and save it as a normal `save_pretrained` model + tokenizer."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -11,11 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.core.errors import DistillError
+from distill.core.io import atomic_write_json
+from distill.core.metrics import count_parameters
+from distill.core.rundir import RunDirectory
+from distill.lm.data import tokenize
 from distill.lm.evaluate import evaluate_model
-from distill.lm.models import count_parameters, quiet_transformers, tiny_llama_config
+from distill.lm.models import make_accelerator, quiet_transformers, save_model, tiny_llama_config
+from distill.lm.objective import TokenObjective
 from distill.lm.recipe import TrainSpec
+from distill.lm.regimes import Distill
 from distill.lm.tasks import get_task
-from distill.lm.trainer import LMTrainer, Phase
+from distill.lm.trainer import LMTrainer
 
 
 def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
@@ -23,9 +28,6 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                   threads: int | None = None, overwrite: bool = False, resume: bool = False,
                   model_overrides: dict | None = None) -> dict:
     """Train the teacher of `builtin:<task>` into `out`; returns its final eval metrics."""
-    from distill.lm.data import tokenize
-    from distill.lm.run import make_accelerator, _save_model_atomically
-
     quiet_transformers()
     task = get_task(task_name.removeprefix("builtin:"))
     out = Path(out)
@@ -55,20 +57,22 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                               eval_examples=eval_examples, vocab_size=len(tokenizer), batch_size=64,
                               generate_size=64, seed=seed, throughput_tokens=64 if final else None)
 
-    trainer = LMTrainer(accelerator=accelerator, student=model, phase=Phase("teacher", work / "checkpoint"),
+    logs = RunDirectory(work, resume=resume)
+    logs.is_main = accelerator.is_main_process
+    objective = TokenObjective(None, vocab_size=len(tokenizer), memory_budget_bytes=int(spec.loss_memory_mb * 2**20))
+    trainer = LMTrainer(accelerator=accelerator, student=model, regime=Distill(objective), phase="teacher",
                         examples=train_examples, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                        spec=spec, eval_every=max(steps // 10, 1), evaluate=evaluate,
-                        metrics_file=work / "metrics.jsonl", losses_file=work / "losses.jsonl")
+                        spec=spec, eval_every=max(steps // 10, 1), evaluate=evaluate, run_dir=logs)
     trainer.fit(resume=resume)
     model = trainer.model.eval()
     metrics = evaluate(model, final=True) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
-        _save_model_atomically(model, tokenizer, out)
+        save_model(model, tokenizer, out)
         card = {"task": task.name, "metrics": metrics, "parameters": count_parameters(model),
                 "seconds": round(time.perf_counter() - started, 1),
                 "command": f"distill train-teacher builtin:{task.name} --out {out} --steps {steps} --batch-size "
                            f"{batch_size} --lr {lr} --train-size {train_size} --seed {seed}"}
-        (out / "teacher_card.json").write_text(json.dumps(card, indent=1) + "\n")
+        atomic_write_json(out / "teacher_card.json", card)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return metrics

@@ -19,14 +19,14 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.logits import compute_dtype as _compute_dtype
+from distill.losses.common import compute_dtype
+from distill.losses.f_divergence import FDivergence, f_divergence_weight
+from distill.losses.registry import Param, register
 
 __all__ = [
-    "CONSISTENCY_KINDS", "DIFFUSION_FORMULAS", "DIFFUSION_OBJECTIVES", "DIFFUSION_PAPERS", "FDIVERGENCES",
-    "FDIVERGENCE_WEIGHTS",
+    "CONSISTENCY_KINDS", "FDivergence",
     "consistency_loss", "consistency_parametrization", "dmd_generator_loss", "edm_denoise", "edm_denoising_loss",
     "edm_preconditioning", "f_divergence_weight", "flow_matching_loss", "flow_to_edm",
     "progressive_distillation_target", "velocity_to_denoised",
@@ -34,6 +34,7 @@ __all__ = [
 
 # DMD divides by the per-example mean |x - D_real|; a floor keeps a perfect sample from dividing by 0.
 _DMD_NORMALIZER_FLOOR = 1e-6
+_SIGMA_DATA = Param(0.5, "float", low=0, low_open=True, doc="standard deviation of the data (EDM's sigma_data)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +122,9 @@ def edm_denoise(network: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: f
     return _broadcastable(c_skip, x) * x + _broadcastable(c_out, x) * raw
 
 
+@register("edm_denoising", kind="diffusion", params={"sigma_data": _SIGMA_DATA},
+          formula="mean_n (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 ||D(x0 + sigma eps, sigma) - x0||^2",
+          paper="Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models")
 def edm_denoising_loss(denoised: Tensor, x0: Tensor, sigma: float | Tensor, sigma_data: float = 0.5) -> Tensor:
     """EDM denoising loss: mean_n lambda(sigma_n) ||D_n - x0_n||^2.
 
@@ -132,7 +136,7 @@ def edm_denoising_loss(denoised: Tensor, x0: Tensor, sigma: float | Tensor, sigm
     """
     _check_same_shape(denoised=denoised, x0=x0)
     _check_positive("sigma_data", sigma_data)
-    dtype = _compute_dtype(denoised, x0)
+    dtype = compute_dtype(denoised, x0)
     sigma = _per_example("sigma", sigma, denoised, dtype)
     _check_positive("sigma", sigma.detach())
     weight = (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
@@ -143,6 +147,9 @@ def edm_denoising_loss(denoised: Tensor, x0: Tensor, sigma: float | Tensor, sigm
 # Flow matching, and its translation to EDM
 # ---------------------------------------------------------------------------------------------
 
+@register("flow_matching", kind="diffusion",
+          formula="mean_n ||v(x_t, t) - (noise - x0)||^2, x_t = (1 - t) x0 + t noise",
+          paper="Lipman et al. 2023, Flow Matching for Generative Modeling; Liu et al. 2023, Rectified Flow")
 def flow_matching_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     """Conditional flow matching / rectified flow: mean_n ||v_n - (noise_n - x0_n)||^2.
 
@@ -153,14 +160,14 @@ def flow_matching_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     Modeling"; Liu et al. 2023, "Flow Straight and Fast: ... Rectified Flow".
     """
     _check_same_shape(velocity=velocity, x0=x0, noise=noise)
-    dtype = _compute_dtype(velocity, x0, noise)
+    dtype = compute_dtype(velocity, x0, noise)
     return _squared_norms(velocity.to(dtype) - (noise.to(dtype) - x0.to(dtype))).mean()
 
 
 def velocity_to_denoised(velocity: Tensor, x_t: Tensor, t: float | Tensor) -> Tensor:
     """The x0 estimate of a flow model: D = x_t - t v (exact when v = noise - x0). t: number or [N]."""
     _check_same_shape(velocity=velocity, x_t=x_t)
-    t = _per_example("t", t, x_t, _compute_dtype(velocity, x_t))
+    t = _per_example("t", t, x_t, compute_dtype(velocity, x_t))
     return x_t - _broadcastable(t, x_t) * velocity
 
 
@@ -171,69 +178,20 @@ def flow_to_edm(x_t: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
     x_t = x_sigma / (1 + sigma) and D = velocity_to_denoised(v(x_t, t), x_t, t). t in [0, 1), number or [N].
     """
     _check_same_shape(x_t=x_t)
-    t = _per_example("t", t, x_t, _compute_dtype(x_t))
+    t = _per_example("t", t, x_t, compute_dtype(x_t))
     if not bool(((t >= 0) & (t < 1)).all()):
         raise ValueError("t must be in [0, 1): t = 1 is pure noise, sigma = infinity")
     return x_t / _broadcastable(1 - t, x_t), t / (1 - t)
 
 
 # ---------------------------------------------------------------------------------------------
-# f-divergence weights (f-distill) and the DMD generator loss
+# The DMD generator loss (its f-divergence weights: f_divergence.py)
 # ---------------------------------------------------------------------------------------------
 
-# name -> (f, log_h): D_f(p_data || p_gen) = E_{p_gen}[f(r)] with r = p_data / p_gen, f convex, f(1) = 0;
-# h(r) = f''(r) r^2 weighs the score difference in the generator gradient. h is stored as log h, a function
-# of log r: exact where r or h over/underflow (forward KL at log r = 800), and the batch normalisation
-# becomes a softmax. Constant factors of h are kept as f gives them (FastGen drops some, e.g. h = sqrt(r)
-# for squared Hellinger); they cancel under the batch-mean normalisation.
-FDIVERGENCES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    # KL(p_gen || p_data), mode seeking: h = 1, plain DMD / VSD.
-    "reverse_kl": (lambda r: -torch.log(r), lambda log_r: torch.zeros_like(log_r)),
-    # KL(p_data || p_gen), mode covering: h = r.
-    "forward_kl": (lambda r: r * torch.log(r), lambda log_r: log_r),
-    # 2 JS(p_data, p_gen) (without JS's 1/2, as FastGen): h = r / (1 + r), bounded.
-    "js": (lambda r: r * torch.log(r) - (1 + r) * torch.log((1 + r) / 2), lambda log_r: F.logsigmoid(log_r)),
-    # h = sqrt(r) / 2.
-    "squared_hellinger": (lambda r: (torch.sqrt(r) - 1) ** 2, lambda log_r: 0.5 * log_r - math.log(2.0)),
-    # KL(p_data || p_gen) + KL(p_gen || p_data): h = 1 + r.
-    "jeffreys": (lambda r: (r - 1) * torch.log(r), lambda log_r: F.softplus(log_r)),
-    # f-distill's softened reverse KL: h = 1 / (1 + r).
-    "softened_reverse_kl": (lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda log_r: F.logsigmoid(-log_r)),
-    # h = 2 / r.
-    "neyman_chi2": (lambda r: (1 - r) ** 2 / r, lambda log_r: math.log(2.0) - log_r),
-}
-
-
-def f_divergence_weight(divergence: str, log_ratio: Tensor, *, normalize: bool = True,
-                        max_abs_log_ratio: float | None = None) -> Tensor:
-    """f-distill's per-example weight h(r) = f''(r) r^2 of the DMD gradient, r = p_data / p_gen; detached.
-
-    The generator gradient of D_f(p_data,sigma || p_gen,sigma) is E[h(r(x_sigma)) (s_gen - s_data)(x_sigma)
-    dx_sigma/dtheta], the score difference weighted by h (reverse KL: h = 1, i.e. DMD). log_ratio is
-    log(p_data / p_gen) at each noised generator sample, [N] or any shape: e.g. the logit of a
-    discriminator trained with logistic loss, real = 1 (DMD2's / FastGen's GAN head; FastGen averages the
-    head's outputs per example first). normalize divides by the batch mean of h, as f-distill does to keep
-    the gradient scale of DMD (its second, per-noise-level EMA normalisation of r is trainer state, left to
-    the caller). max_abs_log_ratio clamps |log r| first (FastGen clamps the logit at +-10); default none.
-    Computed in float64 from log h (see FDIVERGENCES), returned in log_ratio's dtype (float32 at least);
-    unnormalised weights may overflow to inf for extreme ratios, normalised ones stay finite.
-    Source: Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching".
-    """
-    if divergence not in FDIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; known: {', '.join(FDIVERGENCES)}")
-    if not isinstance(log_ratio, Tensor):
-        raise ValueError(f"log_ratio must be a tensor of log(p_data / p_gen), got {type(log_ratio).__name__}")
-    log_r = log_ratio.detach().to(torch.float64)
-    if max_abs_log_ratio is not None:
-        _check_positive("max_abs_log_ratio", max_abs_log_ratio)
-        log_r = log_r.clamp(-max_abs_log_ratio, max_abs_log_ratio)
-    log_weights = FDIVERGENCES[divergence][1](log_r)
-    if normalize and log_weights.numel() > 0:
-        # h / mean(h) = N softmax(log h): finite whatever the spread of the ratios.
-        log_weights = log_weights - torch.logsumexp(log_weights.reshape(-1), dim=0) + math.log(log_weights.numel())
-    return log_weights.exp().to(_compute_dtype(log_ratio))
-
-
+@register("dmd_generator", kind="diffusion",
+          formula="mean_n 0.5 ||x - sg(x - w (D_fake - D_real) / mean|x - D_real|)||^2",
+          paper="Yin et al. 2024, One-step Diffusion with Distribution Matching Distillation (DMD; DMD2)",
+          params={"normalize": Param(True, "bool", doc="divide the gradient by the mean |x - D_real| per example")})
 def dmd_generator_loss(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, weight: Tensor | None = None, *,
                        normalize: bool = True) -> Tensor:
     """DMD's distribution-matching loss for the generator: a surrogate whose gradient is the DMD gradient.
@@ -251,7 +209,7 @@ def dmd_generator_loss(x: Tensor, real_denoised: Tensor, fake_denoised: Tensor, 
     FastGen use the same grad with F.mse_loss's element mean over all N d elements.
     """
     _check_same_shape(x=x, real_denoised=real_denoised, fake_denoised=fake_denoised)
-    dtype = _compute_dtype(x, real_denoised, fake_denoised)
+    dtype = compute_dtype(x, real_denoised, fake_denoised)
     x = x.to(dtype)
     with torch.no_grad():
         real, fake = real_denoised.detach().to(dtype), fake_denoised.detach().to(dtype)
@@ -298,6 +256,12 @@ def consistency_parametrization(sigma: float | Tensor, sigma_min: float = 0.002,
 CONSISTENCY_KINDS = ("l2", "pseudo_huber")
 
 
+@register("consistency", kind="diffusion",
+          formula="mean_n lambda_n d(f(x_{n+1}), sg f^-(x_n)), d = ||.||^2 or sqrt(||.||^2 + c^2) - c",
+          paper="Song et al. 2023, Consistency Models; Song & Dhariwal 2023, Improved Techniques for Training CMs",
+          params={"kind": Param("l2", "str", choices=CONSISTENCY_KINDS, doc="the distance d"),
+                  "c": Param(None, "float", low=0, low_open=True,
+                             doc="pseudo-Huber's c; None: 0.00054 sqrt(elements per example)")})
 def consistency_loss(student_output: Tensor, target_output: Tensor, kind: str = "l2", *, c: float | None = None,
                      weight: Tensor | None = None) -> Tensor:
     """Consistency loss: mean_n w_n d(f_theta(x_{n+1}), sg(f_target(x_n))), per example.
@@ -313,7 +277,7 @@ def consistency_loss(student_output: Tensor, target_output: Tensor, kind: str = 
     if kind not in CONSISTENCY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(CONSISTENCY_KINDS)}, got {kind!r}")
     _check_same_shape(student_output=student_output, target_output=target_output)
-    dtype = _compute_dtype(student_output, target_output)
+    dtype = compute_dtype(student_output, target_output)
     squared = _squared_norms(student_output.to(dtype) - target_output.detach().to(dtype))
     if kind == "l2":
         per_example = squared
@@ -334,6 +298,9 @@ def consistency_loss(student_output: Tensor, target_output: Tensor, kind: str = 
 # Progressive distillation
 # ---------------------------------------------------------------------------------------------
 
+@register("progressive_distillation_target", kind="diffusion", is_objective=False,
+          formula="D* = (sigma_t x_s^teacher - sigma_s x_t) / (sigma_t - sigma_s)",
+          paper="Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models")
 def progressive_distillation_target(x_t: Tensor, sigma_t: float | Tensor, sigma_s: float | Tensor,
                                     teacher_x_s: Tensor) -> Tensor:
     """The denoised target D* of progressive distillation, EDM / VE form.
@@ -348,48 +315,10 @@ def progressive_distillation_target(x_t: Tensor, sigma_t: float | Tensor, sigma_
     (x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha), here with alpha = 1).
     """
     _check_same_shape(x_t=x_t, teacher_x_s=teacher_x_s)
-    dtype = _compute_dtype(x_t, teacher_x_s)
+    dtype = compute_dtype(x_t, teacher_x_s)
     sigma_t = _per_example("sigma_t", sigma_t, x_t, dtype)
     sigma_s = _per_example("sigma_s", sigma_s, x_t, dtype)
     if not bool(((sigma_s >= 0) & (sigma_s < sigma_t)).all()):
         raise ValueError("sigma_s must satisfy 0 <= sigma_s < sigma_t (the step goes towards clean data)")
     numerator = _broadcastable(sigma_t, x_t) * teacher_x_s.to(dtype) - _broadcastable(sigma_s, x_t) * x_t.to(dtype)
     return numerator / _broadcastable(sigma_t - sigma_s, x_t)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-DIFFUSION_OBJECTIVES: dict[str, Callable[..., Tensor]] = {
-    "edm_denoising": edm_denoising_loss,
-    "flow_matching": flow_matching_loss,
-    "dmd_generator": dmd_generator_loss,
-    "consistency": consistency_loss,
-}
-
-DIFFUSION_FORMULAS: dict[str, str] = {
-    "edm_denoising": "mean_n (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 ||D(x0 + sigma eps, sigma) - x0||^2",
-    "flow_matching": "mean_n ||v(x_t, t) - (noise - x0)||^2, x_t = (1 - t) x0 + t noise",
-    "dmd_generator": "mean_n 0.5 ||x - sg(x - w (D_fake - D_real) / mean|x - D_real|)||^2",
-    "consistency": "mean_n lambda_n d(f(x_{n+1}), sg f^-(x_n)), d = ||.||^2 or sqrt(||.||^2 + c^2) - c",
-    "f_divergence_weight": "h(r) = f''(r) r^2, r = p_data / p_gen, divided by its batch mean",
-    "progressive_distillation_target": "D* = (sigma_t x_s^teacher - sigma_s x_t) / (sigma_t - sigma_s)",
-}
-
-# objective.divergence of a DMD recipe -> its weight h(r), r = p_data / p_gen (see FDIVERGENCES).
-FDIVERGENCE_WEIGHTS: dict[str, str] = {
-    "reverse_kl": "h = 1 (plain DMD; mode seeking)", "forward_kl": "h = r (mode covering)",
-    "js": "h = r / (1 + r)", "squared_hellinger": "h = sqrt(r) / 2", "jeffreys": "h = 1 + r",
-    "softened_reverse_kl": "h = 1 / (1 + r)", "neyman_chi2": "h = 2 / r",
-}
-
-DIFFUSION_PAPERS: dict[str, str] = {
-    "edm_denoising": "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models",
-    "flow_matching": "Lipman et al. 2023, Flow Matching for Generative Modeling; Liu et al. 2023, Rectified Flow",
-    "dmd_generator": "Yin et al. 2024, One-step Diffusion with Distribution Matching Distillation (DMD; DMD2)",
-    "consistency": "Song et al. 2023, Consistency Models; Song & Dhariwal 2023, Improved Techniques for Training CMs",
-    "f_divergence_weight": "Xu, Nie & Vahdat 2025, One-step Diffusion Models with f-Divergence Distribution Matching",
-    "progressive_distillation_target": ("Salimans & Ho 2022, Progressive Distillation for Fast Sampling of "
-                                        "Diffusion Models"),
-}

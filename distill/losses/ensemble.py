@@ -7,9 +7,20 @@ import math
 import torch
 from torch import Tensor
 
+from distill.losses.classic_common import check_temperature, temperature_param
+from distill.losses.common import compute_dtype
+from distill.losses.registry import Param, check_number, register
 
-def balanced_divergence(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-                        gamma: float = 2.0) -> Tensor:
+
+@register("bdkd", kind="classifier",
+          formula="T^2 (a_i KL(p_T||p_S) + b_i KL(p_S||p_T)), "
+                  "(a, b) = (1, gamma) if H(p_S) > H(p_T) else (gamma, 1)",
+          paper="Amara et al. 2022, BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+          params={"temperature": temperature_param(1.0),
+                  "gamma": Param(2.0, "float", low=1, doc="the heavier weight, on the KL that corrects the sample's "
+                                                          "confidence; 1 is the symmetric sum")})
+def balanced_divergence(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
+                        temperature: float = 1.0, gamma: float = 2.0) -> Tensor:
     """BD-KD's sample-wise balance of forward and reverse KL (Amara et al. 2022, "BD-KD: Balancing the
     Divergences for Online Knowledge Distillation"):
 
@@ -19,16 +30,16 @@ def balanced_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tempe
     with p = softmax(logits / T), averaged over the batch. A student less confident than its teacher on a
     sample gets more of the mode-seeking reverse KL (it sharpens), a more confident one more of the
     mass-covering forward KL (it softens): the paper's aim is calibration. gamma = 1 is the symmetric sum
-    of both KLs. The teacher logits are used as given (detach them for a one-way signal).
+    of both KLs. The teacher logits are used as given (detach them for a one-way signal). `labels` is not
+    used (BD-KD needs none): it is there so that every classifier term has the same signature.
+    Parameters: temperature T > 0 (default 1); gamma >= 1 (default 2), both finite.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must both be [N, C]")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not gamma >= 1:
-        raise ValueError(f"gamma must be >= 1 (the heavier weight), got {gamma}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    temperature = check_temperature(temperature)
+    gamma = check_number("gamma", gamma, 1.0, None, fix="gamma is the heavier weight, >= 1")
+    dtype = compute_dtype(student_logits)
     student_logprobs = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     teacher_logprobs = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     student_probs, teacher_probs = student_logprobs.exp(), teacher_logprobs.exp()

@@ -1,44 +1,26 @@
 """Further divergences: alpha-beta (ABKD), adaptive KL (AKL), TAID, Sinkhorn (SinKD); plus the TAID schedule,
-the student-entropy regulariser and TSD-KD token selection (not divergences, not in REGISTRY).
+the student-entropy regulariser and TSD-KD token selection (not divergences, not registered).
 
 The divergences follow every convention of `distill.losses.logits` (signature, temperature on both logits
 without T^2, float32-or-wider compute, vocabulary sum then valid-token mean, robust to -inf teacher logits) and
-are registered there. Exception: `sinkhorn` couples the tokens of a call (see NOT_TOKEN_SEPARABLE).
+are registered in the one loss registry (`distill.losses.registry`). Exception: `sinkhorn` couples the tokens of a
+call (its spec says token_separable=False).
 """
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from distill.losses.logits import _check_inputs, _floored, _kl_per_token, _log_probs, _valid_rows, masked_mean
+from distill.losses.common import (check_inputs, compute_dtype, floored, kl_per_token, log_probs, masked_mean,
+                                   valid_rows)
+from distill.losses.registry import Param, check_number, register
 
 __all__ = [
-    "NOT_TOKEN_SEPARABLE", "TaidSchedule", "ab_divergence", "adaptive_kl", "select_tokens", "sinkhorn",
+    "TaidSchedule", "ab_divergence", "adaptive_kl", "select_tokens", "sinkhorn",
     "student_entropy", "taid",
 ]
-
-# Divergences whose value is NOT a sum of independent per-token terms: computing them on chunks of
-# tokens and adding the chunks does not give the full-batch value (a chunked/fused loss must see every
-# valid token of the batch at once, or refuse).
-NOT_TOKEN_SEPARABLE: frozenset[str] = frozenset({"sinkhorn"})
-
-
-def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False,
-            high_open: bool = False) -> float:
-    """`value` as a float in the interval [low, high] (ends open on request); ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # also catches NaN
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +68,13 @@ def _ab_per_token(teacher_logprobs: Tensor, student_logprobs: Tensor, alpha: flo
     return terms.sum(dim=-1)
 
 
+@register("ab_divergence", kind="token", aliases=("abkd",),
+          formula="-1/(alpha beta) sum_v (p_T^alpha p_S^beta - alpha/(alpha+beta) p_T^(alpha+beta) "
+                  "- beta/(alpha+beta) p_S^(alpha+beta)); (1,0): KL(p_T||p_S), (0,1): KL(p_S||p_T)",
+          paper="Wang et al. 2025, ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge "
+                "Distillation via alpha-beta-Divergence (ICML 2025)",
+          params={"alpha": Param(0.5, "float", doc="exponent of the teacher (hardness-concentration), any real"),
+                  "beta": Param(0.5, "float", doc="exponent of the student (confidence-concentration), any real")})
 def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
                   temperature: float = 1.0, num_valid_tokens: int | Tensor | None = None,
                   alpha: float = 0.5, beta: float = 0.5) -> Tensor:
@@ -113,9 +102,9 @@ def ab_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor |
     (1/beta) there, which agrees only at alpha (beta) = 1. Negative alpha or beta make D blow up where a
     probability is ~0; values then saturate (finite, no NaN).
     """
-    alpha = _number("alpha", alpha, -math.inf, math.inf, low_open=True, high_open=True)
-    beta = _number("beta", beta, -math.inf, math.inf, low_open=True, high_open=True)
-    student_logprobs, teacher_logprobs = _log_probs(student_logits, teacher_logits, mask, temperature)
+    alpha = check_number("alpha", alpha, -math.inf, math.inf, low_open=True, high_open=True)
+    beta = check_number("beta", beta, -math.inf, math.inf, low_open=True, high_open=True)
+    student_logprobs, teacher_logprobs = log_probs(student_logits, teacher_logits, mask, temperature)
     return masked_mean(_ab_per_token(teacher_logprobs, student_logprobs, alpha, beta), None, num_valid_tokens)
 
 
@@ -142,6 +131,13 @@ def _akl_head_weight(teacher_logprobs: Tensor, student_logprobs: Tensor, mu: flo
         return torch.where(gap_total > 0, gap_head / gap_total.clamp(min=torch.finfo(gap.dtype).tiny), 0.5)
 
 
+@register("adaptive_kl", kind="token", aliases=("akl",),
+          formula="w_head KL(p_T||p_S) + (1-w_head) KL(p_S||p_T), w_head = sum_head |p_T-p_S| / sum_v |p_T-p_S|, "
+                  "head = teacher's top tokens with cumulative mass <= mu",
+          paper="Wu et al. 2025, Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large "
+                "Language Models (COLING 2025)",
+          params={"mu": Param(0.5, "float", low=0, high=1,
+                              doc="teacher mass of the head (its top tokens), whose error weighs forward KL")})
 def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
                 temperature: float = 1.0, num_valid_tokens: int | Tensor | None = None,
                 mu: float = 0.5) -> Tensor:
@@ -158,11 +154,11 @@ def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | N
     Source: Wu et al. 2025, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large
     Language Models" (COLING 2025). Parameter: mu in [0, 1], default 0.5 (the authors' default).
     """
-    mu = _number("mu", mu, 0.0, 1.0)
-    student_logprobs, teacher_logprobs = _log_probs(student_logits, teacher_logits, mask, temperature)
+    mu = check_number("mu", mu, 0.0, 1.0)
+    student_logprobs, teacher_logprobs = log_probs(student_logits, teacher_logits, mask, temperature)
     head_weight = _akl_head_weight(teacher_logprobs, student_logprobs, mu)
-    per_token = (head_weight * _kl_per_token(teacher_logprobs, student_logprobs)
-                 + (1.0 - head_weight) * _kl_per_token(student_logprobs, teacher_logprobs))
+    per_token = (head_weight * kl_per_token(teacher_logprobs, student_logprobs)
+                 + (1.0 - head_weight) * kl_per_token(student_logprobs, teacher_logprobs))
     return masked_mean(per_token, None, num_valid_tokens)
 
 
@@ -170,6 +166,12 @@ def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | N
 # TAID: KL to a teacher-student interpolation, and the schedule of the interpolation
 # ---------------------------------------------------------------------------------------------
 
+@register("taid", kind="token", schedule="taid",
+          formula="KL(p_t || p_S), p_t = softmax((1-t) sg(z_S) + t z_T); t from TaidSchedule",
+          paper="Shing et al. 2025, TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge "
+                "Transfer in Language Models (ICLR 2025)",
+          params={"t": Param(1.0, "float", low=0, high=1, doc="interpolation weight of the teacher; 1 is forward KL "
+                                                              "(without it, TAID's schedule sets t each step)")})
 def taid(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
          temperature: float = 1.0, num_valid_tokens: int | Tensor | None = None, t: float = 1.0) -> Tensor:
     """TAID: KL(p_t || p_S) with the intermediate target p_t = softmax((1 - t) sg(z_S) + t z_T).
@@ -184,15 +186,15 @@ def taid(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = N
     Source: Shing et al. 2025, "TAID: Temporally Adaptive Interpolated Distillation for Efficient
     Knowledge Transfer in Language Models" (ICLR 2025). Parameter: t in [0, 1], default 1.0.
     """
-    t = _number("t", t, 0.0, 1.0)
-    student_logprobs, teacher_logprobs = _log_probs(student_logits, teacher_logits, mask, temperature)
+    t = check_number("t", t, 0.0, 1.0)
+    student_logprobs, teacher_logprobs = log_probs(student_logits, teacher_logits, mask, temperature)
     if t == 1.0:
         target_logprobs = teacher_logprobs
     elif t == 0.0:
         target_logprobs = student_logprobs.detach()
     else:
         target_logprobs = torch.log_softmax((1.0 - t) * student_logprobs.detach() + t * teacher_logprobs, dim=-1)
-    return masked_mean(_kl_per_token(target_logprobs, student_logprobs), None, num_valid_tokens)
+    return masked_mean(kl_per_token(target_logprobs, student_logprobs), None, num_valid_tokens)
 
 
 class TaidSchedule:
@@ -212,10 +214,10 @@ class TaidSchedule:
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
                  disable_adaptive: bool = False):
-        self.t_start = _number("t_start", t_start, 0.0, 1.0, high_open=True)
-        self.t_end = _number("t_end", t_end, self.t_start, 1.0)
-        self.alpha = _number("alpha", alpha, 0.0, 1.0)
-        self.beta = _number("beta", beta, 0.0, 1.0)
+        self.t_start = check_number("t_start", t_start, 0.0, 1.0, high_open=True)
+        self.t_end = check_number("t_end", t_end, self.t_start, 1.0)
+        self.alpha = check_number("alpha", alpha, 0.0, 1.0)
+        self.beta = check_number("beta", beta, 0.0, 1.0)
         if not isinstance(disable_adaptive, bool):
             raise ValueError(f"disable_adaptive must be a bool, got {disable_adaptive!r}")
         self.disable_adaptive = disable_adaptive
@@ -225,8 +227,8 @@ class TaidSchedule:
 
     def update(self, loss_value: float, progress: float) -> float:
         """Record this step's loss and return the new t; progress = step / total_steps, in [0, 1]."""
-        loss_value = _number("loss_value", loss_value, -math.inf, math.inf, low_open=True, high_open=True)
-        progress = _number("progress", progress, 0.0, 1.0)
+        loss_value = check_number("loss_value", loss_value, -math.inf, math.inf, low_open=True, high_open=True)
+        progress = check_number("progress", progress, 0.0, 1.0)
         if self.prev_loss is None:
             self.prev_loss = loss_value
             return self.t
@@ -255,17 +257,23 @@ class TaidSchedule:
         if missing:
             raise ValueError(f"TaidSchedule state lacks {', '.join(sorted(missing))}")
         self.__init__(state["t_start"], state["t_end"], state["alpha"], state["beta"], state["disable_adaptive"])
-        self.t = _number("t", state["t"], self.t_start, self.t_end)
+        self.t = check_number("t", state["t"], self.t_start, self.t_end)
         prev = state["prev_loss"]
-        self.prev_loss = None if prev is None else _number("prev_loss", prev, -math.inf, math.inf,
+        self.prev_loss = None if prev is None else check_number("prev_loss", prev, -math.inf, math.inf,
                                                             low_open=True, high_open=True)
-        self.momentum = _number("momentum", state["momentum"], -math.inf, math.inf, low_open=True, high_open=True)
+        self.momentum = check_number("momentum", state["momentum"], -math.inf, math.inf, low_open=True, high_open=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # SinKD: batch-wise Sinkhorn distance
 # ---------------------------------------------------------------------------------------------
 
+@register("sinkhorn", kind="token", aliases=("sinkd",), token_separable=False,
+          formula="(1/N) sum_ij P_ij ||p_S,i - p_T,j||_1 over the N valid tokens, "
+                  "P = Sinkhorn(exp(-C/epsilon)) (batch-wise; not token-separable)",
+          paper="Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation (LREC-COLING 2024)",
+          params={"epsilon": Param(0.1, "float", low=0, low_open=True, doc="entropic regularisation of the transport"),
+                  "iterations": Param(20, "int", low=1, doc="Sinkhorn-Knopp normalisation rounds")})
 def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
              temperature: float = 1.0, num_valid_tokens: int | Tensor | None = None,
              epsilon: float = 0.1, iterations: int = 20) -> Tensor:
@@ -282,7 +290,7 @@ def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
     constant weight; use kd_weight for that). Gradients flow through C and through the unrolled
     iterations (as in the authors' code); the computation is deterministic.
 
-    Not a sum of per-token terms (it is in NOT_TOKEN_SEPARABLE): a token's cost depends on every other
+    Not a sum of per-token terms (token_separable=False): a token's cost depends on every other
     valid token of the call. `num_valid_tokens` only replaces the divisor N; under gradient accumulation
     each micro-batch solves its own transport problem, so the accumulated value is the token-weighted
     mean of per-micro-batch costs, not the cost of the whole batch; chunking over tokens is not exact.
@@ -293,16 +301,14 @@ def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
     Parameters: epsilon > 0, entropic regularisation (default 0.1, the authors' code); iterations >= 1, an
     integer (default 20, the authors' code).
     """
-    epsilon = _number("epsilon", epsilon, 0.0, math.inf, low_open=True, high_open=True)
-    iterations_value = _number("iterations", iterations, 1.0, 1e6)
-    if not iterations_value.is_integer():
-        raise ValueError(f"iterations must be an integer, got {iterations}")
-    student_logprobs, teacher_logprobs = _log_probs(student_logits, teacher_logits, mask, temperature)
+    epsilon = check_number("epsilon", epsilon, 0.0, math.inf, low_open=True, high_open=True)
+    iterations = check_number("iterations", iterations, 1, None, integer=True)
+    student_logprobs, teacher_logprobs = log_probs(student_logits, teacher_logits, mask, temperature)
     if student_logprobs.shape[0] == 0:  # nothing valid: 0, still connected to the graph
         return masked_mean(student_logprobs.sum(dim=-1), None, num_valid_tokens)
     cost = torch.cdist(student_logprobs.exp(), teacher_logprobs.exp(), p=1)
     log_plan = -cost / epsilon
-    for _ in range(int(iterations_value)):
+    for _ in range(iterations):
         log_plan = log_plan - torch.logsumexp(log_plan, dim=1, keepdim=True)
         log_plan = log_plan - torch.logsumexp(log_plan, dim=0, keepdim=True)
     per_sample = (log_plan.exp() * cost).sum(dim=1)
@@ -314,16 +320,16 @@ def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
 # ---------------------------------------------------------------------------------------------
 
 def _student_logprobs(student_logits: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
-    _check_inputs(student_logits, student_logits, mask, temperature)
-    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    return _floored(torch.log_softmax(_valid_rows(student_logits, mask).to(compute_dtype) / temperature, dim=-1))
+    check_inputs(student_logits, student_logits, mask, temperature)
+    rows = valid_rows(student_logits, mask).to(compute_dtype(student_logits))
+    return floored(torch.log_softmax(rows / temperature, dim=-1))
 
 
 def student_entropy(student_logits: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0,
                     num_valid_tokens: int | Tensor | None = None) -> Tensor:
     """Mean entropy of the student per valid token: H = -sum_v p_S(v) log p_S(v), averaged like the divergences.
 
-    A regulariser, not in REGISTRY. Sign: adding +entropy_weight * H to the loss MINIMISES entropy, i.e.
+    A regulariser, not a registered loss. Sign: adding +entropy_weight * H to the loss MINIMISES entropy, i.e.
     makes the student more confident / peaked (TSD-KD adds such a term "to maintain the student's
     confidence", on its highest-entropy tokens: Kim & Baek 2026, "Explain in Your Own Words: Improving
     Reasoning via Token-Selective Dual Knowledge Distillation", ICLR 2026); adding -entropy_weight * H
@@ -351,9 +357,9 @@ def select_tokens(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor |
     sigmoid(H(p_S) - H(p_T)) (a soft selection); this is the hard top-`ratio` version of that criterion.
     Parameter: ratio in (0, 1], default 0.5 (1 keeps every valid token).
     """
-    ratio = _number("ratio", ratio, 0.0, 1.0, low_open=True)
+    ratio = check_number("ratio", ratio, 0.0, 1.0, low_open=True)
     with torch.no_grad():
-        student_logprobs, teacher_logprobs = _log_probs(student_logits.detach(), teacher_logits.detach(),
+        student_logprobs, teacher_logprobs = log_probs(student_logits.detach(), teacher_logits.detach(),
                                                         mask, temperature)
         score = ((teacher_logprobs.exp() * teacher_logprobs).sum(dim=-1)
                  - (student_logprobs.exp() * student_logprobs).sum(dim=-1))
@@ -367,37 +373,3 @@ def select_tokens(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor |
         selected = torch.zeros(valid.numel(), dtype=torch.bool, device=score.device)
         selected[valid.reshape(-1).nonzero().squeeze(1)] = kept_rows
         return selected.reshape(valid.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registration data, merged into distill.losses.logits' REGISTRY / FORMULAS / PAPERS / ALIASES
-# ---------------------------------------------------------------------------------------------
-
-FAMILY_REGISTRY: dict[str, Callable[..., Tensor]] = {
-    "ab_divergence": ab_divergence,
-    "adaptive_kl": adaptive_kl,
-    "taid": taid,
-    "sinkhorn": sinkhorn,
-}
-
-FAMILY_ALIASES: dict[str, str] = {"abkd": "ab_divergence", "akl": "adaptive_kl", "sinkd": "sinkhorn"}
-
-FAMILY_FORMULAS: dict[str, str] = {
-    "ab_divergence": "-1/(alpha beta) sum_v (p_T^alpha p_S^beta - alpha/(alpha+beta) p_T^(alpha+beta) "
-                     "- beta/(alpha+beta) p_S^(alpha+beta)); (1,0): KL(p_T||p_S), (0,1): KL(p_S||p_T)",
-    "adaptive_kl": "w_head KL(p_T||p_S) + (1-w_head) KL(p_S||p_T), w_head = sum_head |p_T-p_S| / sum_v |p_T-p_S|, "
-                   "head = teacher's top tokens with cumulative mass <= mu",
-    "taid": "KL(p_t || p_S), p_t = softmax((1-t) sg(z_S) + t z_T); t from TaidSchedule",
-    "sinkhorn": "(1/N) sum_ij P_ij ||p_S,i - p_T,j||_1 over the N valid tokens, "
-                "P = Sinkhorn(exp(-C/epsilon)) (batch-wise; not token-separable)",
-}
-
-FAMILY_PAPERS: dict[str, str] = {
-    "ab_divergence": "Wang et al. 2025, ABKD: Pursuing a Proper Allocation of the Probability Mass in Knowledge "
-                     "Distillation via alpha-beta-Divergence (ICML 2025)",
-    "adaptive_kl": "Wu et al. 2025, Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large "
-                   "Language Models (COLING 2025)",
-    "taid": "Shing et al. 2025, TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge "
-            "Transfer in Language Models (ICLR 2025)",
-    "sinkhorn": "Cui et al. 2024, Sinkhorn Distance Minimization for Knowledge Distillation (LREC-COLING 2024)",
-}

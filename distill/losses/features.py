@@ -6,7 +6,7 @@ Every loss is a pure function with one signature, so the trainer can pick one by
 
 - features are [N, D] vectors, [N, C, H, W] maps or [N, L, D] token sequences, as each loss allows;
   N (the batch) must be the same on both sides;
-- FitNets and cosine compare features point-wise: the shapes must be equal (NEEDS_EQUAL_SHAPES), and a
+- FitNets and cosine compare features point-wise: the shapes must be equal (their specs say equal_shapes), and a
   projector (distill/losses/projectors.py: make_projector) maps the student first; attention
   transfer needs equal spatial sizes only; RKD and CKA compare relations between the examples of a
   batch, so the widths may differ;
@@ -15,17 +15,17 @@ Every loss is a pure function with one signature, so the trainer can pick one by
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.logits import compute_dtype as _compute_dtype
+from distill.losses.common import compute_dtype
+from distill.losses.registry import Param, register
 
 __all__ = [
-    "FEATURE_FORMULAS", "FEATURE_PAPERS", "FEATURE_REGISTRY", "NEEDS_EQUAL_SHAPES",
     "attention_transfer", "cka_loss", "class_means", "cosine_feature", "fitnets", "linear_cka", "nd_loss",
     "rkd_angle", "rkd_distance",
 ]
@@ -67,7 +67,7 @@ def _check_same_shape(student_features: Tensor, teacher_features: Tensor) -> Non
 def _rows(student_features: Tensor, teacher_features: Tensor, min_examples: int) -> tuple[Tensor, Tensor]:
     """Validate for a relational loss; both flattened to [N, width] in the compute dtype."""
     _check_batch(student_features, teacher_features, min_examples=min_examples)
-    dtype = _compute_dtype(student_features, teacher_features)
+    dtype = compute_dtype(student_features, teacher_features)
     num_examples = student_features.shape[0]
     return (student_features.reshape(num_examples, -1).to(dtype),
             teacher_features.reshape(num_examples, -1).to(dtype))
@@ -88,6 +88,8 @@ def _normalized(vectors: Tensor, dim: int = -1) -> Tensor:
 # Point-wise losses: FitNets, cosine
 # ---------------------------------------------------------------------------------------------
 
+@register("fitnets", kind="feature", equal_shapes=True, formula="mean over elements of (s - t)^2",
+          paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets")
 def fitnets(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """FitNets hint loss: mean over all elements of (s - t)^2 (mean squared error).
 
@@ -97,10 +99,13 @@ def fitnets(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     regressor r (a projector) is applied by the caller. No parameters.
     """
     _check_same_shape(student_features, teacher_features)
-    dtype = _compute_dtype(student_features, teacher_features)
+    dtype = compute_dtype(student_features, teacher_features)
     return (student_features.to(dtype) - teacher_features.to(dtype)).pow(2).mean()
 
 
+@register("cosine", kind="feature", equal_shapes=True,
+          formula="mean over examples (and positions) of 1 - cos(s, t) along the feature dim",
+          paper="cosine distance of features; the direction-only baseline of Wang et al. 2023 (ND)")
 def cosine_feature(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """Cosine feature loss: mean over examples and positions of 1 - cos(s, t), in [0, 2].
 
@@ -110,7 +115,7 @@ def cosine_feature(student_features: Tensor, teacher_features: Tensor) -> Tensor
     2023, see nd_loss), here against each example's own teacher feature. No parameters.
     """
     _check_same_shape(student_features, teacher_features)
-    dtype = _compute_dtype(student_features, teacher_features)
+    dtype = compute_dtype(student_features, teacher_features)
     feature_dim = 1 if student_features.dim() == 4 else -1
     cosine = (_normalized(student_features.to(dtype), feature_dim)
               * _normalized(teacher_features.to(dtype), feature_dim)).sum(dim=feature_dim)
@@ -121,6 +126,10 @@ def cosine_feature(student_features: Tensor, teacher_features: Tensor) -> Tensor
 # Attention transfer
 # ---------------------------------------------------------------------------------------------
 
+@register("attention", kind="feature",
+          formula="mean_n || Q_S/||Q_S|| - Q_T/||Q_T|| ||_2, Q = vec(sum_c |A_c|^p)",
+          paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention",
+          params={"p": Param(2.0, "float", low=0, low_open=True, doc="exponent of the attention map sum_c |A_c|^p")})
 def attention_transfer(student_features: Tensor, teacher_features: Tensor, *, p: float = 2.0) -> Tensor:
     """Activation-based attention transfer: mean over the batch of || Q_S/||Q_S|| - Q_T/||Q_T|| ||_2.
 
@@ -136,8 +145,8 @@ def attention_transfer(student_features: Tensor, teacher_features: Tensor, *, p:
     batch and the positions, i.e. ||.||^2 / (H W); we follow the paper.
     Parameter: p > 0, the exponent of the attention map, default 2 (the paper's choice).
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
-        raise ValueError(f"p must be a number > 0, got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < math.inf:
+        raise ValueError(f"p must be a number > 0 (finite), got {p!r}")
     _check_batch(student_features, teacher_features)
     if student_features.dim() != teacher_features.dim() or student_features.dim() == 2:
         raise ValueError(f"student_features has shape {tuple(student_features.shape)} and teacher_features "
@@ -151,7 +160,7 @@ def attention_transfer(student_features: Tensor, teacher_features: Tensor, *, p:
         raise ValueError(f"student_features has spatial size {tuple(student_positions)} but teacher_features "
                          f"{tuple(teacher_positions)}: pool the larger map (F.adaptive_avg_pool2d) or pick "
                          "layers of equal resolution / sequence length")
-    dtype = _compute_dtype(student_features, teacher_features)
+    dtype = compute_dtype(student_features, teacher_features)
     channel_dim = 1 if is_map else -1
 
     def attention(features: Tensor) -> Tensor:
@@ -183,6 +192,9 @@ def _pair_distances(gram: Tensor) -> Tensor:
     return squared.clamp(min=torch.finfo(gram.dtype).tiny).sqrt()
 
 
+@register("rkd_distance", kind="feature", min_examples=2,
+          formula="mean_{i!=j} huber(d_S(i,j)/mu_S - d_T(i,j)/mu_T), d = ||x_i - x_j||, mu = mean d",
+          paper="Park et al. 2019, Relational Knowledge Distillation")
 def rkd_distance(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """RKD distance-wise loss: mean over pairs i != j of huber(psi_S(i, j) - psi_T(i, j)).
 
@@ -220,6 +232,9 @@ def _triplet_cosines(gram: Tensor) -> Tensor:
     return cosines[distinct]
 
 
+@register("rkd_angle", kind="feature", min_examples=3,
+          formula="mean_{i,j,k distinct} huber(<e_ij, e_kj>_S - <e_ij, e_kj>_T), e_ij = (x_i - x_j)/||x_i - x_j||",
+          paper="Park et al. 2019, Relational Knowledge Distillation")
 def rkd_angle(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """RKD angle-wise loss: mean over triplets of distinct (i, j, k) of huber(psi_S(i,j,k) - psi_T(i,j,k)).
 
@@ -262,6 +277,9 @@ def linear_cka(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return cross / scale.clamp(min=torch.finfo(scale.dtype).tiny)
 
 
+@register("cka", kind="feature", min_examples=2,
+          formula="1 - ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), X, Y column-centred",
+          paper="Kornblith et al. 2019, Similarity of Neural Network Representations Revisited")
 def cka_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """CKA loss: 1 - linear_cka(student, teacher), in [0, 1]; 0 when the representations agree up to
     rotation and isotropic scale. Source: Kornblith et al. 2019 (the similarity). No parameters."""
@@ -296,9 +314,12 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     sums = torch.zeros(int(num_classes), features.shape[1], dtype=torch.float64, device=features.device)
     sums.index_add_(0, labels, features.to(torch.float64))
     counts = torch.bincount(labels, minlength=int(num_classes)).clamp(min=1).to(torch.float64)
-    return (sums / counts.unsqueeze(1)).to(_compute_dtype(features))
+    return (sums / counts.unsqueeze(1)).to(compute_dtype(features))
 
 
+@register("nd", kind="feature", needs_labels=True, needs_class_means=True, equal_shapes=True,
+          formula="mean_i 1 - <s_i, c_y/||c_y||> / max(||s_i||, ||t_i||), c_y = teacher class mean of label y",
+          paper="Wang et al. 2023, Improving Knowledge Distillation via Regularizing Feature Norm and Direction")
 def nd_loss(student_features: Tensor, teacher_class_means: Tensor, labels: Tensor,
             teacher_norm: float | Tensor | None = None) -> Tensor:
     """ND loss: mean over the batch of 1 - <s_i, c_{y_i} / ||c_{y_i}||> / max(||s_i||, n_i).
@@ -326,7 +347,7 @@ def nd_loss(student_features: Tensor, teacher_class_means: Tensor, labels: Tenso
     if num_examples == 0:
         raise ValueError("student_features has 0 examples: nd_loss needs a batch of at least 1")
     _check_labels(labels, num_examples, teacher_class_means.shape[0], "student_features")
-    dtype = _compute_dtype(student_features, teacher_class_means)
+    dtype = compute_dtype(student_features, teacher_class_means)
     centers = teacher_class_means.to(dtype)[labels]
     center_norms = torch.linalg.vector_norm(centers, dim=-1)
     if bool((center_norms == 0).any()):
@@ -352,41 +373,3 @@ def nd_loss(student_features: Tensor, teacher_class_means: Tensor, labels: Tenso
         scale = torch.maximum(student_norms, target.expand_as(student_norms))
     projection = (student * centers).sum(dim=-1) / center_norms
     return (1.0 - projection / scale.clamp(min=_NORM_EPS)).mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry: look-up by name, formulas and citations for `distill losses`
-# ---------------------------------------------------------------------------------------------
-
-FEATURE_REGISTRY: dict[str, Callable[..., Tensor]] = {
-    "fitnets": fitnets,
-    "cosine": cosine_feature,
-    "attention": attention_transfer,
-    "rkd_distance": rkd_distance,
-    "rkd_angle": rkd_angle,
-    "cka": cka_loss,
-}
-
-# Point-wise losses: a student of another width needs a projector (make_projector) before them.
-NEEDS_EQUAL_SHAPES: frozenset[str] = frozenset({"fitnets", "cosine"})
-
-# Also "nd", which is not in FEATURE_REGISTRY: it takes labels and the teacher's class means.
-FEATURE_FORMULAS: dict[str, str] = {
-    "fitnets": "mean over elements of (s - t)^2",
-    "cosine": "mean over examples (and positions) of 1 - cos(s, t) along the feature dim",
-    "attention": "mean_n || Q_S/||Q_S|| - Q_T/||Q_T|| ||_2, Q = vec(sum_c |A_c|^p)",
-    "rkd_distance": "mean_{i!=j} huber(d_S(i,j)/mu_S - d_T(i,j)/mu_T), d = ||x_i - x_j||, mu = mean d",
-    "rkd_angle": "mean_{i,j,k distinct} huber(<e_ij, e_kj>_S - <e_ij, e_kj>_T), e_ij = (x_i - x_j)/||x_i - x_j||",
-    "cka": "1 - ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), X, Y column-centred",
-    "nd": "mean_i 1 - <s_i, c_y/||c_y||> / max(||s_i||, ||t_i||), c_y = teacher class mean of label y",
-}
-
-FEATURE_PAPERS: dict[str, str] = {
-    "fitnets": "Romero et al. 2015, FitNets: Hints for Thin Deep Nets",
-    "cosine": "cosine distance of features; the direction-only baseline of Wang et al. 2023 (ND)",
-    "attention": "Zagoruyko & Komodakis 2017, Paying More Attention to Attention",
-    "rkd_distance": "Park et al. 2019, Relational Knowledge Distillation",
-    "rkd_angle": "Park et al. 2019, Relational Knowledge Distillation",
-    "cka": "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited",
-    "nd": "Wang et al. 2023, Improving Knowledge Distillation via Regularizing Feature Norm and Direction",
-}

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from distill.losses.closed_form import closed_form_for
-from distill.losses.logits import IGNORE_INDEX, cross_entropy, get_loss
+from distill.losses.logits import IGNORE_INDEX, cross_entropy
+from distill.losses.registry import get_spec
 from distill.losses.sparse import student_topk_tail_logits, teacher_topk_tail_logits
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -80,13 +81,6 @@ class TeacherSignal:
                                 self.bias[:vocab_size] if self.bias is not None else None)
         return out.fill_(float("-inf")).scatter_(1, self.topk_ids[start:end],
                                                   self.topk_logprobs[start:end].to(out.dtype))
-
-
-def not_token_separable() -> set[str]:
-    """Divergences whose value is not a sum of per-token terms (they couple tokens)."""
-    import distill.losses
-
-    return set(getattr(distill.losses, "NOT_TOKEN_SEPARABLE", ()))
 
 
 def chunk_size_for(vocab_size: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
@@ -194,11 +188,12 @@ def fused_linear_distillation(student_hidden: Tensor, student_weight: Tensor, te
     h @ W^T + b; tokens count where `mask` is True and (if `labels` given) the label is not -100.
     Only valid tokens are computed at all. `vocab_size` compares over the first entries only
     (same-family models with padded embedding rows). The result and its gradients equal
-    `kd_weight * get_loss(loss)(logits, teacher_logits, mask, ...) + ce_weight * cross_entropy(...)`
+    `kd_weight * get_spec(loss, kind="token").fn(logits, teacher_logits, mask, ...) + ce_weight * CE(...)`
     on the materialised logits. A `parts` dict, if given, receives the unweighted `kd` and `ce`
     values (for logging: one pass computes both)."""
-    divergence = get_loss(loss) if kd_weight > 0 else None
-    if divergence is not None and divergence.__name__ in not_token_separable():
+    spec = get_spec(loss, kind="token") if kd_weight > 0 else None
+    divergence = spec.fn if spec is not None else None
+    if spec is not None and not spec.token_separable:
         raise ValueError(f"loss `{loss}` couples tokens, so it cannot be computed chunk by chunk; "
                          "use the plain (unfused) path")
     if ce_weight > 0 and labels is None:

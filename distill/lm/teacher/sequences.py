@@ -20,8 +20,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from distill.core.io import atomic_write_json, atomic_write_text
 from distill.lm.data import IGNORE_INDEX, Example
-from distill.lm.regimes import OnPolicy, prompt_of, sampling_generator
+from distill.lm.generate import sample
+from distill.lm.regimes import Sampling, prompt_of, sampling_generator
 
 CHUNK_EXAMPLES = 256
 GENERATIONS_DIR = "teacher-generations"
@@ -29,14 +31,12 @@ GENERATIONS_DIR = "teacher-generations"
 STOP_AFTER_CHUNKS_ENV = "DISTILL_SEQUENCE_STOP_AFTER_CHUNKS"
 
 
-def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_dir: Path, *, accelerator,
+def teacher_sequences(teacher, examples: list[Example], settings: Sampling, run_dir: Path, *, accelerator,
                       pad_token_id: int, vocab_size: int, seed: int, batch_size: int, student=None) -> list[Example]:
     """The examples with their completions replaced by the teacher's (same ids, same prompts).
 
     With `student` and `settings.filter_threshold > 0`, teacher tokens the student gives less than the
     threshold are replaced by student samples (reverse speculative decoding)."""
-    from distill.lm.generate import sample
-
     distinct = len({tuple(prompt_of(e)) for e in examples})
     if settings.temperature == 0 and distinct <= len(examples) // 2:
         warnings.warn(f"regime sequence with greedy decoding (sample_temperature: 0): the {len(examples)} training "
@@ -71,15 +71,13 @@ def teacher_sequences(teacher, examples: list[Example], settings: OnPolicy, run_
             for example, prompt, completion in zip(batch, generation.prompts(), generation.completions()):
                 lines.append(json.dumps({"id": example.id, "prompt_ids": prompt, "completion_ids": completion}))
             bar.update(len(batch))
-        staging = directory / f"chunk-{index:05d}.jsonl.tmp"
-        staging.write_text("\n".join(lines) + "\n")
-        os.replace(staging, directory / f"chunk-{index:05d}.jsonl")
+        atomic_write_text(directory / f"chunk-{index:05d}.jsonl", "\n".join(lines) + "\n")
         written += 1
         if written == int(os.environ.get(STOP_AFTER_CHUNKS_ENV, "0")):
             raise SystemExit(f"{STOP_AFTER_CHUNKS_ENV}: simulated kill after {written} chunks")
     bar.close()
     if todo and accelerator.is_main_process:
-        (directory / "throughput.json").write_text(json.dumps(
+        atomic_write_json(directory / "throughput.json", (
             {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
              "rsd_threshold": settings.filter_threshold, "replaced_tokens": replaced,
              "replaced_share": replaced / max(tokens, 1), "written": time.strftime("%Y-%m-%d %H:%M:%S")}))

@@ -13,13 +13,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from distill.core.errors import DistillError
+from distill.core.io import atomic_write_json
+from distill.core.recipe import load_recipe
+from distill.lm.data import IGNORE_INDEX, collate, load_data
+from distill.lm.evaluate import evaluate_model
+from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path
+from distill.lm.recipe import LMRecipe
+from distill.lm.tasks import get_task
+from distill.lm.tasks.completions import CompletionsScorer
 from distill.lm.teacher.cache.codec import encode_topk
 from distill.lm.teacher.cache.store import (FORMAT, FORMAT_VERSION, MANIFEST, dataset_fingerprint, example_hash,
-                                 identity_differences, read_manifest, teacher_identity, tokenizer_sha256,
-                                 write_json_atomically, write_shard)
-from distill.lm.data import IGNORE_INDEX, collate
-from distill.core.errors import DistillError
-from distill.lm.recipe import Recipe, load_recipe
+                                            identity_differences, read_manifest, teacher_identity, tokenizer_sha256,
+                                            write_shard)
 
 # Testing aid: stop as if killed after this many shards were written (tests/test_cache.py).
 STOP_AFTER_SHARDS_ENV = "DISTILL_CACHE_STOP_AFTER_SHARDS"
@@ -42,15 +48,14 @@ def _plan(examples: dict[str, list], shard_examples: int) -> list[tuple[str, int
             for split, rows in examples.items() for start in range(0, len(rows), shard_examples)]
 
 
-def build_cache(recipe: str | Path | dict | Recipe, overrides: tuple[str, ...] = (), *, out: str | None = None,
+def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...] = (), *, out: str | None = None,
                 k: int | None = None, ids: str | None = None, values: str | None = None,
                 shard_examples: int | None = None) -> Path:
     """Build (or finish) the cache of the recipe's teacher on its train and eval data; return its directory."""
-    from distill.lm.evaluate import evaluate_model
-    from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, quiet_transformers, resolve_model_path
-    from distill.lm.run import CompletionsScorer, get_task, load_data, make_accelerator
-
     recipe = load_recipe(recipe, overrides)
+    if recipe.task != "lm":
+        raise DistillError(f"a teacher cache holds a causal LM's top-k; this recipe is `task: {recipe.task}`",
+                           field="task", fix="give a causal-LM recipe (task: lm)")
     regime = recipe.regime
     if out is None and regime.kind != "cache":
         raise DistillError("no cache directory given", field="regime.path",
@@ -67,7 +72,7 @@ def build_cache(recipe: str | Path | dict | Recipe, overrides: tuple[str, ...] =
     task = get_task(recipe.data.builtin) if recipe.data.builtin else None
     teacher_dir = resolve_model_path(recipe.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
-    train_records, eval_records, train_examples, eval_examples = load_data(recipe, tokenizer, task)
+    train_records, eval_records, train_examples, eval_examples = load_data(recipe.data, tokenizer, task)
     examples = {"train": train_examples, "eval": eval_examples}
     for split, rows in examples.items():
         seen = set()
@@ -143,7 +148,7 @@ def build_cache(recipe: str | Path | dict | Recipe, overrides: tuple[str, ...] =
             "example_ids": [e.id for e in rows], "example_hashes": [example_hash(e.input_ids, e.labels) for e in rows]})
         entry.update(split=split, examples=len(rows), tokens=int(sum(counts)))
         my_record["shards"][str(index)] = entry
-        write_json_atomically(progress_file, my_record)  # after the shard: a kill leaves it findable
+        atomic_write_json(progress_file, my_record)  # after the shard: a kill leaves it findable
         tokens_done += entry["tokens"]
         written += 1
         if written == int(os.environ.get(STOP_AFTER_SHARDS_ENV, "0")):
@@ -168,7 +173,7 @@ def build_cache(recipe: str | Path | dict | Recipe, overrides: tuple[str, ...] =
                                       batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
                                       seed=recipe.data.seed, teacher=teacher,
                                       throughput_tokens=recipe.eval.throughput_tokens)
-        write_json_atomically(directory / MANIFEST, {
+        atomic_write_json(directory / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "identity": identity, **{k: identity[k] for k in (
                 "k", "ids", "values", "vocab_size")},
             "num_tokens": num_tokens, "num_bytes": num_bytes, "bytes_per_token": num_bytes / max(num_tokens, 1),

@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.lm.teacher.cache.codec import decode_topk
 from distill.core.errors import DistillError
+from distill.core.io import fsync_path, sha256_file
+from distill.lm.data import IGNORE_INDEX
+from distill.lm.teacher.cache.codec import decode_topk
+from distill.losses.fused import TeacherSignal
 
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1
@@ -90,20 +93,6 @@ def identity_differences(cached: dict, current: dict, prefix: str = "") -> list[
 
 # ---- files ----------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(data, indent=1))
-    os.replace(staging, path)
-
-
 def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> dict:
     """Write atomically (a killed build never leaves a half shard under the final name); return
     the shard's manifest entry without its example counts."""
@@ -114,6 +103,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> di
     # of identical shards would differ from one process to the next.
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(staging),
               metadata={"distill": json.dumps(metadata, sort_keys=True)})
+    fsync_path(staging)
     os.replace(staging, path)
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
@@ -250,3 +240,18 @@ class TeacherCache:
             logprobs[row, positions] = self.logprobs[offset:offset + count]
             tail[row, positions] = self.tail[offset:offset + count]
         return ids, logprobs, tail
+
+
+class CachedTeacher:
+    """The teacher as its cached top-k: a teacher source like `LiveTeacher` (distill/lm/teacher/live.py).
+    `spans` are the cache rows of the training examples, by index (`TeacherCache.rows_for`); `sparse` is how
+    the top-k meets the student: "tail" (k + 1 outcomes) or "renormalize"."""
+
+    def __init__(self, cache: TeacherCache, spans: list[tuple[int, int]], sparse: str):
+        self.cache, self.spans, self.sparse = cache, spans, sparse
+
+    def signal(self, batch: dict, *, hidden: bool = False) -> TeacherSignal:
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        spans = [self.spans[i] for i in batch["example_index"].tolist()]
+        ids, logprobs, tail = (t.to(mask.device) for t in self.cache.batch(spans, mask.cpu()))
+        return TeacherSignal(topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail if self.sparse == "tail" else None)

@@ -1,0 +1,100 @@
+"""Files that survive a crash: every write is staged, fsynced and renamed into place, so a reader (or
+a resumed run) sees either the old content or the new one, never half of either."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a staging file, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+@contextmanager
+def staged_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty staging directory next to `directory`; when the block ends without error, every
+    file in it is fsynced and it replaces `directory` (the previous version stays whole until then, as
+    `<name>.old` for an instant: `recover_directory` puts it back if a crash falls between the renames)."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".tmp")
+    previous = directory.with_name(directory.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    for file in staging.rglob("*"):
+        if file.is_file():
+            fsync_path(file)
+    fsync_path(staging)
+    if directory.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(directory, previous)
+    os.replace(staging, directory)
+    fsync_path(directory.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_directory(directory: str | Path, complete_marker: str) -> Path | None:
+    """`directory` if it holds `complete_marker`; else its `.old` version put back (a crash between the two
+    renames of `staged_directory`); else None."""
+    directory = Path(directory)
+    if (directory / complete_marker).is_file():
+        return directory
+    previous = directory.with_name(directory.name + ".old")
+    if (previous / complete_marker).is_file():
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(previous, directory)
+        return directory
+    return None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a jsonl file ([] if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one record as a line (flushed: a kill loses at most the line being written)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()

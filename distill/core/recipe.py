@@ -1,0 +1,169 @@
+"""What every recipe shares: strict pydantic sections, a name and a run directory, `--set a.b=c`
+overrides, loading from YAML / `builtin:` / dict / model, and readable errors.
+
+`load_recipe(source, overrides)` reads the YAML, applies the overrides, looks up the family of its
+`task:` (core.families) and validates with that family's recipe class; every problem becomes a
+`DistillError` naming the field path and a fix, before any model loads.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.core.errors import DistillError, FieldValueError
+from distill.core.families import DEFAULT_TASK, family_names, get_family
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the recipes shipped inside the package
+
+
+class StrictModel(BaseModel):
+    """A recipe section: unknown keys are refused, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunRecipe(StrictModel):
+    """What every family's recipe has: a task, a name and a run directory."""
+
+    task: str = DEFAULT_TASK
+    name: str = "run"
+    output: str | None = Field(None, description="Run directory; default runs/<name>.")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (every default filled in), as written to a run's recipe.yaml."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- overrides -----------------------------------------------------------------------------------
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to the nested dict `data` in place."""
+    if "=" not in assignment:
+        raise DistillError(f"`{assignment}` is not of the form key.path=value", field="--set",
+                           fix="write e.g. --set train.steps=50")
+    key_path, raw_value = assignment.split("=", 1)
+    keys = [k for k in key_path.strip().split(".") if k]
+    if not keys:
+        raise DistillError(f"`{assignment}` names no field", field="--set", fix="write e.g. --set train.steps=50")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise DistillError(f"`{'.'.join(keys[:depth + 1])}` is a value, not a section", field="--set",
+                               fix=f"set `{'.'.join(keys[:depth + 1])}=...` directly")
+        node = child
+    node[keys[-1]] = value
+
+
+# ---- readable validation errors --------------------------------------------------------------------
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (for 'did you mean' on unknown keys)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if annotation is None:
+            return []
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def readable_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> DistillError:
+    """One DistillError listing every problem of a pydantic ValidationError as `field.path: message`."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc += tuple(cause.field.split("."))
+        field = prefix + (".".join(str(p) for p in loc) or "recipe")
+        kind, message = item["type"], item["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            message = "unknown key" + (f"; did you mean `{close[0]}`?" if close else "")
+            message += f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        elif kind == "missing":
+            message = "required field is missing"
+        elif "input" in item and kind not in ("value_error", "assertion_error"):
+            message += f" (got {item['input']!r})"
+        lines.append(f"{field}: {message}")
+    fix = "edit the recipe or override with --set FIELD=VALUE; `distill run --help` lists the options"
+    return DistillError("invalid recipe\n  " + "\n  ".join(lines), fix=fix)
+
+
+def validate_section(model: type[BaseModel], data: Any, prefix: str = ""):
+    """`model.model_validate(data)` with a readable DistillError (fields prefixed by `prefix`)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise readable_error(error, model, prefix) from None
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
+    """Validate a recipe given as a dict (after applying `overrides`) with its family's recipe class."""
+    if not isinstance(data, dict):
+        raise DistillError(f"a recipe is a mapping of sections, got {type(data).__name__}",
+                           fix="start from recipes/oracle-demo.yaml")
+    data = copy.deepcopy(data)  # overrides must not change the caller's dict
+    for assignment in overrides:
+        apply_override(data, assignment)
+    task = data.get("task", DEFAULT_TASK)
+    if task not in family_names():
+        close = difflib.get_close_matches(str(task), family_names(), n=1)
+        raise DistillError(f"unknown task `{task}`" + (f"; did you mean `{close[0]}`?" if close else ""),
+                           field="task", fix=f"use one of: {', '.join(family_names())}")
+    return validate_section(get_family(task).recipe_class(), data)
+
+
+def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
+    """Recipe from a YAML path, `builtin:<name>`, a dict or a recipe object, with `--set` overrides."""
+    if isinstance(source, BaseModel):
+        return parse_recipe(source.model_dump(mode="json"), overrides)
+    if isinstance(source, dict):
+        return parse_recipe(dict(source), overrides)
+    path = builtin_recipe_path(str(source)) if str(source).startswith("builtin:") else Path(source)
+    if not path.is_file():
+        raise DistillError(f"recipe file `{path}` not found", fix="give the path of a YAML recipe, "
+                           "e.g. recipes/oracle-jsd.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if context is not None and getattr(error, "context", None) and (mark is None or context.line != mark.line):
+            where += f" ({error.context} from line {context.line + 1}, column {context.column + 1})"
+        raise DistillError(f"`{path}` is not valid YAML{where}: {getattr(error, 'problem', error)}",
+                           fix="check indentation and `key: value` pairs there") from None
+    return parse_recipe(data if data is not None else {}, overrides)
+
+
+def builtin_recipe_path(name: str) -> Path:
+    """`builtin:oracle-demo` -> the recipe shipped inside the package."""
+    stem = name.removeprefix("builtin:")
+    path = RECIPES_DIR / f"{stem}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise DistillError(f"no built-in recipe `{stem}`", fix=f"use one of: {', '.join(known)}")
+    return path

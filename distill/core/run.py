@@ -1,0 +1,40 @@
+"""The run skeleton every family goes through, so that all of them check, write, resume and report
+the same way:
+
+    the run directory is checked (nothing written)
+    -> prepare(run_dir): the family loads data and models and checks everything (nothing written)
+    -> run_dir.start(recipe): an overwritten run cleared, recipe.yaml written (once)
+    -> job.run(run_dir): training (resuming from checkpoints if asked) and evaluation -> RunResult
+    -> run_dir.finish(result): the one report writer; results.json last
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from distill.core.families import Job, get_family
+from distill.core.recipe import RunRecipe
+from distill.core.rundir import RunDirectory, RunResult
+
+
+def run_recipe(recipe: RunRecipe, *, resume: bool = False, overwrite: bool = False) -> RunResult | None:
+    """Run a validated recipe through its family; the RunResult (None on processes other than the main one)."""
+    family = get_family(recipe.task)
+    return run_job(recipe, lambda run_dir: family.prepare(recipe, run_dir), resume=resume, overwrite=overwrite)
+
+
+def run_job(recipe: RunRecipe, prepare: Callable[[RunDirectory], Job], *, resume: bool = False,
+            overwrite: bool = False) -> RunResult | None:
+    """The skeleton around `prepare(run_dir) -> Job`, for recipes and for Python APIs that build their job
+    from objects (`distill.distill_classifier`); `recipe` is what recipe.yaml records."""
+    run_dir = RunDirectory(recipe.output_dir, resume=resume, overwrite=overwrite)
+    run_dir.check()
+    job = prepare(run_dir)
+    run_dir.start(recipe, is_main=job.is_main)
+    result = job.run(run_dir)
+    if job.is_main:
+        result.meta.setdefault("task", recipe.task)
+        result.meta.setdefault("name", recipe.name)
+        result.meta.setdefault("recipe", recipe.model_dump(mode="json"))
+        run_dir.finish(result, job.figures)
+    job.close()
+    return result if job.is_main else None
