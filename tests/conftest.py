@@ -42,6 +42,20 @@ def run_distill_cli(*args: str, cwd: str | Path | None = None, timeout: float = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def launch_two_processes(*distill_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m distill ARGS` (CPU, gloo), on a free rendezvous
+    port of its own: two such tests may run at once on the two pytest-xdist workers."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), "-m", "distill", *map(str, distill_args)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def run_cli():
     """A function `run_cli(*args, cwd=None, env=None)` -> CompletedProcess of `python -m distill ARGS`

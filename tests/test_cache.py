@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import distill
+from conftest import launch_two_processes
 from distill.lm.teacher.cache.build import teacher_topk
 from distill.core.io import sha256_file
 from distill.lm.teacher.cache.store import TeacherCache
@@ -178,11 +176,7 @@ def test_killed_build_resumes_from_finished_shards(tiny_recipe, write_recipe, ru
 
 def test_two_processes_build_one_cache(tiny_recipe, write_recipe, run_cli, tmp_path):
     recipe = write_recipe(_cache_recipe(tiny_recipe, tmp_path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                               "-m", "distill", "cache", str(recipe)], capture_output=True, text=True, env=env,
-                              timeout=600)
+    launched = launch_two_processes("cache", recipe)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "cache").glob("progress-rank*.json")) == ["progress-rank0.json",
                                                                                         "progress-rank1.json"]

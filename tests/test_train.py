@@ -3,15 +3,13 @@ non-finite losses, schedules."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import distill
+from conftest import launch_two_processes
 from distill.lm.recipe import TrainSpec
 from distill.lm.trainer import make_scheduler
 
@@ -105,10 +103,7 @@ def test_two_processes_train_one_model(tiny_recipe, write_recipe, tmp_path):
     process that sees both ranks' examples."""
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     recipe = write_recipe({**tiny_recipe, "output": str(ddp_dir)})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                               "-m", "distill", "run", str(recipe)], capture_output=True, text=True, env=env, timeout=600)
+    launched = launch_two_processes("run", recipe)
     assert launched.returncode == 0, launched.stderr[-3000:]
     results = json.loads((ddp_dir / "results.json").read_text())
     assert results["meta"]["world_size"] == 2
