@@ -118,8 +118,10 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
                           steps: Optional[int] = typer.Option(None, help="Updates (default: oracle and arithmetic "
                                                               "3000, gmm2d 4000, digits --diffusion 6000)."),
                           epochs: float = typer.Option(15, help="Image tasks (digits, mnist5k): CNN epochs."),
-                          diffusion: bool = typer.Option(False, "--diffusion", help="builtin:digits: train the "
-                                                         "diffusion teacher (a denoiser), not the classifier."),
+                          diffusion: bool = typer.Option(False, "--diffusion", help="Same as --family diffusion "
+                                                         "(builtin:digits: the denoiser, not the classifier)."),
+                          family_name: Optional[str] = typer.Option(None, "--family", help="The family whose teacher "
+                                                                    "to train, when several have the task (digits)."),
                           batch_size: int = typer.Option(32, "--batch-size"),
                           lr: float = typer.Option(2e-3), train_size: int = typer.Option(50000, "--train-size"),
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
@@ -131,22 +133,21 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
     name = task.removeprefix("builtin:")
     families = [get_family(f) for f in family_names()]
     owners = [f for f in families if name in f.teacher_tasks]
-    if diffusion:  # builtin:digits is a classifier task and a diffusion task: --diffusion picks the denoiser
-        owners = [f for f in owners if f.task == "diffusion"]
-    elif len(owners) > 1:
-        owners = [f for f in owners if f.task != "diffusion"]
+    family_name = "diffusion" if diffusion else family_name
+    if family_name is not None:  # builtin:digits has a classifier teacher and a diffusion teacher
+        owners = [f for f in owners if f.task == family_name]
+    # Without --family, the first family registered that has the task (digits: the classifier).
+    if family_name is not None and not owners and any(name in f.teacher_tasks for f in families):
+        having = ", ".join(f.task for f in families if name in f.teacher_tasks)
+        raise DistillError(f"family `{family_name}` has no teacher for {name}", field="--family",
+                           fix=f"use --family {having.split(', ')[0]} ({name} has teachers in: {having})")
     if not task.startswith("builtin:") or not owners:
         known = ", ".join(dict.fromkeys(f"builtin:{t}" for f in families for t in f.teacher_tasks))
         raise DistillError(f"`{task}` is not a built-in task with a teacher", field="TASK", fix=f"use one of: {known}")
     family = owners[0]
-    if family.task == "diffusion":  # an EDM denoiser, --steps updates
-        options = dict(steps=steps, seed=seed, threads=threads or 1, overwrite=overwrite)
-    elif family.task == "classifier":  # a CNN trained on labels for --epochs
-        options = dict(epochs=epochs, seed=seed, threads=threads or 1, overwrite=overwrite)
-    else:
-        options = dict(**({"steps": steps} if steps else {}), batch_size=batch_size, lr=lr, train_size=train_size,
-                       seed=seed, threads=threads, overwrite=overwrite, resume=resume)
-        name = task  # the LM trainer takes builtin:<task>
+    given = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
+                 threads=threads, overwrite=overwrite, resume=resume)
+    options = {key: given[key] for key in family.teacher_options if given[key] is not None}
     metrics = family.train_teacher(name, out, **options)
     if metrics:
         console.print_json(json.dumps(metrics))

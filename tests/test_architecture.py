@@ -188,3 +188,23 @@ def test_the_rules_catch_a_violation(tmp_path, monkeypatch, source, expected):
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_a_family_loads_only_what_it_needs(tmp_path):
+    # The registry imports a family's package on first use: a classifier run never imports transformers
+    # (nor any LM module), and naming a family imports no torch at all.
+    import subprocess
+
+    recipe = {"task": "classifier", "teacher": {"path": "builtin:digits-teacher"},
+              "student": {"arch": "mlp", "options": {"hidden": [8]}},
+              "data": {"builtin": "digits", "eval_size": 100, "train_size": 200},
+              "train": {"epochs": 0.2, "baseline": False}, "output": str(tmp_path / "run")}
+    code = ("import sys, distill\n"
+            "from distill.core.families import get_family\n"
+            "[get_family(task) for task in ('lm', 'classifier', 'diffusion')]\n"
+            "assert 'torch' not in sys.modules\n"
+            f"distill.run({recipe!r})\n"
+            "loaded = [m for m in sys.modules if m.startswith(('transformers', 'accelerate', 'distill.lm.'))]\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

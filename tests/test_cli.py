@@ -153,3 +153,18 @@ def test_eval_and_compare_lm_runs(tiny_recipe, run_cli, tmp_path):
     assert (tmp_path / "cmp" / "plots" / "eval_curves.png").is_file()
     one = run_cli("compare", first.run_dir)
     assert one.returncode == 2 and "two or more" in one.stderr
+
+
+def test_train_teacher_goes_to_the_family_of_the_task(run_cli, tmp_path):
+    # digits has a classifier teacher (the default) and a diffusion teacher (--family diffusion / --diffusion).
+    classifier = run_cli("train-teacher", "builtin:digits", "--epochs", "0.05", "--out", tmp_path / "cnn")
+    assert classifier.returncode == 0, classifier.stderr[-3000:]
+    assert (tmp_path / "cnn" / "classifier.json").is_file() and "accuracy" in classifier.stdout
+    denoiser = run_cli("train-teacher", "builtin:gmm2d", "--steps", "3", "--out", tmp_path / "gmm")
+    assert denoiser.returncode == 0, denoiser.stderr[-3000:]
+    assert (tmp_path / "gmm" / "denoiser.json").is_file()
+    wrong = run_cli("train-teacher", "builtin:digits", "--family", "lm", "--out", tmp_path / "x")
+    assert wrong.returncode == 2 and "--family" in wrong.stderr and "classifier" in wrong.stderr
+    unknown = run_cli("train-teacher", "builtin:nothing", "--out", tmp_path / "y")
+    assert unknown.returncode == 2 and "builtin:oracle" in unknown.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

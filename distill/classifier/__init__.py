@@ -12,47 +12,20 @@ This module stays light (no torch): the family registry imports it to read a rec
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from distill.core.families import Family
 
 
 class ClassifierFamily(Family):
     task = "classifier"
     teacher_tasks = ("digits", "mnist5k")
-
-    def recipe_class(self):
-        from distill.classifier.recipe import ClassifierRecipe
-
-        return ClassifierRecipe
-
-    def recognizes(self, path: Path) -> bool:
-        return (path / "classifier.json").is_file()
-
-    def prepare(self, recipe, run_dir):
-        from distill.classifier.run import prepare
-
-        return prepare(recipe, run_dir)
-
-    def saved_models(self, run_dir: Path) -> dict[str, Path]:
-        from distill.classifier.run import saved_models
-
-        return saved_models(run_dir)
-
-    def eval_recipe(self, model: Path, data: str | None) -> dict:
-        from distill.classifier.run import lone_model_recipe
-
-        return lone_model_recipe(model, data)
-
-    def evaluate(self, recipe, models: dict[str, Path]):
-        from distill.classifier.run import evaluate_saved
-
-        return evaluate_saved(recipe, models)
-
-    def train_teacher(self, task: str, out: str, **options) -> dict:
-        from distill.classifier.train_teacher import train_image_teacher
-
-        return train_image_teacher(task, out, **options)
+    teacher_options = ("epochs", "seed", "threads", "overwrite")
+    model_file = "classifier.json"  # models.CONFIG_FILE, without importing torch
+    entry_points = {"recipe": "distill.classifier.recipe:ClassifierRecipe",
+                    "prepare": "distill.classifier.run:prepare",
+                    "saved_models": "distill.classifier.run:saved_models",
+                    "eval_recipe": "distill.classifier.run:lone_model_recipe",
+                    "evaluate": "distill.classifier.run:evaluate_saved",
+                    "train_teacher": "distill.classifier.train_teacher:train_image_teacher"}
 
 
 FAMILY = ClassifierFamily()

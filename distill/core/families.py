@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from distill.core.errors import DistillError
 
 if TYPE_CHECKING:
-    from distill.core.recipe import RunRecipe
+    # Recipes are pydantic models (core.recipe.RunRecipe); core.recipe reads this registry, so the
+    # annotations here name their base class and do not import core.recipe back.
+    from pydantic import BaseModel as RunRecipe
     from distill.core.rundir import RunDirectory, RunResult
 
 DEFAULT_TASK = "lm"  # a recipe without `task:` is a causal-LM recipe
@@ -44,39 +46,51 @@ class Job:
 
 
 class Family:
-    """What core asks of a model family. Subclasses set the attributes and implement the methods."""
+    """What core asks of a model family. A subclass declares its task, its teacher tasks and options, the
+    file that marks a saved model, and where each part lives (`entry_points`, role -> "module:name",
+    imported on first use: a classifier run never imports transformers, a diffusion one no LM code):
+
+        recipe         the recipe class (a core.recipe.RunRecipe)
+        prepare        (recipe, run_dir) -> Job: load data and models and check everything, write nothing
+        saved_models   (run_dir) -> {row name: model directory} of a finished run (`distill eval RUN`)
+        eval_recipe    (model_dir, data | None) -> a recipe dict scoring the lone saved model on `data`
+                       (`builtin:<task>` or a file; None: what the model records)
+        evaluate       (recipe, {row: model_dir}) -> RunResult: the rows a run reports, for saved models
+                       (the recipe's teacher, if it has one, is the `teacher` row)
+        train_teacher  (task, out, **options) -> metrics: the teacher of built-in data `task`
+    """
 
     task: str = ""  # the recipe's `task:` value
     teacher_tasks: tuple[str, ...] = ()  # built-in data `distill train-teacher builtin:<name>` trains for
+    teacher_options: tuple[str, ...] = ()  # the `distill train-teacher` options its train_teacher takes
+    model_file: str | None = None  # the file whose presence marks a saved model of this family
+    entry_points: dict[str, str] = {}
+
+    def _entry(self, role: str):
+        module, _, name = self.entry_points[role].partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def recipe_class(self) -> type["RunRecipe"]:
-        raise NotImplementedError
+        return self._entry("recipe")
 
     def recognizes(self, path: Path) -> bool:
         """Whether the directory `path` holds a saved model of this family."""
-        return False
+        return self.model_file is not None and (Path(path) / self.model_file).is_file()
 
     def prepare(self, recipe: "RunRecipe", run_dir: "RunDirectory") -> Job:
-        """Load data and models and check everything that can fail, before anything is written."""
-        raise NotImplementedError
+        return self._entry("prepare")(recipe, run_dir)
 
     def saved_models(self, run_dir: Path) -> dict[str, Path]:
-        """Row name -> saved model directory, for the models a finished run wrote (`distill eval`)."""
-        raise NotImplementedError
+        return self._entry("saved_models")(Path(run_dir))
 
     def eval_recipe(self, model: Path, data: str | None) -> dict[str, Any]:
-        """A recipe (as a dict) that evaluates the lone saved model `model` on `data` (`builtin:<task>` or a
-        file; None: the family's default), for `distill eval MODEL`."""
-        raise NotImplementedError
+        return self._entry("eval_recipe")(Path(model), data)
 
     def evaluate(self, recipe: "RunRecipe", models: dict[str, Path]) -> "RunResult":
-        """Evaluate saved models (row name -> directory) as a run evaluates its rows; the recipe's
-        teacher, if it has one, is the `teacher` row."""
-        raise NotImplementedError
+        return self._entry("evaluate")(recipe, models)
 
     def train_teacher(self, task: str, out: str, **options) -> dict:
-        """Train the teacher of built-in data `task` into `out`; return its metrics."""
-        raise NotImplementedError
+        return self._entry("train_teacher")(task.removeprefix("builtin:"), out, **options)
 
 
 def register_family(task: str, module: str) -> None:

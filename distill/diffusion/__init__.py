@@ -17,48 +17,21 @@ This module stays light (no torch): the family registry imports it to read a rec
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from distill.core.families import Family
 
 
 class DiffusionFamily(Family):
     task = "diffusion"
     teacher_tasks = ("gmm2d", "digits")
-
-    def recipe_class(self):
-        from distill.diffusion.recipe import DiffusionRecipe
-
-        return DiffusionRecipe
-
-    def recognizes(self, path: Path) -> bool:
-        return (Path(path) / "denoiser.json").is_file()  # models.CONFIG_FILE, without importing torch
-
-    def prepare(self, recipe, run_dir):
-        from distill.diffusion.run import prepare
-
-        return prepare(recipe, run_dir)
-
-    def saved_models(self, run_dir: Path) -> dict[str, Path]:
-        """`student <method> <steps>` -> the directory of the student scored at that step count."""
-        from distill.diffusion.evaluate import saved_models
-
-        return saved_models(run_dir)
-
-    def eval_recipe(self, model: Path, data: str | None) -> dict:
-        from distill.diffusion.evaluate import lone_model_recipe
-
-        return lone_model_recipe(model, data)
-
-    def evaluate(self, recipe, models: dict[str, Path]):
-        from distill.diffusion.evaluate import evaluate_saved
-
-        return evaluate_saved(recipe, models)
-
-    def train_teacher(self, task: str, out: str, **options) -> dict:
-        from distill.diffusion.train_teacher import train_diffusion_teacher
-
-        return train_diffusion_teacher(task.removeprefix("builtin:"), out, **options)
+    teacher_options = ("steps", "seed", "threads", "overwrite")
+    model_file = "denoiser.json"  # models.CONFIG_FILE, without importing torch
+    # saved_models: `student <method> <steps>` -> the directory of the student scored at that step count.
+    entry_points = {"recipe": "distill.diffusion.recipe:DiffusionRecipe",
+                    "prepare": "distill.diffusion.run:prepare",
+                    "saved_models": "distill.diffusion.evaluate:saved_models",
+                    "eval_recipe": "distill.diffusion.evaluate:lone_model_recipe",
+                    "evaluate": "distill.diffusion.evaluate:evaluate_saved",
+                    "train_teacher": "distill.diffusion.train_teacher:train_diffusion_teacher"}
 
 
 FAMILY = DiffusionFamily()

@@ -6,7 +6,8 @@
     generate.py   batched KV-cache sampling    objective.py  the token objective (plain / fused)
     regimes.py    off-policy, on-policy, OPD, self-distillation, as objects
     trainer.py    the accelerate loop          evaluate.py   metrics of a model on the eval data
-    run.py        prepare and run a recipe     train_teacher.py  teachers of the built-in tasks
+    run.py        prepare and run a recipe     evaluation.py `distill eval` of saved models
+    train_teacher.py  teachers of the built-in tasks
 
 This module stays light (no torch, no transformers): the family registry imports it to read a recipe.
 """
@@ -21,43 +22,21 @@ from distill.core.families import Family
 class LMFamily(Family):
     task = "lm"
     teacher_tasks = ("oracle", "arithmetic")
-
-    def recipe_class(self):
-        from distill.lm.recipe import LMRecipe
-
-        return LMRecipe
+    teacher_options = ("steps", "batch_size", "lr", "train_size", "seed", "threads", "overwrite", "resume")
+    entry_points = {"recipe": "distill.lm.recipe:LMRecipe",
+                    "prepare": "distill.lm.run:prepare",
+                    "saved_models": "distill.lm.run:saved_models",
+                    "eval_recipe": "distill.lm.evaluation:lone_model_recipe",
+                    "evaluate": "distill.lm.evaluation:evaluate_saved",
+                    "train_teacher": "distill.lm.train_teacher:train_teacher"}
 
     def recognizes(self, path: Path) -> bool:
-        config = path / "config.json"
+        """A transformers causal LM: config.json naming a *ForCausalLM architecture."""
+        config = Path(path) / "config.json"
         if not config.is_file():
             return False
         architectures = json.loads(config.read_text()).get("architectures") or []
         return any(name.endswith("ForCausalLM") for name in architectures)
-
-    def prepare(self, recipe, run_dir):
-        from distill.lm.run import prepare
-
-        return prepare(recipe, run_dir)
-
-    def saved_models(self, run_dir: Path) -> dict[str, Path]:
-        from distill.lm.run import ROW_DIRS
-
-        return {row: run_dir / name for row, name in ROW_DIRS.items() if (run_dir / name / "config.json").is_file()}
-
-    def eval_recipe(self, model: Path, data: str | None) -> dict:
-        from distill.lm.evaluation import lone_model_recipe
-
-        return lone_model_recipe(model, data)
-
-    def evaluate(self, recipe, models: dict[str, Path]):
-        from distill.lm.evaluation import evaluate_saved
-
-        return evaluate_saved(recipe, models)
-
-    def train_teacher(self, task: str, out: str, **options) -> dict:
-        from distill.lm.train_teacher import train_teacher
-
-        return train_teacher(task, out, **options)
 
 
 FAMILY = LMFamily()

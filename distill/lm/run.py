@@ -36,6 +36,11 @@ from distill.lm.trainer import LMTrainer
 ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
 
 
+def saved_models(run_dir) -> dict:
+    """Row -> directory of the models a run saved (`distill eval RUN`)."""
+    return {row: run_dir / name for row, name in ROW_DIRS.items() if (run_dir / name / "config.json").is_file()}
+
+
 class LMSetup:
     """What both a run and `distill eval` need: tokenizer, data, scorer, and the teacher (live, or its
     cache), with the evaluation of any model on the eval data."""
