@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from distill.core.errors import DistillError
 from distill.core.metrics import count_parameters
-from distill.lm.models import (ASSETS, build_student, check_same_vocabulary, copy_teacher_layers,
+from distill.core.assets import ASSETS
+from distill.lm.models import (build_student, check_same_vocabulary, copy_teacher_layers,
                             load_causal_lm, load_tokenizer, resolve_model_path, tiny_llama_config)
 from distill.lm.tasks.arithmetic import ArithmeticTask
 from distill.lm.tasks.oracle import OracleTask

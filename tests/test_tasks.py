@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.lm.data import tokenize
 from distill.lm.evaluate import greedy_exact_match, token_metrics
-from distill.lm.models import ASSETS
+from distill.core.assets import ASSETS
 from distill.lm.tasks.arithmetic import ArithmeticTask, format_problem
 from distill.lm.tasks.oracle import HiddenMarkovOracle, OracleTask
 

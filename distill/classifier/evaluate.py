@@ -2,14 +2,12 @@
 teacher (top-1 and KL), parameters, and measured inference throughput."""
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill.core.hooks import forward
-from distill.core.metrics import count_parameters
+from distill.core.metrics import count_parameters, median_seconds, teacher_agreement_sums
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -44,19 +42,15 @@ def predict_logits(model: nn.Module, inputs, batch_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def examples_per_second(model: nn.Module, inputs, batch_size: int, repeats: int = 3) -> float:
-    """Measured inference throughput on one batch (median of `repeats` after a warm-up)."""
+    """Measured inference throughput on one batch (core.metrics.median_seconds: median of `repeats` after a
+    warm-up)."""
     batch = _slice(inputs, 0, batch_size)
     size = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
     was_training = model.training
     model.eval()
-    forward(model, batch)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        forward(model, batch)
-        times.append(time.perf_counter() - started)
+    seconds = median_seconds(lambda: forward(model, batch), repeats=repeats)
     model.train(was_training)
-    return size / sorted(times)[len(times) // 2]
+    return size / seconds
 
 
 def evaluate_classifier(model: nn.Module, inputs, labels: torch.Tensor, *, batch_size: int, bins: int = 15,
@@ -73,9 +67,8 @@ def evaluate_classifier(model: nn.Module, inputs, labels: torch.Tensor, *, batch
         members = labels == label
         metrics[f"accuracy_class_{label}"] = (logits[members].argmax(-1) == label).float().mean().item()
     if teacher_logits is not None:
-        teacher_logprobs = teacher_logits.log_softmax(-1)
-        metrics["teacher_top1_agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
-        metrics["teacher_kl"] = (teacher_logprobs.exp() * (teacher_logprobs - logits.log_softmax(-1))).sum(-1).mean().item()
+        agreement, kl = teacher_agreement_sums(logits.log_softmax(-1), teacher_logits.log_softmax(-1))
+        metrics["teacher_top1_agreement"], metrics["teacher_kl"] = agreement / len(labels), kl / len(labels)
     if final:
         metrics["parameters"] = count_parameters(model)
         metrics["examples_per_second"] = examples_per_second(model, inputs, batch_size)

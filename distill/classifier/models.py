@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill.core.assets import builtin_model
 from distill.core.errors import DistillError
 from distill.core.io import staged_directory
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CONFIG_FILE = "classifier.json"
 
 
@@ -101,14 +101,9 @@ def save_classifier(model: nn.Module, directory: str | Path, *, arch: str, input
 
 def resolve_classifier_path(path: str, field: str) -> Path:
     """`builtin:mnist5k-teacher` -> the shipped checkpoint; otherwise a directory with classifier.json."""
-    if path.startswith("builtin:"):
-        name = path.removeprefix("builtin:")
-        local = ASSETS / name
-        if not (local / CONFIG_FILE).is_file():
-            raise DistillError(f"built-in classifier `{name}` is not in this installation ({local})", field=field,
-                               fix=f"build it with `distill train-teacher builtin:{name.removesuffix('-teacher')} "
-                                   f"--out {local}`")
-        return local
+    shipped = builtin_model(path, CONFIG_FILE, field)
+    if shipped is not None:
+        return shipped
     local = Path(path).expanduser()
     if not (local / CONFIG_FILE).is_file():
         raise DistillError(f"no saved classifier at `{path}` (expected {CONFIG_FILE} and model.safetensors)",

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill.core.assets import builtin_model
 from distill.core.errors import DistillError
+from distill.core.io import staged_directory
 from distill.losses.diffusion import edm_preconditioning
 
 CONFIG_FILE = "denoiser.json"
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 class NoiseEmbedding(nn.Module):
@@ -128,26 +128,21 @@ def build_denoiser(arch: str, data_shape, sigma_data: float, options: dict | Non
 
 
 def save_denoiser(model: nn.Module, directory: str | Path, extra: dict | None = None) -> None:
-    """model.safetensors + denoiser.json (staged, then renamed)."""
-    directory = Path(directory)
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
-    (staging / CONFIG_FILE).write_text(json.dumps({**model.distill_describe, **(extra or {})}, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
+    """model.safetensors + denoiser.json, written atomically (core.io.staged_directory)."""
+    with staged_directory(directory) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(staging / "model.safetensors"))
+        (staging / CONFIG_FILE).write_text(json.dumps({**model.distill_describe, **(extra or {})}, indent=1))
 
 
 def load_denoiser(path: str, field: str) -> tuple[nn.Module, dict]:
     """(denoiser in eval mode, its denoiser.json) from a directory or `builtin:<task>-teacher`."""
-    directory = ASSETS / path.removeprefix("builtin:") if path.startswith("builtin:") else Path(path).expanduser()
+    name = path.removeprefix("builtin:")
+    directory = builtin_model(path, CONFIG_FILE, field, train_command="builtin:digits --family diffusion"
+                              if name == "digits-denoiser" else None) or Path(path).expanduser()
     if not (directory / CONFIG_FILE).is_file():
-        name = path.removeprefix("builtin:")
-        command = "builtin:digits --diffusion" if name == "digits-denoiser" else f"builtin:{name.removesuffix('-teacher')}"
-        fix = (f"build it with `distill train-teacher {command} --out {directory}`" if path.startswith("builtin:")
-               else "point at a directory written by distill (denoiser.json)")
-        raise DistillError(f"no saved denoiser at `{path}`", field=field, fix=fix)
+        raise DistillError(f"no saved denoiser at `{path}`", field=field,
+                           fix="point at a directory written by distill (denoiser.json)")
     config = json.loads((directory / CONFIG_FILE).read_text())
     model = build_denoiser(config["arch"], config["data_shape"], config["sigma_data"], config["options"], field=field)
     model.load_state_dict(load_file(str(directory / "model.safetensors")))

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from distill.core.assets import builtin_model
 from distill.core.errors import DistillError
 from distill.core.io import staged_directory
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,14 +44,9 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers:
 
 def resolve_model_path(path: str, field: str) -> str:
     """`builtin:oracle-teacher` -> the shipped checkpoint; a local path must exist; else a hub id."""
-    if path.startswith("builtin:"):
-        name = path.removeprefix("builtin:")
-        local = ASSETS / name
-        if not (local / "config.json").is_file():
-            task = name.removesuffix("-teacher")
-            raise DistillError(f"built-in model `{name}` is not in this installation ({local})", field=field,
-                               fix=f"build it with `distill train-teacher builtin:{task} --out {local}`")
-        return str(local)
+    shipped = builtin_model(path, "config.json", field)
+    if shipped is not None:
+        return str(shipped)
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
