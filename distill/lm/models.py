@@ -49,6 +49,13 @@ def resolve_model_path(path: str, field: str) -> str:
         return str(shipped)
     local = Path(path).expanduser()
     if local.exists():
+        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+            base = _adapter_base(local / "adapter_config.json")
+            raise DistillError(f"`{path}` is a LoRA/PEFT adapter, not a model: it needs its base model"
+                               + (f" (`{base}`)" if base else ""), field=field,
+                               fix="give the base model's directory as the path (and train new adapters with "
+                                   "student.lora), or merge the adapter into its base first (peft's "
+                                   "merge_and_unload, then save_pretrained) and give that directory")
         if not (local / "config.json").is_file():
             raise DistillError(f"`{path}` has no config.json, so it is not a saved transformers model",
                                field=field, fix="point at a directory written by save_pretrained")
@@ -59,28 +66,63 @@ def resolve_model_path(path: str, field: str) -> str:
     return path  # a hub id: transformers fetches or finds it in the local cache
 
 
-def _from_pretrained(loader, what: str, path: str, field: str, **options):
-    """`loader.from_pretrained` with load failures turned into a DistillError naming `field`."""
-    location = resolve_model_path(path, field)
+def _adapter_base(adapter_config: Path) -> str | None:
+    import json
+
     try:
-        return loader.from_pretrained(location, **options)
+        return json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _from_pretrained(loader, what: str, path: str, field: str, trust_remote_code: bool = False, **options):
+    """`loader.from_pretrained` with load failures turned into a DistillError naming `field`; a model that
+    needs its repository's own code is refused unless `<role>.trust_remote_code` allows it."""
+    location = resolve_model_path(path, field)
+    trust_field = f"{field.split('.')[0]}.trust_remote_code"
+    try:
+        return loader.from_pretrained(location, trust_remote_code=trust_remote_code, **options)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise DistillError(f"`{path}` needs its repository's own Python code to load (custom model code, "
+                               "`auto_map` in its config)", field=trust_field,
+                               fix=f"set {trust_field}: true if you trust that code, or use a model transformers "
+                                   "ships") from None
         raise DistillError(f"could not load {what} from `{path}`: {str(error).splitlines()[0]}", field=field,
                            fix="give a directory written by save_pretrained, or a hub id that is in the local "
                                "cache (this machine may be offline)") from None
 
 
-def load_tokenizer(path: str, field: str):
-    """The tokenizer at a local directory, hub id or `builtin:` name."""
-    return _from_pretrained(AutoTokenizer, "a tokenizer", path, field)
+def load_tokenizer(path: str, field: str, trust_remote_code: bool = False):
+    """The tokenizer at a local directory, hub id or `builtin:` name. One without a pad token (Llama-style)
+    pads with its end-of-sequence token: padding is masked out of attention and loss, so any real token
+    serves, and no embedding row is added."""
+    tokenizer = _from_pretrained(AutoTokenizer, "a tokenizer", path, field, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            raise DistillError(f"the tokenizer at `{path}` has no pad, end-of-sequence, unknown or BOS token to "
+                               "pad batches with", field=field,
+                               fix="set a pad token (tokenizer.pad_token = ...; save_pretrained) and point here")
+        tokenizer.pad_token = fallback
+    return tokenizer
 
 
-def load_causal_lm(path: str, field: str, dtype: torch.dtype = torch.float32):
+def load_config(path: str, field: str, trust_remote_code: bool = False):
+    """The model config at a local directory, hub id or `builtin:` name."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, "a model config", path, field, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(path: str, field: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """The causal LM at a local directory, hub id or `builtin:` name, in `dtype`."""
-    return _from_pretrained(AutoModelForCausalLM, "a causal LM", path, field, dtype=dtype)
+    return _from_pretrained(AutoModelForCausalLM, "a causal LM", path, field, trust_remote_code=trust_remote_code,
+                            dtype=dtype)
 
 
-def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] | None, seed: int):
+def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] | None, seed: int,
+                  dtype: torch.dtype = torch.float32):
     """A student with the teacher's config plus `overrides`, randomly initialised (seeded), and
     optionally with chosen teacher layers, embeddings, final norm and head copied in."""
     config = copy.deepcopy(teacher.config)
@@ -108,7 +150,9 @@ def build_student(teacher, overrides: dict, init_from_teacher_layers: list[int] 
                                "into an even head_dim, heads divisible by num_key_value_heads)") from None
     if init_from_teacher_layers is not None:
         copy_teacher_layers(teacher, student, init_from_teacher_layers)
-    return student
+    if getattr(teacher, "generation_config", None) is not None:  # eos ids, sampling defaults travel along
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.to(dtype)
 
 
 def _keep_derived_sizes_consistent(teacher_config, config, overrides: dict) -> None:
@@ -183,9 +227,69 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student
 
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
+# ---- LoRA students (peft) --------------------------------------------------------------------------
+
+ADAPTER_DIR = "adapter"  # inside a saved student: the LoRA adapter its merged weights came from
+
+
+def is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def transformers_model(model):
+    """The transformers model inside a peft model (its LoRA layers are injected in place, so it computes
+    the adapted function), or the model itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """transformers' own activation (gradient) checkpointing of each decoder layer, non-reentrant (works
+    with frozen inputs, LoRA, DDP and FSDP); the name changed in transformers 5.x."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the model's linear layers, the output head excluded: LoRA's targets."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head and name})
+
+
+def apply_lora(model, spec, seed: int):
+    """`model` wrapped by peft with LoRA adapters of `spec` (r, alpha, dropout, target_modules); only the
+    adapters train. Adapter init is seeded (B starts at zero, so the adapted model equals the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules
+    if targets != "all-linear":
+        names = linear_module_names(model)
+        missing = [name for name in targets if name not in names]
+        if missing:
+            raise DistillError(f"the student has no linear layer named {', '.join(missing)}", field=(
+                "student.lora.target_modules"), fix=f"use names of its linear layers: {', '.join(names)} "
+                                                    "(or all-linear)")
+    torch.manual_seed(seed)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, directory: Path):
     """`save_pretrained` of the model and its tokenizer into `directory`, atomically (staged, fsynced,
-    renamed): a crash never leaves a half-written model under the final name."""
+    renamed): a crash never leaves a half-written model under the final name. A LoRA student saves its
+    adapter under `adapter/` and the merged model beside it (what AutoModelForCausalLM loads); the merged
+    model is returned (for a plain model, the model itself)."""
     with staged_directory(directory) as staging:
+        if is_peft(model):
+            model.save_pretrained(staging / ADAPTER_DIR)
+            model = model.merge_and_unload()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+    return model

@@ -18,6 +18,20 @@ class TeacherSpec(StrictModel):
     path: str = Field(description="Local directory, hub id, or `builtin:<task>-teacher`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="The teacher's own dtype; losses always compute in float32.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (models "
+                                                       "transformers does not ship); only for code you trust.")
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters (peft) on the student: only the adapters train; the run saves the adapter and the
+    merged student."""
+
+    r: int = Field(16, gt=0, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear "
+                                  "layer but the output head).")
 
 
 class StudentSpec(StrictModel):
@@ -29,6 +43,12 @@ class StudentSpec(StrictModel):
     init_from_teacher_layers: list[int] | None = Field(
         None, description="Copy these teacher layers (and embeddings/head) into the student; "
                           "needs the same hidden size. Default: random init.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="The student's weights (and optimizer state): bfloat16 is pure-bf16 training, "
+                               "half the memory of weights, gradients and Adam moments, but updates below bf16's "
+                               "resolution are lost; train.precision: bf16 keeps float32 master weights instead.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters on the student instead of all its weights.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (student.path).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentSpec":
@@ -215,6 +235,13 @@ class TrainSpec(StrictModel):
                                                "for all tokens at once (falls back to plain logits where a "
                                                "model or loss does not allow it).")
     loss_memory_mb: float = Field(512, gt=0, description="Memory budget (MiB) of one chunk of the fused loss.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="The student's forward/backward: fp32, or autocast to bf16 / fp16 with float32 master "
+                            "weights and optimizer state (fp16 with a gradient scaler). The teacher keeps "
+                            "teacher.dtype; losses compute in float32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
+                                                            "backward pass (transformers' own): less memory, ~30% "
+                                                            "more compute.")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
@@ -247,6 +274,9 @@ class LMRecipe(RunRecipe):
 
     @model_validator(mode="after")
     def _task_available(self) -> "LMRecipe":
+        if self.student.dtype == "bfloat16" and self.train.precision == "fp16":
+            raise ValueError("student.dtype bfloat16 with train.precision fp16 mixes two half precisions: use "
+                             "train.precision bf16 (or fp32) with a bfloat16 student")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")

@@ -16,7 +16,8 @@ uninterrupted one did, with no RNG state to save.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -45,7 +46,9 @@ class Sampling:
 class StudentView:
     """What a regime may use of the trainer: the student's forward (with gradients, through the
     distributed engine), its sampler, and the run's sizes and seed. `head` is set on the fused path, where
-    the engine returns final hidden states and the objective applies the head chunk by chunk."""
+    the engine returns final hidden states and the objective applies the head chunk by chunk. `autocast`
+    is the student's mixed precision (train.precision); `adapters_off`, for a LoRA student, a context in
+    which `model` is its base model (the adapters disabled)."""
 
     model: torch.nn.Module
     engine: torch.nn.Module
@@ -54,13 +57,22 @@ class StudentView:
     pad_token_id: int
     seed: int
     grad_accum: int
+    autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
+    adapters_off: Callable[[], AbstractContextManager] | None = None
 
     def hidden(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.engine(input_ids=input_ids, attention_mask=attention_mask)
+        with self.autocast():
+            return self.engine(input_ids=input_ids, attention_mask=attention_mask)
 
     def logits(self, input_ids, attention_mask) -> torch.Tensor:
-        output = self.engine(input_ids=input_ids, attention_mask=attention_mask)
-        return self.head(output) if self.head is not None else output.logits
+        with self.autocast():
+            output = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return self.head(output) if self.head is not None else output.logits
+
+    def base_logits(self, input_ids, attention_mask) -> torch.Tensor:
+        """The LoRA student's base model (adapters disabled), without gradients: its initial weights."""
+        with torch.no_grad(), self.adapters_off(), self.autocast():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def sample(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Generation:
         """The current student completes `prompts` (eval mode for the draw; its mode is restored)."""
@@ -167,15 +179,15 @@ class OnPolicy(Distill):
 class OPD(Distill):
     """On-policy distillation as RL (distill/losses/policy.py): batch_size / group_size prompts, each
     completed group_size times by the student; per-token reward scale * (log p_T - log p_ref) - (log p_S -
-    log p_ref) with the reference the initial student (unused at scale 1), plus an optional verifiable
-    sequence reward centred within each group."""
+    log p_ref) with the reference the initial student (unused at scale 1; `"base"`: a LoRA student's base,
+    adapters disabled), plus an optional verifiable sequence reward centred within each group."""
 
     kind = "opd"
     samples = True
     full_logits = True
 
     def __init__(self, objective: TokenObjective, teacher: torch.nn.Module, sampling: Sampling, *, scale: float = 1.0,
-                 reference: torch.nn.Module | None = None,
+                 reference: torch.nn.Module | str | None = None,
                  reward_fn: Callable[[list[str], list[str]], list[float]] | None = None, reward_weight: float = 1.0,
                  group_size: int = 1, decode: Callable[[list[int]], str] | None = None):
         super().__init__(objective, None)
@@ -208,7 +220,11 @@ class OPD(Distill):
         started = time.perf_counter()
         with torch.no_grad():
             teacher = sampled_logprobs(self.teacher_model(**inputs).logits)
-            reference = sampled_logprobs(self.reference(**inputs).logits) if self.reference is not None else None
+            reference = None
+            if self.reference == "base":
+                reference = sampled_logprobs(student.base_logits(**inputs))
+            elif self.reference is not None:
+                reference = sampled_logprobs(self.reference(**inputs).logits)
         seconds = time.perf_counter() - started
         loss, diagnostics = opd_loss(student_logprobs, teacher, mask, reference_logprobs=reference, scale=self.scale,
                                      sequence_advantages=batch.get("sequence_advantage"),
@@ -219,15 +235,17 @@ class OPD(Distill):
 class SelfDistill(OnPolicy):
     """OPSD: the student on (prompt, y) learns from itself on (privileged context, prompt, y), over the
     tokens of y (the student's sample with probability lmbda, else the data's completion). The teacher is
-    `snapshot` (the initial student, frozen) or, when None, the current weights under no_grad."""
+    `snapshot` (the initial student, frozen), a LoRA student's base model with its adapters disabled
+    (`base_teacher`: the initial student too, with no second copy of the weights) or, else, the current
+    weights under no_grad."""
 
     kind = "self"
     full_logits = True
 
     def __init__(self, objective: TokenObjective, sampling: Sampling, teacher_prompts: dict[str, list[int]],
-                 snapshot: torch.nn.Module | None = None):
+                 snapshot: torch.nn.Module | None = None, base_teacher: bool = False):
         super().__init__(objective, None, sampling)
-        self.teacher_prompts, self.snapshot = teacher_prompts, snapshot
+        self.teacher_prompts, self.snapshot, self.base_teacher = teacher_prompts, snapshot, base_teacher
 
     def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
         generation = self.draw(examples, student, sampling_generator(student.seed, step, micro, rank))
@@ -247,10 +265,14 @@ class SelfDistill(OnPolicy):
         mask = labels != IGNORE_INDEX
         logits = student.logits(batch["input_ids"], batch["attention_mask"])[:, :-1, :student.vocab_size]
         started = time.perf_counter()
-        with torch.no_grad():
-            teacher = self.snapshot if self.snapshot is not None else student.model
-            teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
-                                     attention_mask=batch["teacher_attention_mask"]).logits[:, :-1, :student.vocab_size]
+        teacher_inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+        if self.base_teacher:
+            teacher_logits = student.base_logits(**teacher_inputs)
+        else:
+            with torch.no_grad(), student.autocast():
+                teacher = self.snapshot if self.snapshot is not None else student.model
+                teacher_logits = teacher(**teacher_inputs).logits
+        teacher_logits = teacher_logits[:, :-1, :student.vocab_size]
         seconds = time.perf_counter() - started
         teacher_mask = batch["teacher_labels"][:, 1:] != IGNORE_INDEX
         # Both sides hold the same completion tokens in the same order: align by position in y.

@@ -13,15 +13,13 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoConfig
-
 from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
 from distill.lm.data import load_data
 from distill.lm.evaluate import evaluate_model
-from distill.lm.models import (DTYPES, build_student, check_same_vocabulary, load_causal_lm, load_tokenizer,
-                               make_accelerator, quiet_transformers, resolve_model_path, save_model)
+from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
+                               load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model)
 from distill.lm.objective import TokenObjective
 from distill.lm.recipe import LMRecipe
 from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
@@ -49,7 +47,7 @@ class LMSetup:
         self.recipe = recipe
         self.accelerator = accelerator or make_accelerator()
         self.task = get_task(recipe.data.builtin) if recipe.data.builtin else None
-        self.tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
+        self.tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path", recipe.teacher.trust_remote_code)
         self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
             recipe.data, self.tokenizer, self.task)
         # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
@@ -59,7 +57,8 @@ class LMSetup:
             self.cache, self.train_spans = open_cache(recipe, self.tokenizer, self.train_examples)
             self.eval_cache = (self.cache, self.cache.rows_for("eval", self.eval_examples, field="data.eval"))
         elif need_teacher:
-            self.teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
+            self.teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
+                                          recipe.teacher.trust_remote_code).eval()
             self.teacher.requires_grad_(False)
         self.vocab_size = len(self.tokenizer)
 
@@ -188,7 +187,7 @@ def weights_sha256(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -199,7 +198,8 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
         torch.set_num_threads(recipe.train.threads)
     # Tokenizers and data before any model loads: the cheap checks fail first.
     setup = LMSetup(recipe)
-    student_tokenizer = load_tokenizer(recipe.student.path, "student.path") if recipe.student.path else setup.tokenizer
+    student_tokenizer = (load_tokenizer(recipe.student.path, "student.path", recipe.student.trust_remote_code)
+                         if recipe.student.path else setup.tokenizer)
     if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab():
         check_same_vocabulary(setup.tokenizer, student_tokenizer, None, None)
     job = LMJob(recipe, setup)
@@ -231,18 +231,22 @@ class LMJob(Job):
         self.started = time.perf_counter()
 
     def new_student(self):
-        """A fresh student: loaded from `student.path`, or built from the teacher's config (seeded)."""
-        recipe, teacher = self.recipe, self.setup.teacher
-        if recipe.student.path:
+        """A fresh student: loaded from `student.path`, or built from the teacher's config (seeded); with
+        `student.lora`, wrapped with fresh adapters (seeded)."""
+        recipe, teacher, spec = self.recipe, self.setup.teacher, self.recipe.student
+        dtype = DTYPES[spec.dtype]
+        if spec.path:
             torch.manual_seed(recipe.train.seed)
-            return load_causal_lm(recipe.student.path, "student.path")
-        source = teacher
-        if source is None:  # from a cache: the teacher's config builds the student; its layers only if copied
-            layers = recipe.student.init_from_teacher_layers
-            source = (load_causal_lm(recipe.teacher.path, "teacher.path") if layers is not None
-                      else SimpleNamespace(config=AutoConfig.from_pretrained(resolve_model_path(
-                          recipe.teacher.path, "teacher.path"))))
-        return build_student(source, recipe.student.config, recipe.student.init_from_teacher_layers, recipe.train.seed)
+            student = load_causal_lm(spec.path, "student.path", dtype, spec.trust_remote_code)
+        else:
+            source, trust = teacher, recipe.teacher.trust_remote_code
+            if source is None:  # from a cache: the teacher's config builds the student; its layers only if copied
+                layers = spec.init_from_teacher_layers
+                source = (load_causal_lm(recipe.teacher.path, "teacher.path", trust_remote_code=trust)
+                          if layers is not None
+                          else SimpleNamespace(config=load_config(recipe.teacher.path, "teacher.path", trust)))
+            student = build_student(source, spec.config, spec.init_from_teacher_layers, recipe.train.seed, dtype)
+        return apply_lora(student, spec.lora, recipe.train.seed) if spec.lora is not None else student
 
     def objective(self, spec=None) -> TokenObjective:
         return TokenObjective(spec, vocab_size=self.setup.vocab_size,
@@ -258,14 +262,18 @@ class LMJob(Job):
         if kind == "on_policy":
             return OnPolicy(objective, teacher, self.sampling), examples
         if kind == "self":
-            snapshot = None
-            if regime.teacher_weights == "snapshot":  # the initial student, frozen
+            snapshot, lora = None, recipe.student.lora is not None
+            if regime.teacher_weights == "snapshot" and not lora:  # the initial student, frozen
                 snapshot = copy.deepcopy(self.student).eval().requires_grad_(False).to(device)
-            return SelfDistill(objective, self.sampling, self.teacher_prompts, snapshot), examples
+            # With LoRA the initial student is the base model with its adapters disabled: no second copy.
+            return SelfDistill(objective, self.sampling, self.teacher_prompts, snapshot,
+                               base_teacher=lora and regime.teacher_weights == "snapshot"), examples
         if kind == "opd":
             reference = None
-            if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out)
-                reference = copy.deepcopy(self.student).eval().requires_grad_(False).to(device)
+            if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out); with LoRA, the
+                # base model with adapters disabled
+                reference = ("base" if recipe.student.lora is not None
+                             else copy.deepcopy(self.student).eval().requires_grad_(False).to(device))
             tokenizer = setup.tokenizer
             return OPD(objective, setup.teacher, self.sampling, scale=regime.scale, reference=reference,
                        reward_fn=self.reward_fn, reward_weight=regime.reward_weight, group_size=regime.group_size,
@@ -302,8 +310,8 @@ class LMJob(Job):
                 trainer.fit(resume=run_dir.resume)
                 model = trainer.model
                 weight_hashes[row] = gather_object([weights_sha256(model)])
-                if self.is_main:
-                    save_model(model, setup.tokenizer, model_dir)
+                if self.is_main:  # a LoRA student: its adapter, and the merged model from here on
+                    model = save_model(model, setup.tokenizer, model_dir)
                 accelerator.wait_for_everyone()
             if self.is_main:
                 rows[row] = setup.evaluate(model.to(accelerator.device).eval(), final=True)

@@ -20,6 +20,7 @@ from distill.core.checkpoint import find_checkpoint, load_checkpoint, save_check
 from distill.core.errors import DistillError
 from distill.core.rundir import RunDirectory
 from distill.lm.data import IGNORE_INDEX, BatchOrder, Example
+from distill.lm.models import is_peft, set_activation_checkpointing, transformers_model
 from distill.lm.recipe import TrainSpec
 from distill.lm.regimes import StepTiming, StudentView
 from distill.lm.teacher.live import fused_head
@@ -33,9 +34,51 @@ class FinalHiddenStates(torch.nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, use_cache: bool = False):
         base = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).last_hidden_state
+
+
+class TrainableWeights:
+    """The trainable parameters of a model (a LoRA student's adapters) as a checkpointable state: what a
+    checkpoint must hold to resume, without the frozen base weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            raise DistillError("the checkpoint's trainable weights are not this student's", field="--resume",
+                               fix="resume with the recipe the run started with, or run again with --overwrite")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                mine[name].copy_(tensor)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a mixed precision this device cannot run, before training starts."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return
+    supported = True
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                supported = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == dtype
+        except (RuntimeError, ValueError):
+            supported = False
+    if not supported:
+        raise DistillError(f"train.precision {precision} is not supported on this {device.type} device",
+                           field="train.precision", fix="use fp32 (or bf16 / fp16, whichever the device has)")
 
 
 def make_scheduler(optimizer, spec: TrainSpec):
@@ -60,18 +103,32 @@ class LMTrainer:
                  run_dir: RunDirectory):
         self.accelerator, self.regime, self.phase, self.spec = accelerator, regime, phase, spec
         self.examples, self.eval_every, self.evaluate, self.run_dir = examples, eval_every, evaluate, run_dir
-        optimizer = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        check_precision(spec.precision, accelerator.device)
+        # `model` is what was given (a peft model for a LoRA student: it saves the adapter), `causal_lm` the
+        # transformers model inside (LoRA layers injected: it computes the adapted function).
+        self.model, causal_lm = student, transformers_model(student)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        self.lora = len(trainable) < len(list(student.parameters()))
+        optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
+        self.scaler = torch.amp.GradScaler(accelerator.device.type) if spec.precision == "fp16" else None
+        if spec.gradient_checkpointing:
+            set_activation_checkpointing(causal_lm, True)
         # The fused path runs the model up to its final hidden states and applies the head chunk by chunk
         # in the loss; a regime or objective that needs a micro-batch's full logits takes the plain path.
-        # `engine` is what accelerate wraps (DDP), `model` the HF model (sampling, eval, checkpoints).
+        # `engine` is what accelerate wraps (DDP).
         fusable = spec.fused_loss and not regime.full_logits and regime.objective.fusable
-        head = fused_head(student) if fusable else None
-        self.model = student
-        self.engine, self.optimizer = accelerator.prepare(FinalHiddenStates(student) if head else student, optimizer)
-        self.student = StudentView(model=student, engine=self.engine, head=head[1] if head else None,
-                                   vocab_size=vocab_size, pad_token_id=pad_token_id, seed=spec.seed,
-                                   grad_accum=spec.grad_accum)
+        head = fused_head(causal_lm) if fusable else None
+        self.engine, self.optimizer = accelerator.prepare(FinalHiddenStates(causal_lm) if head else causal_lm,
+                                                          optimizer)
+        dtype, device_type = AUTOCAST_DTYPES.get(spec.precision), accelerator.device.type
+        self.student = StudentView(
+            model=causal_lm, engine=self.engine, head=head[1] if head else None, vocab_size=vocab_size,
+            pad_token_id=pad_token_id, seed=spec.seed, grad_accum=spec.grad_accum,
+            autocast=(lambda: torch.autocast(device_type=device_type, dtype=dtype)) if dtype else nullcontext,
+            adapters_off=student.disable_adapter if is_peft(student) else None)
+        # A checkpoint holds what trains: all weights, or a LoRA student's adapters only.
+        self.weights = TrainableWeights(student) if self.lora else student
 
     @property
     def checkpoint_dir(self):
@@ -84,9 +141,11 @@ class LMTrainer:
         order = BatchOrder(len(self.examples), spec.seed)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.checkpoint_dir)) is not None:
-            state = load_checkpoint(found, modules={"model": self.model}, optimizers={"optimizer": self.optimizer},
+            state = load_checkpoint(found, modules={"model": self.weights}, optimizers={"optimizer": self.optimizer},
                                     schedulers={"scheduler": self.scheduler})
             step, position, last_checkpoint = state["step"], state["position"], state["step"]
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.regime.load_state_dict(state.get("regime", {}))
         self.run_dir.rewind(self.phase, step)
         accelerator.wait_for_everyone()
@@ -113,22 +172,31 @@ class LMTrainer:
                 with nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.engine):
                     result = self.regime.loss(batch, self.student, max(num_valid_tokens, 1))
                     # DDP averages gradients over processes; the loss is already a global mean.
-                    accelerator.backward(result.loss * world)
+                    scaled = result.loss * world
+                    accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
                 teacher_seconds += result.teacher_seconds
                 for key, value in result.parts.items():
                     totals[key] += value
             totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum"))
                       for k, v in totals.items()}
             self.regime.objective.end_step(totals["kd"], progress=(step + 1) / spec.steps)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             grad_norm = self._clip()
-            if not math.isfinite(totals["loss"]) or not math.isfinite(grad_norm):
+            # fp16: an overflow in the gradients makes the scaler skip the step and lower its scale
+            overflow = self.scaler is not None and not math.isfinite(grad_norm)
+            if not math.isfinite(totals["loss"]) or not (math.isfinite(grad_norm) or overflow):
                 where = (f"the last good checkpoint is step {last_checkpoint} in {self.checkpoint_dir}"
                          if last_checkpoint is not None else "no checkpoint was written yet")
                 raise DistillError(f"{self.phase}: the loss became non-finite at step {step + 1} "
                                    f"(loss={totals['loss']}, grad norm={grad_norm}); training stopped and {where}",
                                    field="train.lr", fix="lower train.lr or raise objective.temperature, then run "
                                                          "again (with --resume to continue from the checkpoint)")
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -150,6 +218,8 @@ class LMTrainer:
                 last_checkpoint = step
                 simulate_crash_after(step)
         progress.close()
+        if self.spec.gradient_checkpointing:
+            set_activation_checkpointing(transformers_model(self.model), False)
 
     def _clip(self) -> float:
         if self.spec.max_grad_norm is not None:
@@ -168,8 +238,10 @@ class LMTrainer:
 
     def _checkpoint(self, step: int, position: int) -> None:
         if self.accelerator.is_main_process:
-            save_checkpoint(self.checkpoint_dir, modules={"model": self.model}, optimizers={"optimizer": self.optimizer},
-                            schedulers={"scheduler": self.scheduler},
-                            state={"step": step, "position": position, "phase": self.phase,
-                                   "regime": self.regime.state_dict()})
+            state = {"step": step, "position": position, "phase": self.phase, "regime": self.regime.state_dict()}
+            if self.scaler is not None:
+                state["grad_scaler"] = self.scaler.state_dict()
+            save_checkpoint(self.checkpoint_dir, modules={"model": self.weights},
+                            optimizers={"optimizer": self.optimizer}, schedulers={"scheduler": self.scheduler},
+                            state=state)
         self.accelerator.wait_for_everyone()

@@ -71,7 +71,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
 
     task = get_task(recipe.data.builtin) if recipe.data.builtin else None
     teacher_dir = resolve_model_path(recipe.teacher.path, "teacher.path")
-    tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path")
+    tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path", recipe.teacher.trust_remote_code)
     train_records, eval_records, train_examples, eval_examples = load_data(recipe.data, tokenizer, task)
     examples = {"train": train_examples, "eval": eval_examples}
     for split, rows in examples.items():
@@ -111,7 +111,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     my_record = {"identity": identity, "shards": {str(i): s for i, s in finished.items() if i % world == rank}}
     accelerator.wait_for_everyone()  # every process has read the progress files before any is rewritten
 
-    teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype]).eval()
+    teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
+                             recipe.teacher.trust_remote_code).eval()
     teacher.to(accelerator.device)
     pad = tokenizer.pad_token_id or 0
     batch_size = recipe.eval.batch_size

@@ -1,0 +1,223 @@
+"""FSDP2 sharding of causal LMs (teacher and student), on CPU/gloo and on GPUs/NCCL alike.
+
+`shard_causal_lm` applies `fully_shard` (FSDP2: every parameter becomes a DTensor holding 1/world of its
+rows on each process) to each decoder layer, then to the causal LM itself, the root, whose group holds
+what is left: the embeddings, the final norm and the head (tied or not: a tied head is the embedding
+parameter, one FSDP parameter). The process group is the default one that `accelerate launch` / torchrun
+initialised; accelerate's own FSDP plugin is not used (under `Accelerator(cpu=True)` it does not shard).
+
+The fused loss and the sharded head. The fused path (distill/losses/fused.py) runs the model up to its
+final hidden states and applies `head.weight` chunk by chunk outside any module's forward. Under FSDP:
+- the hidden-state forward must run through the root's FSDP hooks (they all-gather the root group), so it
+  is a registered FSDP forward method of the root (`final_hidden_states` below), not a direct call of the
+  base model, whose embeddings would still be sharded;
+- the root is sharded with reshard_after_forward=False (FSDP2's own default for the root), so after that
+  forward `head.weight` *is* the unsharded (full) parameter, until the backward has run (student) or
+  `reshard` is called (teacher, which has no backward). The loss reads it as on one process; its
+  gradient lands on the unsharded parameter and FSDP's end-of-backward callback reduce-scatters it into
+  the shard's `.grad`, averaged over processes (like DDP), with the embedding's share when tied.
+  This costs one all-gather of the root group per forward, which FSDP does anyway for the embeddings;
+  gathering the head again per token chunk, or a vocabulary-parallel loss, costs more (measured: see
+  the report in tests/test_sharding.py) and the latter would need every divergence rewritten.
+
+Checkpoints: `gather_full_state` / `load_full_state` move a sharded model's or optimizer's state to and
+from a plain full state dict (parameter names as keys, also for the optimizer), so a checkpoint written
+under FSDP is the same safetensors + JSON as one written without it; `FullStateDict` lets
+`distill.core.checkpoint` write and read one. Every process must call the gathering and loading
+functions (they are collectives); only the main process writes.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+except ImportError:  # torch 2.4 / 2.5
+    from torch.distributed._composable.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                                    register_fsdp_forward_method)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+
+HIDDEN_METHOD = "distill_final_hidden_states"
+# Full (unsharded) state dicts, gathered on CPU; with cpu_offload only rank 0 keeps them (others get {}).
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules of the classes it names in `_no_split_modules` (what
+    transformers and accelerate shard or place one by one), else `<base>.layers` / `<base>.h`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if layers:
+        return layers
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    found = getattr(base, "layers", None) or getattr(base, "h", None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    return list(found)
+
+
+def _base_hidden_states(model, input_ids, attention_mask):
+    base = getattr(model, model.base_model_prefix)
+    return base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def shard_causal_lm(model: nn.Module, *, trainable: bool, mixed_precision: torch.dtype | None = None,
+                    mesh=None) -> nn.Module:
+    """Shard `model` in place with FSDP2 over `mesh` (default: every process of the default group) and
+    return it.
+
+    trainable=False (a teacher): eval mode, requires_grad off before sharding, so it has no gradients
+    and no optimizer state; run it under torch.no_grad. trainable=True (the student): build the
+    optimizer from `model.parameters()` *after* this call (they are the sharded DTensors).
+    `mixed_precision` (e.g. torch.bfloat16): parameters are all-gathered and computed in that dtype while
+    the shards (and optimizer state) stay in theirs, and gradients are reduced in float32.
+    Activation checkpointing: `enable_activation_checkpointing(model)`, before or after.
+    Sampling and evaluation: inside `gathered(model)`."""
+    if not trainable:
+        model.eval().requires_grad_(False)
+    policy = MixedPrecisionPolicy()
+    if mixed_precision is not None:
+        policy = MixedPrecisionPolicy(param_dtype=mixed_precision,
+                                      reduce_dtype=torch.float32 if trainable else None)
+    for layer in decoder_layers(model):
+        # Layers are freed right after their forward and gathered again for backward.
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # The root keeps its group (embeddings, norm, head) gathered from forward to backward: the fused loss
+    # reads the full head weight after the forward (see the module docstring).
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    setattr(model, HIDDEN_METHOD, types.MethodType(_base_hidden_states, model))
+    register_fsdp_forward_method(model, HIDDEN_METHOD)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The causal LM's final (normed) hidden states [B, T, H], sharded or not. Sharded, it runs as a
+    forward of the FSDP root, so afterwards the head (`model.get_output_embeddings().weight`) is the full
+    parameter until the backward (or `release`)."""
+    method = getattr(model, HIDDEN_METHOD, None)
+    if method is not None:
+        return method(input_ids, attention_mask)
+    return _base_hidden_states(model, input_ids, attention_mask)
+
+
+def full_head_weight(head: nn.Linear) -> torch.Tensor:
+    """The head's weight for the fused loss: the parameter itself, which must be unsharded (read it after
+    `final_hidden_states` of the same model)."""
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        raise RuntimeError("the head weight is still sharded: read it after `final_hidden_states(model, ...)` "
+                           "of its (sharded) model, before that model's backward")
+    return weight
+
+
+def release(model: nn.Module) -> None:
+    """Free a sharded model's gathered parameters now. The root's group stays gathered after a forward
+    until a backward reshards it; a forward under no_grad (the teacher, eval, sampling) has no backward,
+    so call this after the loss that used the teacher's head, and before anything that reads or writes
+    the shards themselves (state dicts, building an optimizer). A no-op on an unsharded model."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+@contextmanager
+def gathered(model: nn.Module):
+    """Every parameter of a sharded model gathered for the duration of the block, for forwards under
+    no_grad that the processes do not run in step: sampling (one forward per new token, and processes stop
+    at different lengths) and evaluation on the main process only. Entering is a collective (every
+    process enters); inside, forwards do no communication; leaving frees the gathered copies (local).
+    Costs the full model's memory on every process while inside. Unsharded models pass through."""
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:  # the same order on every process
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.set_reshard_after_forward(module is not model, recurse=False)  # as shard_causal_lm set it
+            module.reshard()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing of each decoder layer, the kind that composes with
+    FSDP2 (the recomputation runs inside the layer's FSDP hooks); before or after sharding."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def clip_grad_norm(parameters, max_norm: float | None) -> float:
+    """The total gradient norm over every process's shards (as one process would compute it on the full
+    gradients), clipping to `max_norm` when given. Works for sharded (DTensor) and plain gradients."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:
+        return 0.0
+    if max_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---- full state dicts (saving, resuming) -------------------------------------------------------------
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """The full state dict of a sharded `model` (or, given `optimizer`, of the optimizer: parameter names
+    as keys), on CPU in the main process ({} elsewhere). A collective: every process calls it. For
+    `save_pretrained(directory, state_dict=...)` on the main process, or a checkpoint."""
+    release(model)  # after a no_grad forward the root's gathered parameters stand in for its shards
+    if optimizer is None:
+        return get_model_state_dict(model, options=GATHER)
+    return get_optimizer_state_dict(model, optimizer, options=GATHER)
+
+
+def load_full_state(model: nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None, *,
+                    from_main: bool = False) -> None:
+    """Load a full state dict (what `gather_full_state` made) into the sharded `model` (or its `optimizer`):
+    each process keeps its own rows. A collective. With from_main=True only the main process needs to
+    pass the state (the others pass {}) and it is broadcast; otherwise every process passes it."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_main)
+    release(model)  # write into the shards, not into a gathered copy that the next forward would reuse
+    if optimizer is None:
+        set_model_state_dict(model, state, options=options)
+    else:
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+class FullStateDict:
+    """A sharded model, or its optimizer, as `distill.core.checkpoint` sees it: `state_dict()` returns the
+    state gathered by the last `gather()` (call `gather()` on every process, then save on the main one),
+    and `load_state_dict(state)` loads a full state on every process (each process reads the checkpoint)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.optimizer, self.gathered = model, optimizer, None
+
+    def gather(self) -> "FullStateDict":
+        self.gathered = gather_full_state(self.model, self.optimizer)
+        return self
+
+    def state_dict(self) -> dict:
+        if self.gathered is None:
+            raise RuntimeError("call gather() on every process before state_dict()")
+        return self.gathered
+
+    def load_state_dict(self, state: dict) -> None:
+        load_full_state(self.model, state, self.optimizer)
