@@ -65,7 +65,7 @@ def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int
         attention_mask = torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None]
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
         for record, row in zip(chunk, generated[:, width:].tolist()):
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()
             correct += answer == str(record["completion"]).strip()
@@ -77,7 +77,9 @@ def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, 
     """Greedy decoding speed of one sequence with the KV cache: median of `repeats` after a warm-up."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    # synced_gpus=False: the main process evaluates alone (a sharded model inside `gathered`, see
+    # distill/lm/sharding.py), which transformers would otherwise keep in step with the others
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, synced_gpus=False,
                    pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     seconds = median_seconds(lambda: model.generate(input_ids=input_ids, **options), repeats=repeats,
                              warmup=lambda: model.generate(input_ids=input_ids, **{**options, "max_new_tokens": 4,

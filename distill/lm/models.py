@@ -281,15 +281,16 @@ def apply_lora(model, spec, seed: int):
     return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, directory: Path):
+def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None):
     """`save_pretrained` of the model and its tokenizer into `directory`, atomically (staged, fsynced,
     renamed): a crash never leaves a half-written model under the final name. A LoRA student saves its
     adapter under `adapter/` and the merged model beside it (what AutoModelForCausalLM loads); the merged
-    model is returned (for a plain model, the model itself)."""
+    model is returned (for a plain model, the model itself). `state_dict`: the full weights of a sharded
+    model (distill/lm/sharding.py gather_full_state)."""
     with staged_directory(directory) as staging:
         if is_peft(model):
             model.save_pretrained(staging / ADAPTER_DIR)
             model = model.merge_and_unload()
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
     return model

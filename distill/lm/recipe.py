@@ -239,6 +239,10 @@ class TrainSpec(StrictModel):
         "fp32", description="The student's forward/backward: fp32, or autocast to bf16 / fp16 with float32 master "
                             "weights and optimizer state (fp16 with a gradient scaler). The teacher keeps "
                             "teacher.dtype; losses compute in float32.")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp (each holds the full teacher and student) or fsdp "
+                           "(PyTorch FSDP2: each holds 1/N of every teacher and student parameter, gradient "
+                           "and optimizer state; decoder layers sharded one by one). One process: unsharded.")
     gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
                                                             "backward pass (transformers' own): less memory, ~30% "
                                                             "more compute.")
@@ -274,6 +278,12 @@ class LMRecipe(RunRecipe):
 
     @model_validator(mode="after")
     def _task_available(self) -> "LMRecipe":
+        if self.train.sharding == "fsdp" and self.train.precision == "fp16":
+            raise FieldValueError("train.precision", "fp16 with train.sharding fsdp is not supported (the gradient "
+                                  "scaler's skip decision is per process, so processes could diverge): use bf16")
+        if self.train.sharding == "fsdp" and self.student.lora is not None:
+            raise FieldValueError("train.sharding", "LoRA students are not sharded yet: use train.sharding ddp "
+                                  "with student.lora (the adapters are small; the teacher is what needs sharding)")
         if self.student.dtype == "bfloat16" and self.train.precision == "fp16":
             raise ValueError("student.dtype bfloat16 with train.precision fp16 mixes two half precisions: use "
                              "train.precision bf16 (or fp32) with a bfloat16 student")

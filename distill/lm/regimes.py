@@ -140,6 +140,8 @@ class Distill:
             signal = self.teacher.signal(batch, hidden=student.head is not None)
             seconds = time.perf_counter() - started
         loss, parts = self.objective.loss(student, batch, signal, num_valid_tokens)
+        if signal is not None and hasattr(self.teacher, "release"):
+            self.teacher.release()  # a sharded teacher's gathered head is no longer needed
         return StepLoss(loss, parts, seconds)
 
     def state_dict(self) -> dict:

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import importlib
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -29,7 +30,8 @@ from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identit
                                             tokenizer_sha256)
 from distill.lm.teacher.live import LiveTeacher
 from distill.lm.teacher.sequences import teacher_sequences
-from distill.lm.trainer import LMTrainer
+from distill.lm.sharding import gather_full_state, gathered_all, local_share, on_device, shard_causal_lm
+from distill.lm.trainer import LMTrainer, check_precision
 
 ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
 
@@ -78,7 +80,7 @@ class LMSetup:
     def teacher_row(self) -> dict:
         """The teacher's row; from a cache, the evaluation made when the cache was built."""
         if self.teacher is not None:
-            return self.evaluate(self.teacher.to(self.accelerator.device), final=True)
+            return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True)
         return dict(self.cache.manifest["teacher_eval"])
 
     def meta(self, rows: dict[str, dict]) -> dict:
@@ -202,6 +204,10 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
                          if recipe.student.path else setup.tokenizer)
     if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab():
         check_same_vocabulary(setup.tokenizer, student_tokenizer, None, None)
+    check_precision(recipe.train.precision, setup.accelerator.device)
+    if recipe.train.sharding == "fsdp" and setup.accelerator.num_processes == 1:
+        warnings.warn("train.sharding: fsdp with one process: nothing to shard across, so the run is unsharded "
+                      "(launch with `accelerate launch --multi_gpu --num_processes N` or torchrun to shard)")
     job = LMJob(recipe, setup)
     student = job.new_student()
     setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
@@ -228,6 +234,8 @@ class LMJob(Job):
         self.accelerator = setup.accelerator
         self.is_main = self.accelerator.is_main_process
         self.student = self.sampling = self.teacher_prompts = self.reward_fn = None
+        world = self.accelerator.num_processes
+        self.sharded = recipe.train.sharding == "fsdp" and world > 1
         self.started = time.perf_counter()
 
     def new_student(self):
@@ -297,7 +305,11 @@ class LMJob(Job):
         phases = [("distilled", *self.distill_regime(run_dir))]
         if recipe.train.baseline:
             phases.append(("alone", Distill(self.objective()), setup.train_examples))
+        if self.sharded and setup.teacher is not None:  # frozen: no gradients, no optimizer state
+            shard_causal_lm(setup.teacher, trainable=False, mixed_precision=None)
+        teacher_reads = (setup.teacher,) if self.sharded and setup.teacher is not None else ()
         rows, weight_hashes = {}, {}
+        shares = {"teacher": gather_object([local_share(setup.teacher)])} if teacher_reads else {}
         for row, regime, examples in phases:
             model_dir = run_dir.path / ROW_DIRS[row]
             if run_dir.resume and (model_dir / "config.json").is_file():
@@ -306,19 +318,30 @@ class LMJob(Job):
                 model = self.student if row == "distilled" else self.new_student()
                 trainer = LMTrainer(accelerator=accelerator, student=model, regime=regime, phase=row, examples=examples,
                                     pad_token_id=setup.pad_token_id, vocab_size=setup.vocab_size, spec=recipe.train,
-                                    eval_every=recipe.eval.every, evaluate=setup.evaluate, run_dir=run_dir)
+                                    eval_every=recipe.eval.every, evaluate=setup.evaluate, run_dir=run_dir,
+                                    eval_reads=teacher_reads)
                 trainer.fit(resume=run_dir.resume)
                 model = trainer.model
-                weight_hashes[row] = gather_object([weights_sha256(model)])
+                full = None
+                if trainer.sharded:  # the full weights, gathered on the main process, which saves them
+                    shares[row] = gather_object([local_share(model)])
+                    full = gather_full_state(model)
+                else:  # every process holds the whole model: the same on every one (recorded)
+                    weight_hashes[row] = gather_object([weights_sha256(model)])
                 if self.is_main:  # a LoRA student: its adapter, and the merged model from here on
-                    model = save_model(model, setup.tokenizer, model_dir)
+                    model = save_model(model, setup.tokenizer, model_dir, state_dict=full)
                 accelerator.wait_for_everyone()
-            if self.is_main:
-                rows[row] = setup.evaluate(model.to(accelerator.device).eval(), final=True)
+            with gathered_all((model, *teacher_reads)):  # sharded: every process gathers, the main evaluates
+                if self.is_main:
+                    rows[row] = setup.evaluate(on_device(model, accelerator.device).eval(), final=True)
+        with gathered_all(teacher_reads):
+            teacher_row = setup.teacher_row() if self.is_main else None
         if not self.is_main:
             return RunResult(run_dir.path, {}, {})
-        rows = {"teacher": setup.teacher_row(), **{row: rows[row] for row in ("alone", "distilled") if row in rows}}
+        rows = {"teacher": teacher_row, **{row: rows[row] for row in ("alone", "distilled") if row in rows}}
         meta = {**setup.meta(rows), "world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
+                "sharding": "fsdp" if self.sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
+                **({"parameter_share_per_rank": shares} if shares else {}),
                 "seconds": time.perf_counter() - self.started}
         return RunResult(run_dir.path, rows, meta)
 

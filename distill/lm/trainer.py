@@ -23,6 +23,8 @@ from distill.lm.data import IGNORE_INDEX, BatchOrder, Example
 from distill.lm.models import is_peft, set_activation_checkpointing, transformers_model
 from distill.lm.recipe import TrainSpec
 from distill.lm.regimes import StepTiming, StudentView
+from distill.lm.sharding import (FullStateDict, clip_grad_norm, final_hidden_states, gathered, gathered_all,
+                                   shard_causal_lm)
 from distill.lm.teacher.live import fused_head
 
 
@@ -35,8 +37,8 @@ class FinalHiddenStates(torch.nn.Module):
         self.causal_lm = causal_lm
 
     def forward(self, input_ids, attention_mask, use_cache: bool = False):
-        base = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).last_hidden_state
+        # (through the FSDP root's hooks when sharded: see distill/lm/sharding.py)
+        return final_hidden_states(self.causal_lm, input_ids, attention_mask)
 
 
 class TrainableWeights:
@@ -100,35 +102,45 @@ class LMTrainer:
 
     def __init__(self, *, accelerator, student, regime, phase: str, examples: list[Example], pad_token_id: int,
                  vocab_size: int, spec: TrainSpec, eval_every: int, evaluate: Callable[[torch.nn.Module], dict],
-                 run_dir: RunDirectory):
+                 run_dir: RunDirectory, eval_reads: tuple = ()):
+        """`eval_reads`: other (possibly sharded) models that `evaluate` runs, e.g. the teacher."""
         self.accelerator, self.regime, self.phase, self.spec = accelerator, regime, phase, spec
+        self.eval_reads = eval_reads
         self.examples, self.eval_every, self.evaluate, self.run_dir = examples, eval_every, evaluate, run_dir
-        check_precision(spec.precision, accelerator.device)
         # `model` is what was given (a peft model for a LoRA student: it saves the adapter), `causal_lm` the
         # transformers model inside (LoRA layers injected: it computes the adapted function).
         self.model, causal_lm = student, transformers_model(student)
+        dtype, device_type = AUTOCAST_DTYPES.get(spec.precision), accelerator.device.type
+        self.lora = any(not p.requires_grad for p in student.parameters())
+        if spec.gradient_checkpointing:
+            set_activation_checkpointing(causal_lm, True)
+        # FSDP (train.sharding: fsdp, 2+ processes): every process holds 1/world of each parameter, its
+        # gradient and optimizer state; the optimizer is built on the shards, after sharding.
+        self.sharded = spec.sharding == "fsdp" and accelerator.num_processes > 1
+        if self.sharded:
+            shard_causal_lm(causal_lm, trainable=True, mixed_precision=dtype if spec.precision == "bf16" else None)
         trainable = [p for p in student.parameters() if p.requires_grad]
-        self.lora = len(trainable) < len(list(student.parameters()))
         optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
         self.scaler = torch.amp.GradScaler(accelerator.device.type) if spec.precision == "fp16" else None
-        if spec.gradient_checkpointing:
-            set_activation_checkpointing(causal_lm, True)
         # The fused path runs the model up to its final hidden states and applies the head chunk by chunk
         # in the loss; a regime or objective that needs a micro-batch's full logits takes the plain path.
-        # `engine` is what accelerate wraps (DDP).
+        # `engine` is what accelerate wraps (DDP), or the sharded model itself.
         fusable = spec.fused_loss and not regime.full_logits and regime.objective.fusable
         head = fused_head(causal_lm) if fusable else None
-        self.engine, self.optimizer = accelerator.prepare(FinalHiddenStates(causal_lm) if head else causal_lm,
-                                                          optimizer)
-        dtype, device_type = AUTOCAST_DTYPES.get(spec.precision), accelerator.device.type
+        engine = FinalHiddenStates(causal_lm) if head else causal_lm
+        self.engine, self.optimizer = (engine, optimizer) if self.sharded else accelerator.prepare(engine, optimizer)
         self.student = StudentView(
             model=causal_lm, engine=self.engine, head=head[1] if head else None, vocab_size=vocab_size,
             pad_token_id=pad_token_id, seed=spec.seed, grad_accum=spec.grad_accum,
             autocast=(lambda: torch.autocast(device_type=device_type, dtype=dtype)) if dtype else nullcontext,
             adapters_off=student.disable_adapter if is_peft(student) else None)
-        # A checkpoint holds what trains: all weights, or a LoRA student's adapters only.
+        # A checkpoint holds what trains: all weights, or a LoRA student's adapters only; sharded, the full
+        # state gathered from every process (the same files as one process writes, optimizer keyed by name).
         self.weights = TrainableWeights(student) if self.lora else student
+        self.optimizer_state = self.optimizer
+        if self.sharded:
+            self.weights, self.optimizer_state = FullStateDict(causal_lm), FullStateDict(causal_lm, self.optimizer)
 
     @property
     def checkpoint_dir(self):
@@ -141,7 +153,7 @@ class LMTrainer:
         order = BatchOrder(len(self.examples), spec.seed)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.checkpoint_dir)) is not None:
-            state = load_checkpoint(found, modules={"model": self.weights}, optimizers={"optimizer": self.optimizer},
+            state = load_checkpoint(found, modules={"model": self.weights}, optimizers={"optimizer": self.optimizer_state},
                                     schedulers={"scheduler": self.scheduler})
             step, position, last_checkpoint = state["step"], state["position"], state["step"]
             if self.scaler is not None and state.get("grad_scaler"):
@@ -155,14 +167,16 @@ class LMTrainer:
         while step < spec.steps:
             started = time.perf_counter()
             micro_batches, timing = [], StepTiming()
-            for micro in range(spec.grad_accum):
-                indices = order.take(position, spec.batch_size * world)
-                position += spec.batch_size * world
-                mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
-                made = self.regime.micro_batch([self.examples[i] for i in mine], mine, self.student, step=step,
-                                               micro=micro, rank=rank)
-                timing.add(made)
-                micro_batches.append(made.tensors)
+            # Sharded, sampling runs on gathered weights: processes draw different lengths, out of step.
+            with gathered(self.student.model) if self.sharded and self.regime.samples else nullcontext():
+                for micro in range(spec.grad_accum):
+                    indices = order.take(position, spec.batch_size * world)
+                    position += spec.batch_size * world
+                    mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                    made = self.regime.micro_batch([self.examples[i] for i in mine], mine, self.student, step=step,
+                                                   micro=micro, rank=rank)
+                    timing.add(made)
+                    micro_batches.append(made.tensors)
             # The loss is a mean over every valid token of the accumulated batch on all processes.
             local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
             num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
@@ -222,6 +236,8 @@ class LMTrainer:
             set_activation_checkpointing(transformers_model(self.model), False)
 
     def _clip(self) -> float:
+        if self.sharded:  # the norm over every process's shards
+            return clip_grad_norm(self.engine.parameters(), self.spec.max_grad_norm)
         if self.spec.max_grad_norm is not None:
             return float(self.accelerator.clip_grad_norm_(self.engine.parameters(), self.spec.max_grad_norm))
         norms = [p.grad.norm() for p in self.engine.parameters() if p.grad is not None]
@@ -230,18 +246,27 @@ class LMTrainer:
     # ---- eval and checkpoints (the main process writes; the others wait) -----------------------------
 
     def _run_eval(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            self.model.eval()
-            self.run_dir.log_metrics({"phase": self.phase, "step": step, **self.evaluate(self.model)})
-            self.model.train()
+        # Sharded: every process gathers the student (and the models the evaluation reads, e.g. the
+        # teacher); the main process evaluates on the full weights.
+        with self._gathered_for_eval():
+            if self.accelerator.is_main_process:
+                self.model.eval()
+                self.run_dir.log_metrics({"phase": self.phase, "step": step, **self.evaluate(self.model)})
+                self.model.train()
         self.accelerator.wait_for_everyone()
 
+    def _gathered_for_eval(self):
+        return gathered_all((self.student.model, *self.eval_reads)) if self.sharded else nullcontext()
+
     def _checkpoint(self, step: int, position: int) -> None:
+        if self.sharded:  # collectives: every process gathers, the main one writes
+            self.weights.gather()
+            self.optimizer_state.gather()
         if self.accelerator.is_main_process:
             state = {"step": step, "position": position, "phase": self.phase, "regime": self.regime.state_dict()}
             if self.scaler is not None:
                 state["grad_scaler"] = self.scaler.state_dict()
             save_checkpoint(self.checkpoint_dir, modules={"model": self.weights},
-                            optimizers={"optimizer": self.optimizer}, schedulers={"scheduler": self.scheduler},
+                            optimizers={"optimizer": self.optimizer_state}, schedulers={"scheduler": self.scheduler},
                             state=state)
         self.accelerator.wait_for_everyone()

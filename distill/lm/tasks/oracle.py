@@ -150,6 +150,6 @@ def _sample_symbols(model, count: int, length: int, seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
-                                   min_new_tokens=length, suppress_tokens=outside,
+                                   min_new_tokens=length, suppress_tokens=outside, synced_gpus=False,
                                    pad_token_id=0)
     return generated[:, 1:].cpu() - FIRST_SYMBOL_ID
