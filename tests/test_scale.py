@@ -352,3 +352,16 @@ def test_checkpointing_and_lora_under_two_process_ddp(tiny_recipe, write_recipe,
     got = load_file(str(ddp_dir / "student" / "model.safetensors"))
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_unsupported_precision_is_refused_before_anything_is_written(tiny_recipe, monkeypatch):
+    """A device without bf16 (an old GPU): the run stops at train.precision, no run directory."""
+    import distill.lm.trainer as trainer
+
+    def no_autocast(*args, **kwargs):
+        raise RuntimeError("autocast: this device has no bfloat16")
+
+    monkeypatch.setattr(trainer.torch, "autocast", no_autocast)
+    with pytest.raises(DistillError, match=r"train\.precision"):
+        distill.run(_no_baseline(tiny_recipe, precision="bf16"))
+    assert not Path(tiny_recipe["output"]).exists()

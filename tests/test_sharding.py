@@ -70,6 +70,7 @@ def test_fsdp_run_end_to_end_shards_and_equals_one_process(tiny_recipe, write_re
     assert meta["world_size"] == 2 and meta["sharding"] == "fsdp"
     shares = meta["parameter_share_per_rank"]
     assert shares["teacher"] == [0.5, 0.5] and shares["distilled"] == [0.5, 0.5], shares
+    assert meta["teacher_loaded_sharded"]  # each process read its own rows of the teacher, never the whole
     single = distill.run({**recipe, "output": str(tmp_path / "single"),
                           "train": {**recipe["train"], "sharding": "ddp",
                                     "batch_size": 2 * recipe["train"]["batch_size"]}})
@@ -120,3 +121,33 @@ def test_fsdp_refuses_fp16_and_lora_before_writing(tiny_recipe, tmp_path):
         with pytest.raises(DistillError, match=field.replace(".", r"\.")):
             distill.run(recipe)
         assert not (tmp_path / "refused").exists()
+
+
+def test_fsdp_student_from_a_saved_model_loads_straight_into_shards(tiny_recipe, tiny_lm_dir, write_recipe, tmp_path):
+    """`student.path` under FSDP: read row by row into shards (like the teacher); the result equals one
+    process over the same global batch (float32, rtol 1e-4 / atol 1e-5)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import distill
+    from conftest import launch_two_processes
+
+    torch.manual_seed(7)  # a student of the teacher's shape with weights of its own
+    config = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).config
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "student_start")
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(tmp_path / "student_start")
+    recipe = _fsdp_recipe(tiny_recipe, tmp_path / "fsdp")
+    recipe["student"] = {"path": str(tmp_path / "student_start")}
+    launched = launch_two_processes("run", write_recipe(recipe))
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    meta = json.loads((tmp_path / "fsdp" / "results.json").read_text())["meta"]
+    assert meta["teacher_loaded_sharded"] and meta["parameter_share_per_rank"]["distilled"] == [0.5, 0.5]
+    single = distill.run({**recipe, "output": str(tmp_path / "single"),
+                          "train": {**recipe["train"], "sharding": "ddp",
+                                    "batch_size": 2 * recipe["train"]["batch_size"]}})
+    got, expected = _student(tmp_path / "fsdp"), _student(single.run_dir)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -30,10 +30,29 @@ from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identit
                                             tokenizer_sha256)
 from distill.lm.teacher.live import LiveTeacher
 from distill.lm.teacher.sequences import teacher_sequences
-from distill.lm.sharding import gather_full_state, gathered_all, local_share, on_device, shard_causal_lm
+from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
+                                 on_device, shard_causal_lm)
 from distill.lm.trainer import LMTrainer, check_precision
 
 ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
+
+
+def sharded_run(recipe: LMRecipe, accelerator) -> bool:
+    """FSDP applies: asked for, and more than one process."""
+    return recipe.train.sharding == "fsdp" and accelerator.num_processes > 1
+
+
+def load_sharded(path: str, field: str, dtype, trust_remote_code: bool, *, trainable: bool, mixed_precision=None):
+    """The model at `path` loaded straight into shards (distill/lm/sharding.py), or None where its files do
+    not allow it (the caller loads it whole and shards it)."""
+    from pathlib import Path
+
+    location = resolve_model_path(path, field)
+    if not Path(location).is_dir():  # a hub id: transformers resolves the files
+        return None
+    return load_sharded_causal_lm(location, load_config(path, field, trust_remote_code), dtype=dtype,
+                                  trainable=trainable, mixed_precision=mixed_precision,
+                                  trust_remote_code=trust_remote_code)
 
 
 def saved_models(run_dir) -> dict:
@@ -55,12 +74,20 @@ class LMSetup:
         # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
         self.scorer = self.task or CompletionsScorer.for_records(self.eval_records, self.tokenizer)
         self.cache, self.eval_cache, self.teacher = None, None, None
+        self.teacher_loaded_sharded = False
         if recipe.regime.kind == "cache":
             self.cache, self.train_spans = open_cache(recipe, self.tokenizer, self.train_examples)
             self.eval_cache = (self.cache, self.cache.rows_for("eval", self.eval_examples, field="data.eval"))
         elif need_teacher:
-            self.teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
-                                          recipe.teacher.trust_remote_code).eval()
+            # Sharded runs read each process's rows of the teacher only (a teacher larger than one process's
+            # memory fits across processes); sequence KD generates with the whole teacher first.
+            if sharded_run(recipe, self.accelerator) and recipe.regime.kind != "sequence":
+                self.teacher = load_sharded(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
+                                            recipe.teacher.trust_remote_code, trainable=False)
+                self.teacher_loaded_sharded = self.teacher is not None
+            if self.teacher is None:
+                self.teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
+                                              recipe.teacher.trust_remote_code).eval()
             self.teacher.requires_grad_(False)
         self.vocab_size = len(self.tokenizer)
 
@@ -234,8 +261,7 @@ class LMJob(Job):
         self.accelerator = setup.accelerator
         self.is_main = self.accelerator.is_main_process
         self.student = self.sampling = self.teacher_prompts = self.reward_fn = None
-        world = self.accelerator.num_processes
-        self.sharded = recipe.train.sharding == "fsdp" and world > 1
+        self.sharded = sharded_run(recipe, self.accelerator)
         self.started = time.perf_counter()
 
     def new_student(self):
@@ -245,7 +271,13 @@ class LMJob(Job):
         dtype = DTYPES[spec.dtype]
         if spec.path:
             torch.manual_seed(recipe.train.seed)
-            student = load_causal_lm(spec.path, "student.path", dtype, spec.trust_remote_code)
+            student = None
+            if self.sharded and recipe.regime.kind not in ("self", "opd"):  # each process reads its own rows only
+                # (self / opd copy the initial student as a teacher / reference: from a whole model)
+                student = load_sharded(spec.path, "student.path", dtype, spec.trust_remote_code, trainable=True,
+                                       mixed_precision=torch.bfloat16 if recipe.train.precision == "bf16" else None)
+            if student is None:
+                student = load_causal_lm(spec.path, "student.path", dtype, spec.trust_remote_code)
         else:
             source, trust = teacher, recipe.teacher.trust_remote_code
             if source is None:  # from a cache: the teacher's config builds the student; its layers only if copied
@@ -305,8 +337,8 @@ class LMJob(Job):
         phases = [("distilled", *self.distill_regime(run_dir))]
         if recipe.train.baseline:
             phases.append(("alone", Distill(self.objective()), setup.train_examples))
-        if self.sharded and setup.teacher is not None:  # frozen: no gradients, no optimizer state
-            shard_causal_lm(setup.teacher, trainable=False, mixed_precision=None)
+        if self.sharded and setup.teacher is not None and not is_sharded(setup.teacher):  # frozen: no gradients,
+            shard_causal_lm(setup.teacher, trainable=False, mixed_precision=None)        # no optimizer state
         teacher_reads = (setup.teacher,) if self.sharded and setup.teacher is not None else ()
         rows, weight_hashes = {}, {}
         shares = {"teacher": gather_object([local_share(setup.teacher)])} if teacher_reads else {}
@@ -341,7 +373,8 @@ class LMJob(Job):
         rows = {"teacher": teacher_row, **{row: rows[row] for row in ("alone", "distilled") if row in rows}}
         meta = {**setup.meta(rows), "world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
                 "sharding": "fsdp" if self.sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
-                **({"parameter_share_per_rank": shares} if shares else {}),
+                **({"parameter_share_per_rank": shares, "teacher_loaded_sharded": setup.teacher_loaded_sharded}
+                   if shares else {}),
                 "seconds": time.perf_counter() - self.started}
         return RunResult(run_dir.path, rows, meta)
 

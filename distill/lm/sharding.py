@@ -105,6 +105,72 @@ def shard_causal_lm(model: nn.Module, *, trainable: bool, mixed_precision: torch
     return model
 
 
+def load_sharded_causal_lm(directory, config, *, dtype: torch.dtype, trainable: bool,
+                           mixed_precision: torch.dtype | None = None, trust_remote_code: bool = False):
+    """The causal LM saved in `directory`, sharded as `shard_causal_lm` shards it, without ever holding the
+    whole model in one process: it is built on the meta device, sharded, then each process allocates its
+    own rows only and reads just those rows from the safetensors files (memory-mapped slices). So a model
+    larger than one process's memory loads across processes. Returns None when the checkpoint cannot be
+    read this way (no safetensors files, or parameter names that differ from the files' keys); the caller
+    then loads the whole model and shards it. A collective: every process calls it."""
+    import json
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (directory / "model.safetensors").is_file():
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+            weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
+    else:
+        return None
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (e.g. RoPE) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # (not done on the meta device by from_config)
+    names = [name for name, _ in model.named_parameters()]  # tied parameters once
+    if any(name not in weight_map for name in names):
+        return None
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    shard_causal_lm(model, trainable=trainable, mixed_precision=mixed_precision)
+    model.to_empty(device=torch.device("cpu") if not torch.cuda.is_available() else
+                   torch.device("cuda", torch.cuda.current_device()))
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+        handles = {}
+        try:
+            for name, parameter in model.named_parameters():
+                local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+                if local.numel() == 0:
+                    continue
+                file = weight_map[name]
+                if file not in handles:
+                    handles[file] = safe_open(str(directory / file), framework="pt")
+                rows = handles[file].get_slice(name)
+                start = _global_offset(parameter)
+                local.copy_(rows[start:start + local.shape[0]].to(local.dtype))
+        finally:
+            handles.clear()
+    if not trainable:
+        model.eval()
+    return model
+
+
+def _global_offset(parameter) -> int:
+    """The first row (dim 0) of the full parameter that this process's shard holds."""
+    if not isinstance(parameter, DTensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(parameter.shape, parameter.device_mesh, parameter.placements)
+    return offset[0]
+
+
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

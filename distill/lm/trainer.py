@@ -24,7 +24,7 @@ from distill.lm.models import is_peft, set_activation_checkpointing, transformer
 from distill.lm.recipe import TrainSpec
 from distill.lm.regimes import StepTiming, StudentView
 from distill.lm.sharding import (FullStateDict, clip_grad_norm, final_hidden_states, gathered, gathered_all,
-                                   shard_causal_lm)
+                                   is_sharded, shard_causal_lm)
 from distill.lm.teacher.live import fused_head
 
 
@@ -117,7 +117,7 @@ class LMTrainer:
         # FSDP (train.sharding: fsdp, 2+ processes): every process holds 1/world of each parameter, its
         # gradient and optimizer state; the optimizer is built on the shards, after sharding.
         self.sharded = spec.sharding == "fsdp" and accelerator.num_processes > 1
-        if self.sharded:
+        if self.sharded and not is_sharded(causal_lm):  # (a student from student.path may load sharded)
             shard_causal_lm(causal_lm, trainable=True, mixed_precision=dtype if spec.precision == "bf16" else None)
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
