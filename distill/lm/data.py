@@ -22,7 +22,81 @@ class Example:
     id: str = ""  # the row's `id` field, else its index in the file: the key of cached teacher rows
 
 
-def read_records(path: str, field: str) -> list[dict]:
+FIELD_NAMES = ("prompt", "completion", "text", "messages", "id")  # the row fields data.fields may map
+DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (DatasetDict / Dataset)
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_records(path: str, field: str, split: str | None = None, fields: dict[str, str] | None = None,
+                 split_field: str = "data.split") -> list[dict]:
+    """Rows as dicts, from a .jsonl / .json (list) / .parquet file or a Hugging Face dataset (a
+    `save_to_disk` directory, a local dataset script or data directory, other data files, or a hub id)
+    taken at `split`; `fields` maps our field names to the data's columns (e.g. {prompt: instruction})."""
+    file = Path(path).expanduser()
+    if file.is_file() and file.suffix in FILE_SUFFIXES:
+        rows = _read_file(path, field)
+    else:
+        rows = _read_dataset(path, field, split, split_field)
+    return _map_fields(rows, fields, path) if fields else rows
+
+
+def _read_dataset(path: str, field: str, split: str | None, split_field: str) -> list[dict]:
+    """A Hugging Face dataset's split as a list of dicts (datasets' own loaders, no conversion script)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DistillError("reading a Hugging Face dataset needs `datasets`", field=field,
+                           fix="pip install datasets") from None
+    location = Path(path).expanduser()
+    try:
+        if location.is_dir() and any((location / marker).is_file() for marker in DATASET_MARKERS):
+            loaded = datasets.load_from_disk(str(location))
+        elif location.is_file():  # csv, tsv, arrow, txt...: data files by their suffix
+            kind = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow"}.get(location.suffix)
+            if kind is None:
+                raise DistillError(f"`{path}` is not a data file distill reads ({location.suffix or 'no suffix'})",
+                                   field=field, fix="use .jsonl, .json, .parquet, .csv, or a Hugging Face dataset")
+            loaded = datasets.load_dataset(kind, data_files=str(location), **({"delimiter": "\t"} if
+                                                                               location.suffix == ".tsv" else {}))
+        elif location.is_dir() or (not path.startswith((".", "/", "~")) and path.count("/") <= 1):
+            loaded = datasets.load_dataset(str(location) if location.is_dir() else path)  # script, files, hub id
+        else:
+            raise DistillError(f"no data file or dataset at `{path}`", field=field,
+                               fix="check the path (relative to the current directory)")
+    except DistillError:
+        raise
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise DistillError(f"`{path}` is not a dataset distill can read: {str(error).splitlines()[0]}", field=field,
+                           fix="give a directory written by save_to_disk, a dataset script or data directory, "
+                               "data files, or a hub id reachable from here (this machine may be offline)") from None
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = list(loaded)
+        chosen = split or ("train" if "train" in splits else None)
+        if chosen not in splits:
+            raise DistillError(f"`{path}` has no split `{chosen}`; its splits: {', '.join(splits)}",
+                               field=split_field, fix=f"set {split_field} to one of: {', '.join(splits)}")
+        loaded = loaded[chosen]
+    return list(loaded.to_list()) if hasattr(loaded, "to_list") else [dict(row) for row in loaded]
+
+
+def _map_fields(rows: list[dict], fields: dict[str, str], path: str) -> list[dict]:
+    """Rows with the data's columns renamed to our field names (`data.fields`: ours -> theirs)."""
+    columns = sorted({key for row in rows[:1000] if isinstance(row, dict) for key in row})
+    missing = {ours: theirs for ours, theirs in fields.items() if theirs not in columns}
+    if missing:
+        wrong = ", ".join(f"{ours}: {theirs}" for ours, theirs in missing.items())
+        raise DistillError(f"`{path}` has no column for {wrong}; its columns: {', '.join(columns)}",
+                           field="data.fields", fix="map each field to one of the columns that exist")
+    renamed = {theirs: ours for ours, theirs in fields.items()}
+
+    def mapped(row):  # a column already named like a mapped field gives way to the mapped one
+        if not isinstance(row, dict):
+            return row
+        return {renamed.get(key, key): value for key, value in row.items() if key in renamed or key not in fields}
+    return [mapped(row) for row in rows]
+
+
+def _read_file(path: str, field: str) -> list[dict]:
     """Rows of a .jsonl / .json (list) / .parquet file as dicts."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -163,9 +237,12 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
         eval_records = task.records(spec.eval_size, spec.seed, "eval")
         append_eos = task.append_eos
     else:
-        train_records = read_records(spec.train, "data.train")
+        fields = spec.fields
+        train_records = read_records(spec.train, "data.train", spec.split, fields)
         if spec.eval is not None:
-            eval_records = read_records(spec.eval, "data.eval")
+            eval_records = read_records(spec.eval, "data.eval", spec.eval_split, fields, "data.eval_split")
+        elif spec.eval_split is not None:  # another split of the training dataset
+            eval_records = read_records(spec.train, "data.train", spec.eval_split, fields, "data.eval_split")
         else:
             if len(train_records) <= spec.eval_size:
                 raise DistillError(f"{len(train_records)} rows cannot spare eval_size={spec.eval_size} for eval",

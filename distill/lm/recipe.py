@@ -66,8 +66,17 @@ class DataSpec(StrictModel):
     """Training and evaluation data: a built-in task or local jsonl/parquet files."""
 
     builtin: Literal["oracle", "arithmetic"] | None = Field(None, description="A built-in task.")
-    train: str | None = Field(None, description="jsonl/parquet with prompt+completion, text, or messages.")
-    eval: str | None = Field(None, description="Eval file; default: the last `eval_size` train rows.")
+    train: str | None = Field(None, description="jsonl/json/parquet/csv with prompt+completion, text, or messages "
+                                                "rows, or a Hugging Face dataset: a save_to_disk directory, a "
+                                                "dataset script or data directory, or a hub id.")
+    eval: str | None = Field(None, description="Eval file or dataset; default: `eval_split` of the train dataset, "
+                                               "else the last `eval_size` train rows.")
+    split: str = Field("train", description="The split of a dataset given as data.train.")
+    eval_split: str | None = Field(None, description="The split of data.eval (a dataset), or of data.train when "
+                                                     "no data.eval is given (e.g. test).")
+    fields: dict[str, str] | None = Field(
+        None, description="Our field names -> the data's columns, e.g. {prompt: instruction, completion: response} "
+                          "or {messages: conversations}; fields: prompt, completion, text, messages, id.")
     train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task.")
     eval_size: int = Field(200, gt=0, description="Eval examples (built-in) or held-out rows (files).")
     seed: int = Field(0, description="Seed of the built-in task's sampled data.")
@@ -82,6 +91,14 @@ class DataSpec(StrictModel):
             raise ValueError("give exactly one of `data.builtin` (oracle | arithmetic) or `data.train` (a file)")
         if self.eval is not None and self.train is None:
             raise FieldValueError("eval", "`data.eval` needs `data.train`; built-in tasks make their own eval set")
+        if self.train is None and (self.fields is not None or self.eval_split is not None):
+            raise FieldValueError("fields" if self.fields is not None else "eval_split",
+                                  "data.fields / data.eval_split apply to data.train; built-in tasks have their own")
+        known = ("prompt", "completion", "text", "messages", "id")
+        unknown = [key for key in self.fields or {} if key not in known]
+        if unknown:
+            raise FieldValueError("fields", f"data.fields maps our fields ({', '.join(known)}) to your columns; "
+                                            f"`{', '.join(unknown)}` is not one of ours (write `ours: yours`)")
         return self
 
 
