@@ -96,3 +96,24 @@ def test_a_directory_that_is_not_a_dataset_and_unknown_field_names(tiny_recipe, 
     with pytest.raises(DistillError, match=r"data\.fields"):
         distill.run({**tiny_recipe, "data": {"train": str(empty), "fields": {"question": "q"}}})
     assert not Path(tiny_recipe["output"]).exists()
+
+
+def test_rouge_l_hand_values():
+    """LCS-based F1: 'the cat sat' vs 'the cat sat down': LCS 3, P = 3/3, R = 3/4, F1 = 6/7."""
+    from distill.lm.evaluate import exact_match, rouge_l
+
+    assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx(6 / 7)
+    assert rouge_l(["sat the cat"], ["the cat sat"]) == pytest.approx(2 / 3)  # LCS "the cat"
+    assert rouge_l(["", "a b"], ["x", "a b"]) == pytest.approx(0.5)
+    assert exact_match([" a b ", "c"], ["a b", "d"]) == 0.5
+
+
+def test_rouge_l_by_generation_in_every_row(tiny_recipe, dataset_dict):
+    """Prompt/completion eval data: each row (teacher, alone, distilled) gets ROUGE-L of its greedy
+    completions beside exact match, in results.json and the report's table."""
+    recipe = {**tiny_recipe, "data": {"train": str(dataset_dict), "eval_split": "test", "fields": FIELDS},
+              "eval": {**tiny_recipe["eval"], "generate_size": 6}}
+    result = distill.run(recipe)
+    for row in ("teacher", "alone", "distilled"):
+        assert 0.0 <= result.rows[row]["rouge_l"] <= 1.0 and "exact_match" in result.rows[row]
+    assert "ROUGE-L" in (result.run_dir / "report.md").read_text()

@@ -24,7 +24,7 @@ from distill.core.report import (COLUMN_LABELS, cell, html_images, html_page, ht
 from distill.core.rundir import METRICS_FILE, RECIPE_FILE, RunResult
 
 # Which way is better, for the metrics families report (a run's meta may add its own under `directions`).
-HIGHER_IS_BETTER = {"accuracy", "exact_match", "teacher_top1_agreement", "modes_covered", "precision", "recall",
+HIGHER_IS_BETTER = {"accuracy", "exact_match", "rouge_l", "teacher_top1_agreement", "modes_covered", "precision", "recall",
                     "generation_tokens_per_second", "examples_per_second"}
 LOWER_IS_BETTER = {"nll", "ece", "teacher_kl", "oracle_forward_kl", "oracle_reverse_kl", "fd", "mmd",
                    "sliced_wasserstein", "tv", "function_evaluations", "sample_seconds", "parameters"}

@@ -16,7 +16,7 @@ COMMON_COLUMNS = ("nll", "teacher_top1_agreement", "teacher_kl", "parameters", "
                   "examples_per_second", "function_evaluations", "sample_seconds")
 COLUMN_LABELS = {"teacher_top1_agreement": "top1=T", "generation_tokens_per_second": "gen tok/s",
                  "oracle_forward_kl": "KL(oracle‖m)", "oracle_reverse_kl": "KL(m‖oracle)", "parameters": "params",
-                 "exact_match": "exact match", "teacher_kl": "KL(T‖m)", "examples_per_second": "ex/s",
+                 "exact_match": "exact match", "rouge_l": "ROUGE-L", "teacher_kl": "KL(T‖m)", "examples_per_second": "ex/s",
                  "ece": "ECE", "function_evaluations": "NFE", "sample_seconds": "sample s"}
 RATE_COLUMNS = ("generation_tokens_per_second", "examples_per_second")
 

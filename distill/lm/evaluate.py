@@ -50,12 +50,11 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
 
 
 @torch.no_grad()
-def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> float:
-    """Fraction of prompt/completion `records` whose greedy completion, decoded and stripped,
-    equals the reference completion (stripped). Scored by generating, not by likelihood."""
+def greedy_completions(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """The model's greedy completion of each record's `prompt`, decoded and stripped."""
     device = next(model.parameters()).device
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct = 0
+    answers = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         # Prompts of different lengths: left-pad so that every completion starts at one column.
@@ -66,10 +65,29 @@ def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
-        for record, row in zip(chunk, generated[:, width:].tolist()):
-            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-            correct += answer == str(record["completion"]).strip()
-    return correct / max(len(records), 1)
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated[:, width:].tolist()]
+    return answers
+
+
+def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> float:
+    """Fraction of prompt/completion `records` whose greedy completion, decoded and stripped,
+    equals the reference completion (stripped). Scored by generating, not by likelihood."""
+    answers = greedy_completions(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return exact_match(answers, [str(r["completion"]) for r in records])
+
+
+def exact_match(answers: list[str], references: list[str]) -> float:
+    return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / max(len(references), 1)
+
+
+def rouge_l(answers: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 of answers against references (Google's `rouge-score`, with its default tokenizer:
+    lowercased alphanumeric words, no stemming), the score MiniLLM, DistiLLM and GKD report."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(reference, answer)["rougeL"].fmeasure for answer, reference in zip(answers, references)]
+    return sum(scores) / max(len(scores), 1)
 
 
 @torch.no_grad()

@@ -1,12 +1,13 @@
-"""Your own prompt/completion data scored by generating: exact match of greedy completions."""
+"""Your own prompt/completion data scored by generating: exact match and ROUGE-L F1 of greedy completions."""
 from __future__ import annotations
 
-from distill.lm.evaluate import greedy_exact_match
+from distill.lm.evaluate import exact_match, greedy_completions, rouge_l
 
 
 class CompletionsScorer:
     """For file data whose eval rows all have `prompt` and `completion`: the task metric is the
-    fraction of greedy completions equal to the reference (after stripping whitespace)."""
+    fraction of greedy completions equal to the reference (after stripping whitespace); ROUGE-L F1 against
+    the reference is reported beside it (the metric of free-form instruction sets)."""
 
     name = "completions"
     metric = "exact_match"
@@ -27,5 +28,7 @@ class CompletionsScorer:
                  seed: int) -> dict[str, float]:
         if generate_size == 0:
             return {}
-        return {"exact_match": greedy_exact_match(model, tokenizer, records[:generate_size], batch_size=batch_size,
-                                                  max_new_tokens=self.max_new_tokens)}
+        rows = records[:generate_size]
+        answers = greedy_completions(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=self.max_new_tokens)
+        references = [str(r["completion"]) for r in rows]
+        return {"exact_match": exact_match(answers, references), "rouge_l": rouge_l(answers, references)}
