@@ -250,9 +250,20 @@ def compare(runs: List[Path] = typer.Argument(..., help="Two or more finished ru
         console.print(f"written: {output / 'compare.md'}, {output / 'compare.html'}")
 
 
+def _leave_process_group() -> None:
+    """Under `accelerate launch` / torchrun: take down this process's collective backend before the
+    interpreter exits. Left to interpreter shutdown, gloo's threads were destroyed while still joinable
+    in one CI run ("terminate called without an active exception", SIGABRT after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
+        _leave_process_group()
     except DistillError as error:
         errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False, soft_wrap=True)
         sys.exit(2)
