@@ -6,6 +6,7 @@ no traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -251,13 +252,18 @@ def compare(runs: List[Path] = typer.Argument(..., help="Two or more finished ru
 
 
 def _leave_process_group() -> None:
-    """Under `accelerate launch` / torchrun: take down this process's collective backend before the
-    interpreter exits. Left to interpreter shutdown, gloo's threads were destroyed while still joinable
-    in one CI run ("terminate called without an active exception", SIGABRT after a finished run)."""
+    """Under `accelerate launch` / torchrun, after a command that finished: take down the collective
+    backend and end the process without C++ static destructors. On a loaded machine a finished
+    two-process run sometimes aborted at interpreter exit ("terminate called without an active
+    exception", SIGABRT: a native thread destroyed while joinable), even after destroy_process_group;
+    everything the run writes is already written and fsynced by then."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import FSDPModule  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -35,14 +36,20 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from distill.core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from distill.lm.generate import sample  # noqa: E402
-from distill.lm.models import make_accelerator, tiny_llama_config  # noqa: E402
-from distill.lm.sharding import (FullStateDict, clip_grad_norm, enable_activation_checkpointing,  # noqa: E402
-                                 final_hidden_states, full_head_weight, gathered, release, shard_causal_lm)
+from distill.lm.models import make_accelerator, set_activation_checkpointing, tiny_llama_config  # noqa: E402
+from distill.lm.sharding import (FullStateDict, clip_grad_norm, final_hidden_states, gathered, release,  # noqa: E402
+                                 shard_causal_lm)
 from distill.losses.fused import TeacherSignal, fused_linear_distillation  # noqa: E402
 
 VOCAB, REAL_VOCAB = 64, 60  # 4 padded rows beyond the tokenizer's vocabulary, as same-family models have
 ATOL = 1e-5  # fp32; the sharded and reference sums differ only in order
 ROWS, MICRO, LENGTH = 2, 2, 12  # per process: 2 micro-batches of 2 sequences
+
+
+def full_head_weight(head) -> torch.Tensor:
+    """The head weight the fused loss reads: after the root's forward it must be the gathered parameter."""
+    assert not isinstance(head.weight, DTensor), "the head weight is still sharded after the root's forward"
+    return head.weight
 
 
 def log(message: str) -> None:
@@ -110,7 +117,7 @@ def train_step_and_compare(tied: bool, checkpointing: bool) -> tuple:
     shard_causal_lm(teacher, trainable=False)
     shard_causal_lm(student, trainable=True)
     if checkpointing:
-        enable_activation_checkpointing(student)
+        set_activation_checkpointing(student, True)
     student.train()
     check_shards(student, "student")
     check_shards(teacher, "teacher")
@@ -263,6 +270,8 @@ def main() -> None:
     log(f"done in {time.perf_counter() - started:.1f} s")
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as distill's CLI: no C++ static destructors (a gloo abort at exit on a loaded machine)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import warnings
 from types import SimpleNamespace
 
 import torch
+
 from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
@@ -24,22 +25,21 @@ from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_voc
 from distill.lm.objective import TokenObjective
 from distill.lm.recipe import LMRecipe
 from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
+from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
+                                 on_device, shard_causal_lm, sharding_applies)
 from distill.lm.tasks import get_task
 from distill.lm.tasks.completions import CompletionsScorer
 from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identity_differences, teacher_identity,
                                             tokenizer_sha256)
 from distill.lm.teacher.live import LiveTeacher
 from distill.lm.teacher.sequences import teacher_sequences
-from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
-                                 on_device, shard_causal_lm)
-from distill.lm.trainer import LMTrainer, check_precision
+from distill.lm.trainer import LMTrainer, check_precision, fsdp_param_dtype
 
 ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
 
 
 def sharded_run(recipe: LMRecipe, accelerator) -> bool:
-    """FSDP applies: asked for, and more than one process."""
-    return recipe.train.sharding == "fsdp" and accelerator.num_processes > 1
+    return sharding_applies(recipe.train.sharding, accelerator.num_processes)
 
 
 def load_sharded(path: str, field: str, dtype, trust_remote_code: bool, *, trainable: bool, mixed_precision=None):
@@ -232,7 +232,7 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
     if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab():
         check_same_vocabulary(setup.tokenizer, student_tokenizer, None, None)
     check_precision(recipe.train.precision, setup.accelerator.device)
-    if recipe.train.sharding == "fsdp" and setup.accelerator.num_processes == 1:
+    if recipe.train.sharding == "fsdp" and not sharded_run(recipe, setup.accelerator):
         warnings.warn("train.sharding: fsdp with one process: nothing to shard across, so the run is unsharded "
                       "(launch with `accelerate launch --multi_gpu --num_processes N` or torchrun to shard)")
     job = LMJob(recipe, setup)
@@ -275,7 +275,7 @@ class LMJob(Job):
             if self.sharded and recipe.regime.kind not in ("self", "opd"):  # each process reads its own rows only
                 # (self / opd copy the initial student as a teacher / reference: from a whole model)
                 student = load_sharded(spec.path, "student.path", dtype, spec.trust_remote_code, trainable=True,
-                                       mixed_precision=torch.bfloat16 if recipe.train.precision == "bf16" else None)
+                                       mixed_precision=fsdp_param_dtype(recipe.train))
             if student is None:
                 student = load_causal_lm(spec.path, "student.path", dtype, spec.trust_remote_code)
         else:

@@ -76,6 +76,11 @@ def _base_hidden_states(model, input_ids, attention_mask):
     return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def sharding_applies(sharding: str, world_size: int) -> bool:
+    """FSDP is used: asked for (train.sharding: fsdp) and more than one process to shard across."""
+    return sharding == "fsdp" and world_size > 1
+
+
 def shard_causal_lm(model: nn.Module, *, trainable: bool, mixed_precision: torch.dtype | None = None,
                     mesh=None) -> nn.Module:
     """Shard `model` in place with FSDP2 over `mesh` (default: every process of the default group) and
@@ -86,7 +91,7 @@ def shard_causal_lm(model: nn.Module, *, trainable: bool, mixed_precision: torch
     optimizer from `model.parameters()` *after* this call (they are the sharded DTensors).
     `mixed_precision` (e.g. torch.bfloat16): parameters are all-gathered and computed in that dtype while
     the shards (and optimizer state) stay in theirs, and gradients are reduced in float32.
-    Activation checkpointing: `enable_activation_checkpointing(model)`, before or after.
+    Activation checkpointing (distill.lm.models.set_activation_checkpointing): before or after.
     Sampling and evaluation: inside `gathered(model)`."""
     if not trainable:
         model.eval().requires_grad_(False)
@@ -200,16 +205,6 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
     return _base_hidden_states(model, input_ids, attention_mask)
 
 
-def full_head_weight(head: nn.Linear) -> torch.Tensor:
-    """The head's weight for the fused loss: the parameter itself, which must be unsharded (read it after
-    `final_hidden_states` of the same model)."""
-    weight = head.weight
-    if isinstance(weight, DTensor):
-        raise RuntimeError("the head weight is still sharded: read it after `final_hidden_states(model, ...)` "
-                           "of its (sharded) model, before that model's backward")
-    return weight
-
-
 def release(model: nn.Module) -> None:
     """Free a sharded model's gathered parameters now. The root's group stays gathered after a forward
     until a backward reshards it; a forward under no_grad (the teacher, eval, sampling) has no backward,
@@ -251,16 +246,6 @@ def gathered_all(models):
         for model in models:
             stack.enter_context(gathered(model))
         yield
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation (gradient) checkpointing of each decoder layer, the kind that composes with
-    FSDP2 (the recomputation runs inside the layer's FSDP hooks); before or after sharding."""
-    options = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def clip_grad_norm(parameters, max_norm: float | None) -> float:

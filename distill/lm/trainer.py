@@ -24,7 +24,7 @@ from distill.lm.models import is_peft, set_activation_checkpointing, transformer
 from distill.lm.recipe import TrainSpec
 from distill.lm.regimes import StepTiming, StudentView
 from distill.lm.sharding import (FullStateDict, clip_grad_norm, final_hidden_states, gathered, gathered_all,
-                                   is_sharded, shard_causal_lm)
+                                   is_sharded, shard_causal_lm, sharding_applies)
 from distill.lm.teacher.live import fused_head
 
 
@@ -62,6 +62,12 @@ class TrainableWeights:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp_param_dtype(spec: TrainSpec) -> torch.dtype | None:
+    """The dtype FSDP gathers the student's parameters in: bf16 runs gather (and compute) in bf16, with
+    float32 shards and gradient reduction; fp16 is refused under FSDP by the recipe."""
+    return torch.bfloat16 if spec.precision == "bf16" else None
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -116,9 +122,9 @@ class LMTrainer:
             set_activation_checkpointing(causal_lm, True)
         # FSDP (train.sharding: fsdp, 2+ processes): every process holds 1/world of each parameter, its
         # gradient and optimizer state; the optimizer is built on the shards, after sharding.
-        self.sharded = spec.sharding == "fsdp" and accelerator.num_processes > 1
+        self.sharded = sharding_applies(spec.sharding, accelerator.num_processes)
         if self.sharded and not is_sharded(causal_lm):  # (a student from student.path may load sharded)
-            shard_causal_lm(causal_lm, trainable=True, mixed_precision=dtype if spec.precision == "bf16" else None)
+            shard_causal_lm(causal_lm, trainable=True, mixed_precision=fsdp_param_dtype(spec))
         trainable = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = make_scheduler(optimizer, spec)  # stepped by us: once per optimizer step
@@ -236,12 +242,8 @@ class LMTrainer:
             set_activation_checkpointing(transformers_model(self.model), False)
 
     def _clip(self) -> float:
-        if self.sharded:  # the norm over every process's shards
-            return clip_grad_norm(self.engine.parameters(), self.spec.max_grad_norm)
-        if self.spec.max_grad_norm is not None:
-            return float(self.accelerator.clip_grad_norm_(self.engine.parameters(), self.spec.max_grad_norm))
-        norms = [p.grad.norm() for p in self.engine.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        """The total gradient norm (over every process's shards when sharded), clipped to max_grad_norm."""
+        return clip_grad_norm(self.engine.parameters(), self.spec.max_grad_norm)
 
     # ---- eval and checkpoints (the main process writes; the others wait) -----------------------------
 
