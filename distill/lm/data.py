@@ -20,6 +20,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss; labels[t] is the token at position t
     id: str = ""  # the row's `id` field, else its index in the file: the key of cached teacher rows
+    positions: list[int] | None = None  # position ids of a packed block (restarting per document); None: 0..n-1
 
 
 FIELD_NAMES = ("prompt", "completion", "text", "messages", "id")  # the row fields data.fields may map
@@ -198,18 +199,99 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, 
     return examples
 
 
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Whole examples packed into blocks of at most `max_length` tokens (first-fit decreasing, deterministic):
+    position ids restart at each document and its first token carries no loss (nothing before it in its
+    document predicts it), so a packed block computes what its documents would unpacked (`model_inputs`
+    gives the model the position ids and no 2-D mask: transformers then attends within each document)."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    blocks: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = len(examples[index].input_ids)
+        slot = next((b for b, free in enumerate(room) if free >= length), None)
+        if slot is None:
+            blocks.append([]), room.append(max_length)
+            slot = len(blocks) - 1
+        blocks[slot].append(index)
+        room[slot] -= length
+    packed = []
+    for members in blocks:
+        members.sort()  # documents in data order within a block
+        input_ids, labels, positions = [], [], []
+        for index in members:
+            example = examples[index]
+            input_ids += example.input_ids
+            labels += [IGNORE_INDEX] + example.labels[1:]
+            positions += list(range(len(example.input_ids)))
+        packed.append(Example(input_ids, labels, "+".join(examples[i].id for i in members), positions))
+    return packed
+
+
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding)."""
+    """Right-padded `input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on padding); for packed
+    examples also `position_ids` (the padding is one more document of its own)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(e.positions is not None for e in examples)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            position_ids[row, :length] = torch.tensor(example.positions or range(length))
+            position_ids[row, length:] = torch.arange(width - length)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {**batch, "position_ids": position_ids} if packed else batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor | None]:
+    """The keyword arguments of a causal LM's forward for a collated batch: ids and the 2-D padding mask,
+    or for a packed batch ids and position ids with no mask (transformers' masking then finds the
+    documents from where the positions restart and masks attention across them, for eager and sdpa
+    attention alike; flash-attention kernels read the same position ids as varlen boundaries). Call the
+    model with use_cache=False: transformers looks for documents only without a KV cache."""
+    if f"{prefix}position_ids" in batch:
+        return {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": None,
+                "position_ids": batch[f"{prefix}position_ids"]}
+    return {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+
+
+@torch.no_grad()
+def packing_honoured(model) -> bool:
+    """Whether `model` computes a packed block as its documents alone (two 4-token documents, float
+    tolerance 1e-4): models whose attention masking ignores restarting position ids (some remote-code
+    architectures, older mask code) would let documents attend to each other."""
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = [Example([3 % vocab, 5 % vocab, 7 % vocab, 2 % vocab], [0] * 4, "a"),
+                     Example([4 % vocab, 6 % vocab, 1 % vocab, 3 % vocab], [0] * 4, "b")]
+    device = next(model.parameters()).device
+    packed = {k: v.to(device) if v is not None else None for k, v in model_inputs(collate(pack(
+        [first, second], 8), 0)).items()}
+    alone = torch.tensor([first.input_ids, second.input_ids], device=device)
+    was_training = model.training
+    model.eval()
+    together = model(**packed, use_cache=False).logits.float()
+    separately = model(input_ids=alone, use_cache=False).logits.float()
+    model.train(was_training)
+    return torch.allclose(together[0], separately.flatten(0, 1), atol=1e-4, rtol=1e-4)
+
+
+def check_packing(models: dict) -> None:
+    """data.packing: each model must keep packed documents apart (`packing_honoured`). A sharded model is
+    not probed (a forward needs every process); it is the same architecture as the unsharded check."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for role, model in models.items():
+        if model is None or isinstance(model, FSDPModule) or packing_honoured(model):
+            continue
+        raise DistillError(f"the {role} ({type(model).__name__}) lets packed documents attend to each other: "
+                           "its attention ignores restarting position ids", field="data.packing",
+                           fix="set data.packing false for this model")
 
 
 class BatchOrder:
@@ -251,5 +333,7 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
         append_eos = True
     options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
                    append_eos=append_eos)
-    return (train_records, eval_records, tokenize(train_records, tokenizer, field="data.train", **options),
-            tokenize(eval_records, tokenizer, field="data.eval", **options))
+    train_examples = tokenize(train_records, tokenizer, field="data.train", **options)
+    if spec.packing:  # training blocks only: eval scores each example on its own
+        train_examples = pack(train_examples, spec.max_length)
+    return train_records, eval_records, train_examples, tokenize(eval_records, tokenizer, field="data.eval", **options)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.lm.data import IGNORE_INDEX
+from distill.lm.data import IGNORE_INDEX, model_inputs
 from distill.lm.recipe import ObjectiveSpec, TaidSpec
 from distill.losses import TaidSchedule, cross_entropy, get_spec, select_tokens, student_entropy
 from distill.losses.fused import TeacherSignal, fused_linear_distillation
@@ -47,7 +47,7 @@ class TokenObjective:
 
     def loss(self, student, batch: dict, teacher: TeacherSignal | None, num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
         """(loss, unweighted parts) of a collated micro-batch; `student` is the trainer's StudentView."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         mask = labels != IGNORE_INDEX
         if student.head is not None:

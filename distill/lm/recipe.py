@@ -84,6 +84,10 @@ class DataSpec(StrictModel):
     too_long: Literal["truncate", "refuse"] = Field(
         "truncate", description="Examples over max_length: cut with a warning, or refuse the run.")
     completion_only: bool = Field(True, description="Loss on completion tokens only (prompt masked).")
+    packing: bool = Field(False, description="Pack whole training examples into max_length blocks (no padding "
+                                             "waste): position ids restart per example and attention stays "
+                                             "within it, so each computes what it would alone; prompt tokens "
+                                             "stay masked. For regimes off_policy and cache; eval is unpacked.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -304,6 +308,10 @@ class LMRecipe(RunRecipe):
         if self.student.dtype == "bfloat16" and self.train.precision == "fp16":
             raise ValueError("student.dtype bfloat16 with train.precision fp16 mixes two half precisions: use "
                              "train.precision bf16 (or fp32) with a bfloat16 student")
+        if self.data.packing and self.regime.kind not in ("off_policy", "cache"):
+            raise FieldValueError("data.packing", f"regime {self.regime.kind} samples a completion for each "
+                                  "example's prompt, one sequence per row, so there is nothing to pack: set "
+                                  "data.packing false (packing applies to regimes off_policy and cache)")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")

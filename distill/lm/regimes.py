@@ -60,13 +60,15 @@ class StudentView:
     autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
     adapters_off: Callable[[], AbstractContextManager] | None = None
 
-    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         with self.autocast():
-            return self.engine(input_ids=input_ids, attention_mask=attention_mask)
+            return self.engine(input_ids=input_ids, attention_mask=attention_mask,
+                               **({"position_ids": position_ids} if position_ids is not None else {}))
 
-    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         with self.autocast():
-            output = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            output = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **({"position_ids": position_ids} if position_ids is not None else {}))
             return self.head(output) if self.head is not None else output.logits
 
     def base_logits(self, input_ids, attention_mask) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
-from distill.lm.data import load_data
+from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
                                load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model)
@@ -71,6 +71,11 @@ class LMSetup:
         self.tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path", recipe.teacher.trust_remote_code)
         self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
             recipe.data, self.tokenizer, self.task)
+        self.packing = None
+        if recipe.data.packing:  # how full the blocks are: the padding packing saves
+            tokens = sum(len(e.input_ids) for e in self.train_examples)
+            self.packing = {"documents": len(self.train_records), "blocks": len(self.train_examples),
+                            "fill": tokens / (len(self.train_examples) * recipe.data.max_length)}
         # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
         self.scorer = self.task or CompletionsScorer.for_records(self.eval_records, self.tokenizer)
         self.cache, self.eval_cache, self.teacher = None, None, None
@@ -113,11 +118,15 @@ class LMSetup:
     def meta(self, rows: dict[str, dict]) -> dict:
         """What the rows mean (results.json `meta`)."""
         entropy = next((row["oracle_entropy"] for row in rows.values() if "oracle_entropy" in row), None)
+        notes = [f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"] if entropy is not None else []
+        if self.packing:
+            notes.append(f"packed {self.packing['documents']} training examples into {self.packing['blocks']} blocks "
+                         f"of {self.recipe.data.max_length} tokens ({self.packing['fill']:.0%} filled)")
         return {"primary_metric": self.scorer.metric if self.scorer else "nll",
                 "higher_is_better": self.scorer.higher_is_better if self.scorer else False,
                 "hidden_columns": ["oracle_entropy"],  # a property of the eval data, the same in every row
-                "notes": [f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"]
-                if entropy is not None else [],
+                "notes": notes,
+                **({"packing": self.packing} if self.packing else {}),
                 "rows_note": "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels "
                              "with the same init, data order and steps."}
 
@@ -244,6 +253,8 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
         if limit is not None and longest > limit:
             raise DistillError(f"examples reach {longest} tokens but the {role} handles {limit} positions",
                                field="data.max_length", fix=f"set data.max_length <= {limit}")
+    if recipe.data.packing:
+        check_packing({"teacher": setup.teacher, "student": student})
     kind = recipe.regime.kind
     job.student = student
     job.sampling = sampling_settings(recipe, setup, [setup.teacher, student]) if kind in (

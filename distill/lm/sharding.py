@@ -71,9 +71,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(found)
 
 
-def _base_hidden_states(model, input_ids, attention_mask):
+def _base_hidden_states(model, input_ids, attention_mask, position_ids=None):
     base = getattr(model, model.base_model_prefix)
-    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).last_hidden_state
 
 
 def sharding_applies(sharding: str, world_size: int) -> bool:
@@ -195,14 +196,15 @@ def local_share(model: nn.Module) -> float:
     return local / max(total, 1)
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The causal LM's final (normed) hidden states [B, T, H], sharded or not. Sharded, it runs as a
     forward of the FSDP root, so afterwards the head (`model.get_output_embeddings().weight`) is the full
     parameter until the backward (or `release`)."""
     method = getattr(model, HIDDEN_METHOD, None)
     if method is not None:
-        return method(input_ids, attention_mask)
-    return _base_hidden_states(model, input_ids, attention_mask)
+        return method(input_ids, attention_mask, position_ids)
+    return _base_hidden_states(model, input_ids, attention_mask, position_ids)
 
 
 def release(model: nn.Module) -> None:

@@ -36,9 +36,9 @@ class FinalHiddenStates(torch.nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, input_ids, attention_mask, use_cache: bool = False):
+    def forward(self, input_ids, attention_mask, use_cache: bool = False, position_ids=None):
         # (through the FSDP root's hooks when sharded: see distill/lm/sharding.py)
-        return final_hidden_states(self.causal_lm, input_ids, attention_mask)
+        return final_hidden_states(self.causal_lm, input_ids, attention_mask, position_ids)
 
 
 class TrainableWeights:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from distill.lm.data import model_inputs
 from distill.lm.sharding import final_hidden_states, release
 from distill.losses.fused import TeacherSignal
 
@@ -36,14 +37,14 @@ class LiveTeacher:
     @torch.no_grad()
     def signal(self, batch: dict, *, hidden: bool) -> TeacherSignal:
         """Final hidden states + head when `hidden` (the fused path) and the model allows it, else logits."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         if hidden and self.fused is not None:
             # (through the FSDP root's hooks when sharded: afterwards the head is the full parameter until
             # `release`; distill/lm/sharding.py)
-            hidden_states = final_hidden_states(self.model, inputs["input_ids"], inputs["attention_mask"])
+            hidden_states = final_hidden_states(self.model, **inputs)
             _, head = self.fused
             return TeacherSignal(hidden=hidden_states[:, :-1], weight=head.weight, bias=head.bias)
-        return TeacherSignal(logits=self.model(**inputs).logits[:, :-1])
+        return TeacherSignal(logits=self.model(**inputs, use_cache=False).logits[:, :-1])
 
     def release(self) -> None:
         """After the loss that used this signal: a sharded teacher frees its gathered embeddings and head."""

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from distill.core.errors import DistillError
 from distill.core.io import atomic_write_json
 from distill.core.recipe import load_recipe
-from distill.lm.data import IGNORE_INDEX, collate, load_data
+from distill.lm.data import IGNORE_INDEX, check_packing, collate, load_data, model_inputs
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path
 from distill.lm.recipe import LMRecipe
@@ -114,6 +114,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
                              recipe.teacher.trust_remote_code).eval()
     teacher.to(accelerator.device)
+    if recipe.data.packing:
+        check_packing({"teacher": teacher})
     pad = tokenizer.pad_token_id or 0
     batch_size = recipe.eval.batch_size
     total_examples = sum(plan[i][2] - plan[i][1] for i in mine)
@@ -127,8 +129,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         for batch_start in range(0, len(rows), batch_size):
             batch = collate(rows[batch_start:batch_start + batch_size], pad)
             with torch.no_grad():
-                logits = teacher(input_ids=batch["input_ids"].to(accelerator.device),
-                                 attention_mask=batch["attention_mask"].to(accelerator.device)).logits
+                logits = teacher(**{k: v.to(accelerator.device) if v is not None else None
+                                    for k, v in model_inputs(batch).items()}, use_cache=False).logits
             mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.device)
             ids_, logprobs_, tail_ = teacher_topk(logits[:, :-1, :vocab_size], options["k"])
             top_ids.append(ids_[mask].cpu())  # row-major: each example's tokens in order
