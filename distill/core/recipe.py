@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distill.core.errors import DistillError, FieldValueError
 from distill.core.families import DEFAULT_TASK, family_names, get_family
@@ -27,12 +27,40 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LogSpec(StrictModel):
+    """Experiment trackers (core.trackers): every loss record (`train.log_every`) and every eval, as
+    `<phase>/<key>` and `<phase>/eval/<metric>` scalars, and the resolved recipe as the run's config;
+    from the main process only, through accelerate's tracker classes. losses.jsonl and metrics.jsonl
+    are written either way."""
+
+    trackers: list[Literal["tensorboard", "trackio", "wandb"]] = Field(
+        default_factory=list,
+        description="Trackers to send the logs to (none by default). tensorboard writes event files under `dir`; "
+                    "trackio logs to its local database (`trackio show`); wandb runs offline (WANDB_MODE=offline, "
+                    "files under `dir`, upload later with `wandb sync`) unless WANDB_MODE or WANDB_API_KEY is set. "
+                    "A tracker whose package is missing is refused before anything loads.")
+    project: str | None = Field(None, min_length=1, description="wandb / trackio project; default: the recipe's "
+                                                                "`name`.")
+    dir: str | None = Field(None, min_length=1, description="Directory of the trackers' local files (tensorboard "
+                                                            "event files, wandb offline runs); default "
+                                                            "<run dir>/trackers.")
+
+    @field_validator("trackers")
+    @classmethod
+    def _once_each(cls, trackers: list[str]) -> list[str]:
+        repeated = sorted({t for t in trackers if trackers.count(t) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return trackers
+
+
 class RunRecipe(StrictModel):
-    """What every family's recipe has: a task, a name and a run directory."""
+    """What every family's recipe has: a task, a name, a run directory and its trackers."""
 
     task: str = DEFAULT_TASK
     name: str = "run"
     output: str | None = Field(None, description="Run directory; default runs/<name>.")
+    log: LogSpec = Field(default_factory=LogSpec, description="Experiment trackers (tensorboard, trackio, wandb).")
 
     @property
     def output_dir(self) -> Path:

@@ -1,19 +1,20 @@
 """The run skeleton every family goes through, so that all of them check, write, resume and report
 the same way:
 
-    the run directory is checked (nothing written)
+    the run directory and the recipe's trackers (log.trackers installed?) are checked (nothing written)
     -> prepare(run_dir): the family loads data and models and checks everything (nothing written)
     -> run_dir.start(recipe): an overwritten run cleared, recipe.yaml written (once)
     -> job.run(run_dir): training (resuming from checkpoints if asked) and evaluation -> RunResult
-    -> run_dir.finish(result): the one report writer; results.json last
+    -> run_dir.finish(result): the one report writer; results.json last; trackers closed (also on failure)
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from distill.core.families import Job, get_family
 from distill.core.recipe import RunRecipe
 from distill.core.rundir import RunDirectory, RunResult
+from distill.core.trackers import check_trackers
 
 
 def run_recipe(recipe: RunRecipe, *, resume: bool = False, overwrite: bool = False) -> RunResult | None:
@@ -28,13 +29,17 @@ def run_job(recipe: RunRecipe, prepare: Callable[[RunDirectory], Job], *, resume
     from objects (`distill.distill_classifier`); `recipe` is what recipe.yaml records."""
     run_dir = RunDirectory(recipe.output_dir, resume=resume, overwrite=overwrite)
     run_dir.check()
+    check_trackers(recipe)
     job = prepare(run_dir)
     run_dir.start(recipe, is_main=job.is_main)
-    result = job.run(run_dir)
-    if job.is_main:
-        result.meta.setdefault("task", recipe.task)
-        result.meta.setdefault("name", recipe.name)
-        result.meta.setdefault("recipe", recipe.model_dump(mode="json"))
-        run_dir.finish(result, job.figures)
+    try:
+        result = job.run(run_dir)
+        if job.is_main:
+            result.meta.setdefault("task", recipe.task)
+            result.meta.setdefault("name", recipe.name)
+            result.meta.setdefault("recipe", recipe.model_dump(mode="json"))
+            run_dir.finish(result, job.figures)
+    finally:
+        run_dir.close_trackers(failed=True)  # a no-op after finish() closed them
     job.close()
     return result if job.is_main else None

@@ -6,6 +6,7 @@
     checkpoints/    <phase>/ for --resume (core.checkpoint)
     results.json    {"rows": {row: {metric: value}}, "meta": {...}}, written last: it marks a finished run
     report.md, report.html, plots/   from the one report writer (core.report)
+    trackers/       with `log.trackers` (core.trackers): tensorboard event files, wandb offline runs
 
 Never overwrite silently: a finished or unfinished run needs --overwrite (or --resume), and a
 directory that is not a distill run is never deleted.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from distill.core.errors import DistillError
 from distill.core.io import append_jsonl, atomic_write_text, read_jsonl
+from distill.core.trackers import ExperimentTrackers
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +57,7 @@ class RunResult:
         return {"rows": self.rows, "meta": self.meta}
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "RunResult":
+    def load(cls, run_dir: str | Path) -> RunResult:
         """The result a finished run wrote (results.json)."""
         run_dir = Path(run_dir)
         file = run_dir / RESULTS_FILE
@@ -77,6 +79,7 @@ class RunDirectory:
         self.resume, self.overwrite = resume, overwrite
         self.is_main = True
         self.recipe_changes: list[str] = []
+        self.trackers: ExperimentTrackers | None = None
 
     @property
     def metrics_file(self) -> Path:
@@ -117,7 +120,8 @@ class RunDirectory:
 
     def start(self, recipe, *, is_main: bool = True) -> None:
         """After every check: clear an overwritten run, create the directory, write recipe.yaml (a resumed
-        run keeps the one it started with; a changed recipe is warned about and recorded in `meta`)."""
+        run keeps the one it started with; a changed recipe is warned about and recorded in `meta`), then
+        open the recipe's `log.trackers`."""
         self.is_main = is_main
         if not is_main:
             return
@@ -130,18 +134,26 @@ class RunDirectory:
             if self.recipe_changes:
                 warnings.warn("resuming with a recipe that differs from the saved one: "
                               + "; ".join(self.recipe_changes), stacklevel=2)
-            return
-        atomic_write_text(saved, recipe.to_yaml())
+        else:
+            atomic_write_text(saved, recipe.to_yaml())
+        if getattr(recipe, "log", None) is not None and recipe.log.trackers:
+            self.trackers = ExperimentTrackers.open(recipe, self.path)
 
     # ---- logs ------------------------------------------------------------------------------------
 
     def log_metrics(self, record: dict) -> None:
+        """One eval record: metrics.jsonl, and the trackers as `<phase>/eval/<metric>`."""
         if self.is_main:
             append_jsonl(self.metrics_file, record)
+            if self.trackers is not None:
+                self.trackers.log(record, evaluation=True)
 
     def log_losses(self, record: dict) -> None:
+        """One training record: losses.jsonl, and the trackers as `<phase>/<key>`."""
         if self.is_main:
             append_jsonl(self.losses_file, record)
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def rewind(self, phase: str, step: int) -> None:
         """Resuming `phase` from its step-`step` checkpoint: drop its log lines written after that step
@@ -163,13 +175,20 @@ class RunDirectory:
     # ---- the end ----------------------------------------------------------------------------------
 
     def finish(self, result: RunResult, figures=None) -> None:
-        """Write the report (core.report); results.json last."""
+        """Write the report (core.report); results.json last; close the trackers."""
         from distill.core.report import write_report
 
         if self.recipe_changes:
             result.meta["recipe_changes_on_resume"] = self.recipe_changes
         if self.is_main:
             write_report(self.path, result, figures)
+        self.close_trackers()
+
+    def close_trackers(self, *, failed: bool = False) -> None:
+        """Finish the trackers (once; also when a run fails, so that a later run in this process starts fresh)."""
+        if self.trackers is not None:
+            self.trackers.close(failed=failed)
+            self.trackers = None
 
 
 def _after(record: dict, phase: str, step: int) -> bool:
