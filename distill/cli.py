@@ -229,11 +229,30 @@ def eval_command(target: Path = typer.Argument(..., help="A finished run directo
                  recipe: Optional[str] = typer.Option(None, "--recipe", help="Score on this recipe's data, with "
                                                                              "its teacher."),
                  set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Applies to the recipe used."),
-                 output: Optional[Path] = typer.Option(None, "--output", help="Also write the rows as JSON here.")):
-    """Re-evaluate a finished run's models, or any saved model, and print the same rows a run reports."""
-    from distill.core.evaluation import evaluate
+                 output: Optional[Path] = typer.Option(None, "--output", help="Also write the rows as JSON here."),
+                 lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Score causal LMs on "
+                                                       "lm-evaluation-harness tasks instead (comma-separated names)."),
+                 lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="A directory of "
+                                                                "your own lm-eval YAML tasks."),
+                 lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="At most this many "
+                                                               "documents per task (a fraction if below 1).")):
+    """Re-evaluate a finished run's models, or any saved model, and print the same rows a run reports (with
+    --lm-eval: scored on lm-evaluation-harness tasks instead)."""
+    if lm_eval is None:
+        if lm_eval_include is not None or lm_eval_limit is not None:
+            raise DistillError("--lm-eval-include and --lm-eval-limit go with --lm-eval", field="--lm-eval",
+                               fix="add --lm-eval TASKS, or drop them")
+        from distill.core.evaluation import evaluate
 
-    result = evaluate(target, data=data, recipe=recipe, overrides=set_, output=output)
+        result = evaluate(target, data=data, recipe=recipe, overrides=set_, output=output)
+    else:
+        if data is not None or recipe is not None or set_:
+            raise DistillError("--data, --recipe and --set choose the data of distill's own evaluation; with "
+                               "--lm-eval the tasks are the data", field="--lm-eval",
+                               fix="drop them, or run the two evaluations separately")
+        from distill.lm.harness import evaluate_harness
+
+        result = evaluate_harness(target, lm_eval, include_path=lm_eval_include, limit=lm_eval_limit, output=output)
     _print_result(result, title=f"distill eval: {target}")
     if output is not None:
         console.print(f"rows: {output}")
