@@ -54,7 +54,7 @@ def test_run_directory_holds_everything_a_user_needs(tiny_recipe, write_recipe, 
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     for name in ("recipe.yaml", "metrics.jsonl", "losses.jsonl", "results.json", "report.md", "report.html",
-                 "plots/loss.png", "plots/eval_metric.png", "student/config.json", "student/model.safetensors",
+                 "plots/loss.png", "plots/eval_metric.png", "plots/token_kl.png", "student/config.json", "student/model.safetensors",
                  "student/tokenizer.json", "alone/config.json", "checkpoints/distilled/state.json"):
         assert (run / name).exists(), name
     saved = (run / "recipe.yaml").read_text()
@@ -62,7 +62,8 @@ def test_run_directory_holds_everything_a_user_needs(tiny_recipe, write_recipe, 
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(e["phase"], e["step"]) for e in evals] == [("distilled", 2), ("distilled", 3), ("alone", 2), ("alone", 3)]
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and 'src="http' not in html  # self-contained
+    # self-contained: losses, the eval curves and the per-token histograms
+    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html
     # A saved student is a normal transformers model.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(run / "student")

@@ -168,12 +168,83 @@ def plot_metric(series: dict[str, list[dict]], metric: str, path: Path, *, title
     return path
 
 
+def plot_metrics(series: dict[str, list[dict]], metrics: list[str], path: Path, *,
+                 references: dict[str, float] | None = None) -> Path | None:
+    """One panel per metric against step, one line per series (each trained row's evals), the teacher's
+    value as a dashed line: where each student stands against the teacher, metric by metric."""
+    metrics = [m for m in metrics if any(m in r for records in series.values() for r in records)]
+    if not metrics:
+        return None
+    plt = pyplot()
+    columns = min(len(metrics), 3)
+    rows = -(-len(metrics) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.2 * rows), squeeze=False)
+    for axis, metric in zip(axes.flat, metrics):
+        for name, records in series.items():
+            points = [r for r in records if metric in r and isinstance(r[metric], (int, float))]
+            if points:
+                axis.plot([r["step"] for r in points], [r[metric] for r in points], marker="o", markersize=3,
+                          label=name)
+        if references and references.get(metric) is not None:
+            axis.axhline(references[metric], color="gray", linestyle="--", label="teacher")
+        axis.set(xlabel="step", title=COLUMN_LABELS.get(metric, metric))
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, log_x: bool = False) -> Path | None:
+    """One panel per title, overlaid histograms of each series' values (shared bins), e.g. per-token KL of
+    each model; with `log_x`, logarithmic bins over the positive values."""
+    import numpy as np
+
+    panels = {title: {name: np.asarray(values, dtype=float) for name, values in series.items() if len(values)}
+              for title, series in panels.items()}
+    panels = {title: series for title, series in panels.items() if series}
+    if not panels:
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+    for axis, (title, series) in zip(axes[0], panels.items()):
+        values = np.concatenate(list(series.values()))
+        if log_x:
+            positive = values[values > 0]
+            low, high = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
+            bins = np.geomspace(max(low, 1e-8), max(high, low * 10, 1e-7), 40)
+            axis.set_xscale("log")
+        else:
+            bins = np.linspace(values.min(), max(values.max(), values.min() + 1e-9), 40)
+        for name, data in series.items():
+            data = np.clip(data, bins[0], bins[-1])
+            axis.hist(data, bins=bins, histtype="step", linewidth=1.5,
+                      label=f"{name} (mean {data.mean():.3f}, n={data.size})")
+        axis.set(title=title, ylabel="tokens")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def generation_table(generations: dict[str, list[str]]) -> tuple[list[str], list[list[str]]]:
+    """(header, body) of the example generations: prompt, reference, then each model's answer."""
+    order = ["prompt", "reference", "teacher", "alone", "distilled"]
+    keys = [k for k in order if k in generations] + [k for k in generations if k not in order]
+    count = max(len(v) for v in generations.values())
+    return keys, [[(generations[k][i] if i < len(generations[k]) else "") for k in keys] for i in range(count)]
+
+
 # ---- the writer ----------------------------------------------------------------------------------
 
 def html_page(title: str, body: str) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
             "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+            "td.text{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:260px;font-size:90%}"
             "img{max-width:100%}</style></head><body>" + body + "</body></html>\n")
 
 
@@ -198,23 +269,33 @@ def write_report(run_dir: Path, result, figures: Callable[[Path], list[Path]] | 
     plots_dir.mkdir(exist_ok=True)
     history = read_jsonl(metrics_file)
     phases = {phase: [r for r in history if r["phase"] == phase] for phase in dict.fromkeys(r["phase"] for r in history)}
-    teacher_value = result.rows.get("teacher", {}).get(result.primary_metric)
+    teacher = result.rows.get("teacher", {})
+    recorded = [k for k in dict.fromkeys(k for r in history for k in r) if k not in ("phase", "step")]
+    metrics = [k for k in dict.fromkeys([result.primary_metric, *columns(result.rows, meta), *recorded])
+               if k in recorded and k not in set(meta.get("hidden_columns", ()))]
     plots = [plot_losses(losses, plots_dir / "loss.png"),
-             plot_metric(phases, result.primary_metric, plots_dir / "eval_metric.png",
-                         title=f"eval {result.primary_metric} vs step",
-                         references={"teacher": teacher_value} if teacher_value is not None else None)]
+             plot_metrics(phases, metrics, plots_dir / "eval_metric.png", references=teacher)]
     plots = [p for p in plots if p is not None] + list(figures(plots_dir) if figures else [])
     name = meta.get("name", run_dir.name)
     summary = (f"World size {meta.get('world_size', 1)}; {meta.get('seconds', 0):.0f} s in all. "
                f"{meta.get('rows_note', '')}").strip()
     timing = step_time_line(losses)
     markdown = [f"# distill run `{name}` ({meta.get('task', '')})", "", result.table(), "", summary, timing, ""]
+    generations = generation_table(meta["generations"]) if meta.get("generations") else None
+    if generations:
+        def flat(text):
+            return str(text).replace("|", "\\|").replace("\n", " ")
+        markdown += ["## Example generations", "", "| " + " | ".join(generations[0]) + " |",
+                     "|" + "---|" * len(generations[0])]
+        markdown += ["| " + " | ".join(flat(c) for c in row) + " |" for row in generations[1]] + [""]
     markdown += [f"![{p.stem}](plots/{p.name})" for p in plots]
     atomic_write_text(run_dir / "report.md", "\n".join(markdown) + "\n")
     header, body = table_rows(result.rows, meta)
     paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in [*notes(result.rows, meta), summary, timing] if line)
     recipe = html.escape(json.dumps(meta.get("recipe", {}), indent=1))
+    examples = ("<h2>Example generations</h2>" + html_table(*generations).replace("<td>", "<td class='text'>")
+                if generations else "")
     atomic_write_text(run_dir / "report.html", html_page(
         f"distill: {name}", f"<h1>distill run {html.escape(name)}</h1>" + html_table(header, body) + paragraphs
-        + html_images(plots) + f"<details><summary>recipe</summary><pre>{recipe}</pre></details>"))
+        + examples + html_images(plots) + f"<details><summary>recipe</summary><pre>{recipe}</pre></details>"))
     atomic_write_json(run_dir / "results.json", result.to_json())  # last: marks the run finished

@@ -170,6 +170,20 @@ def _prompt_and_completion(record: dict, tokenizer, index: int, field: str) -> t
                        "`messages`", field=field, fix="rename the columns of your data")
 
 
+def prompt_and_reference(record, tokenizer, index: int) -> tuple[list[int], str, str] | None:
+    """(prompt token ids, reference answer, prompt as text) of an eval row with an answer: `prompt` +
+    `completion`, or chat `messages` (the prompt is every message before the last, as training tokenizes it,
+    with the chat template's generation prompt; the reference is the last message's content; the text is
+    `role: content` lines). None for `text` rows."""
+    if not isinstance(record, dict) or not ({"prompt", "completion"} <= record.keys() or "messages" in record):
+        return None
+    prompt_ids, _ = _prompt_and_completion(record, tokenizer, index, "data.eval")
+    if "messages" in record:
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"][:-1])
+        return prompt_ids, str(record["messages"][-1]["content"]), text
+    return prompt_ids, str(record["completion"]), str(record["prompt"])
+
+
 def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, completion_only: bool,
              append_eos: bool, field: str) -> list[Example]:
     """Examples with labels masked on the prompt (if completion_only) and an EOS appended."""

@@ -12,12 +12,13 @@ from distill.core.metrics import count_parameters, median_seconds, teacher_agree
 
 @torch.no_grad()
 def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size: int, pad_token_id: int,
-                  teacher=None, teacher_cache=None) -> dict[str, float]:
+                  teacher=None, teacher_cache=None, per_token: dict | None = None) -> dict[str, float]:
     """Per completion token: NLL of the data, and with a teacher the top-1 agreement and
     KL(teacher || model), all averaged over every valid token of the eval set.
 
     `teacher_cache` = (TeacherCache, spans of `examples`) stands in for the teacher: agreement
-    with its top-1, and the KL over its top-k + tail buckets (a lower bound of the full KL)."""
+    with its top-1, and the KL over its top-k + tail buckets (a lower bound of the full KL).
+    `per_token`, a dict, receives the values of every token: tensors `nll` and (with a teacher) `kl`."""
     device = next(model.parameters()).device
     nll = agreement = teacher_kl = 0.0
     num_tokens = 0
@@ -30,10 +31,14 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
         token_logprobs = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         nll -= token_logprobs[mask].sum().item()
         num_tokens += int(mask.sum())
+        if per_token is not None:
+            per_token.setdefault("nll", []).append(-token_logprobs[mask].cpu())
         if teacher is not None:
             teacher_logprobs = torch.log_softmax(teacher(**inputs).logits[:, :-1, :vocab_size].float(), -1)
             agreed, kl = teacher_agreement_sums(logprobs[mask], teacher_logprobs[mask])
             agreement, teacher_kl = agreement + agreed, teacher_kl + kl
+            if per_token is not None:
+                per_token.setdefault("kl", []).append(_token_kl(teacher_logprobs[mask], logprobs[mask]))
         elif teacher_cache is not None:
             cache, spans = teacher_cache
             ids, top_logprobs, tail = (t.to(device) for t in cache.batch(spans[start:start + batch_size], mask.cpu()))
@@ -42,6 +47,11 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
             student_buckets = student_topk_tail_logits(logprobs, ids)
             teacher_buckets = teacher_topk_tail_logits(top_logprobs.float(), tail.float())
             teacher_kl += forward_kl(student_buckets, teacher_buckets, mask).item() * int(mask.sum())
+            if per_token is not None:
+                per_token.setdefault("kl", []).append(_token_kl(torch.log_softmax(teacher_buckets[mask], -1),
+                                                                torch.log_softmax(student_buckets[mask], -1)))
+    if per_token is not None:
+        per_token.update({key: torch.cat(values) for key, values in per_token.items()})
     metrics = {"nll": nll / max(num_tokens, 1)}
     if teacher is not None or teacher_cache is not None:
         metrics["teacher_top1_agreement"] = agreement / max(num_tokens, 1)
@@ -49,30 +59,41 @@ def token_metrics(model, examples: list[Example], *, vocab_size: int, batch_size
     return metrics
 
 
+def _token_kl(teacher_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of each token [N] from log-probabilities [N, V]."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1).clamp(min=0).cpu()
+
+
 @torch.no_grad()
-def greedy_completions(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """The model's greedy completion of each record's `prompt`, decoded and stripped."""
+def generate_completions(model, tokenizer, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
+                         temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """The model's completion of each prompt (token ids), decoded and stripped: greedy at temperature 0,
+    else sampled at `temperature` from a seeded generator (the global random state is left as it was)."""
     device = next(model.parameters()).device
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     answers = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        # Prompts of different lengths: left-pad so that every completion starts at one column.
-        encoded = [tokenizer(str(r["prompt"])).input_ids for r in chunk]
-        width = max(map(len, encoded))
-        input_ids = torch.tensor([[pad_token_id] * (width - len(e)) + e for e in encoded])
-        attention_mask = torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None]
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated[:, width:].tolist()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            # Prompts of different lengths: left-pad so that every completion starts at one column.
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in chunk])
+            attention_mask = torch.arange(width) >= torch.tensor([width - len(p) for p in chunk])[:, None]
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, synced_gpus=False, **sampling)
+            answers += [tokenizer.decode(row, skip_special_tokens=True).strip()
+                        for row in generated[:, width:].tolist()]
     return answers
 
 
 def greedy_exact_match(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> float:
     """Fraction of prompt/completion `records` whose greedy completion, decoded and stripped,
     equals the reference completion (stripped). Scored by generating, not by likelihood."""
-    answers = greedy_completions(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    prompts = [tokenizer(str(r["prompt"])).input_ids for r in records]
+    answers = generate_completions(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return exact_match(answers, [str(r["completion"]) for r in records])
 
 
@@ -107,12 +128,15 @@ def generation_tokens_per_second(model, prompt_ids: list[int], new_tokens: int, 
 
 def evaluate_model(model, *, task, tokenizer, eval_records: list[dict], eval_examples: list[Example],
                    vocab_size: int, batch_size: int, generate_size: int, seed: int, teacher=None,
-                   teacher_cache=None, throughput_tokens: int | None = None) -> dict[str, float]:
-    """Every metric of one model; `throughput_tokens` also times generation (final evals)."""
+                   teacher_cache=None, throughput_tokens: int | None = None, per_token: dict | None = None
+                   ) -> dict[str, float]:
+    """Every metric of one model; `throughput_tokens` also times generation (final evals); `per_token` as
+    in `token_metrics`."""
     was_training = model.training
     model.eval()
     metrics = token_metrics(model, eval_examples, vocab_size=vocab_size, batch_size=batch_size,
-                            pad_token_id=tokenizer.pad_token_id or 0, teacher=teacher, teacher_cache=teacher_cache)
+                            pad_token_id=tokenizer.pad_token_id or 0, teacher=teacher, teacher_cache=teacher_cache,
+                            per_token=per_token)
     if task is not None:
         metrics.update(task.evaluate(model, tokenizer, eval_records, batch_size=batch_size,
                                      generate_size=generate_size, seed=seed))

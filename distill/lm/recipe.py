@@ -281,7 +281,13 @@ class EvalSpec(StrictModel):
 
     every: int = Field(100, gt=0, description="Steps between evals (metrics.jsonl).")
     batch_size: int = Field(32, gt=0)
-    generate_size: int = Field(64, ge=0, description="Eval examples scored by generation.")
+    generate_size: int = Field(64, ge=0, description="Eval examples scored by generation (exact match and ROUGE-L "
+                                                     "F1 of the answers of prompt/completion and chat rows).")
+    sample_temperature: float = Field(0.0, ge=0, description="Temperature of those generations: 0 is greedy; > 0 "
+                                                              "samples (seeded by data.seed, the same for every row).")
+    metric: Literal["exact_match", "rouge_l", "nll"] | None = Field(
+        None, description="The primary metric (the verdict and best-eval lines): default exact_match for "
+                          "prompt/completion rows, rouge_l for chat rows, nll for text; a built-in task has its own.")
     throughput_tokens: int = Field(64, gt=0, description="New tokens per sequence when timing generation.")
 
 
@@ -308,6 +314,9 @@ class LMRecipe(RunRecipe):
         if self.student.dtype == "bfloat16" and self.train.precision == "fp16":
             raise ValueError("student.dtype bfloat16 with train.precision fp16 mixes two half precisions: use "
                              "train.precision bf16 (or fp32) with a bfloat16 student")
+        if self.eval.metric is not None and self.data.builtin is not None:
+            raise FieldValueError("eval.metric", f"the built-in task {self.data.builtin} scores with its own metric: "
+                                                 "remove eval.metric")
         if self.data.packing and self.regime.kind not in ("off_policy", "cache"):
             raise FieldValueError("data.packing", f"regime {self.regime.kind} samples a completion for each "
                                   "example's prompt, one sequence per row, so there is nothing to pack: set "

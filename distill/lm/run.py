@@ -77,7 +77,7 @@ class LMSetup:
             self.packing = {"documents": len(self.train_records), "blocks": len(self.train_examples),
                             "fill": tokens / (len(self.train_examples) * recipe.data.max_length)}
         # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
-        self.scorer = self.task or CompletionsScorer.for_records(self.eval_records, self.tokenizer)
+        self.scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.tokenizer)
         self.cache, self.eval_cache, self.teacher = None, None, None
         self.teacher_loaded_sharded = False
         if recipe.regime.kind == "cache":
@@ -95,24 +95,34 @@ class LMSetup:
                                               recipe.teacher.trust_remote_code).eval()
             self.teacher.requires_grad_(False)
         self.vocab_size = len(self.tokenizer)
+        self.token_values: dict[str, dict] = {}  # row -> per-token {nll, kl} of its final evaluation
+        self.generations: dict[str, list[str]] = {}  # row -> its first generated answers
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def evaluate(self, model, final: bool = False) -> dict:
-        """Every metric of `model` on the eval data; `final` also times generation and counts parameters."""
+    def evaluate(self, model, final: bool = False, row: str | None = None) -> dict:
+        """Every metric of `model` on the eval data; `final` also times generation and counts parameters.
+        With `row`, its per-token NLL and KL to the teacher and its first generations are kept for the report."""
         recipe = self.recipe
-        return evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
-                              eval_examples=self.eval_examples, vocab_size=self.vocab_size,
-                              batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                              seed=recipe.data.seed, teacher=self.teacher, teacher_cache=self.eval_cache,
-                              throughput_tokens=recipe.eval.throughput_tokens if final else None)
+        per_token = {} if row is not None else None
+        metrics = evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
+                                 eval_examples=self.eval_examples, vocab_size=self.vocab_size,
+                                 batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                                 seed=recipe.data.seed, teacher=self.teacher, teacher_cache=self.eval_cache,
+                                 throughput_tokens=recipe.eval.throughput_tokens if final else None,
+                                 per_token=per_token)
+        if row is not None:
+            self.token_values[row] = per_token
+            if getattr(self.scorer, "last_answers", None) and recipe.eval.generate_size:
+                self.generations[row] = list(self.scorer.last_answers)
+        return metrics
 
     def teacher_row(self) -> dict:
         """The teacher's row; from a cache, the evaluation made when the cache was built."""
         if self.teacher is not None:
-            return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True)
+            return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True, row="teacher")
         return dict(self.cache.manifest["teacher_eval"])
 
     def meta(self, rows: dict[str, dict]) -> dict:
@@ -127,6 +137,8 @@ class LMSetup:
                 "hidden_columns": ["oracle_entropy"],  # a property of the eval data, the same in every row
                 "notes": notes,
                 **({"packing": self.packing} if self.packing else {}),
+                **({"generations": {**self.scorer.examples(), **self.generations}}
+                   if self.generations else {}),
                 "rows_note": "Rows are evaluated on the same eval data; `alone` is the student trained on hard labels "
                              "with the same init, data order and steps."}
 
@@ -376,7 +388,7 @@ class LMJob(Job):
                 accelerator.wait_for_everyone()
             with gathered_all((model, *teacher_reads)):  # sharded: every process gathers, the main evaluates
                 if self.is_main:
-                    rows[row] = setup.evaluate(on_device(model, accelerator.device).eval(), final=True)
+                    rows[row] = setup.evaluate(on_device(model, accelerator.device).eval(), final=True, row=row)
         with gathered_all(teacher_reads):
             teacher_row = setup.teacher_row() if self.is_main else None
         if not self.is_main:
@@ -388,6 +400,19 @@ class LMJob(Job):
                    if shares else {}),
                 "seconds": time.perf_counter() - self.started}
         return RunResult(run_dir.path, rows, meta)
+
+    def figures(self, plots_dir) -> list:
+        """Per-token histograms of the final evaluations: the NLL of the eval tokens under the teacher, alone and
+        distilled, and each student's KL to the teacher (where a student loses the teacher)."""
+        from distill.core.report import plot_histograms
+
+        values = {row: self.setup.token_values[row] for row in ("teacher", "alone", "distilled")
+                  if row in self.setup.token_values}
+        panels = {"per-token NLL of the eval data (nats)": {row: v["nll"].tolist() for row, v in values.items()},
+                  "per-token KL(teacher || model) (nats)": {row: v["kl"].tolist() for row, v in values.items()
+                                                             if row != "teacher" and "kl" in v}}
+        plot = plot_histograms(panels, plots_dir / "token_kl.png", log_x=True)
+        return [plot] if plot is not None else []
 
     def close(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -170,7 +170,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         num_tokens = sum(s["tokens"] for s in ordered)
         num_bytes = sum(s["bytes"] for s in ordered)
         # The report's teacher row: the teacher is evaluated here, once, so training needs it never.
-        scorer = task or CompletionsScorer.for_records(eval_records, tokenizer)
+        scorer = task or CompletionsScorer.for_eval(recipe.eval, eval_records, tokenizer)
         teacher_eval = evaluate_model(teacher, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
                                       eval_examples=eval_examples, vocab_size=vocab_size,
                                       batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
