@@ -175,3 +175,41 @@ def test_packing_with_a_sampling_regime_is_refused_before_anything_loads(tiny_re
     result = run_cli("run", str(write_recipe(recipe)))
     assert result.returncode == 2
     assert "data.packing" in result.stderr and "off_policy and cache" in result.stderr
+
+
+def test_packed_blocks_cached_then_trained_from_the_cache(tiny_recipe, write_recipe, run_cli, tmp_path):
+    """regime cache with packing: `distill cache` stores the teacher's top-k over the packed blocks (the model
+    sees their position ids), and training from the cache gives the same teacher signal as a live teacher on
+    those blocks (the cached top-1 is the live teacher's argmax at every valid position)."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.lm.data import load_data
+    from distill.lm.recipe import DataSpec
+    from distill.lm.teacher.cache.store import TeacherCache
+
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    rows = [{"text": " ".join(words[(i * j) % len(words)] for j in range(2 + i % 6))} for i in range(30)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"train": str(tmp_path / "corpus.jsonl"), "eval_size": 6, "max_length": 24, "packing": True}
+    recipe = {**tiny_recipe, "data": data, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": 4}}
+    path = write_recipe(recipe)
+    built = run_cli("cache", str(path))
+    assert built.returncode == 0, built.stderr[-3000:]
+    trained = run_cli("run", str(path))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["meta"]["packing"]["blocks"] < 24
+
+    teacher_dir = yaml.safe_load(path.read_text())["teacher"]["path"]
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    _, _, blocks, _ = load_data(DataSpec(**data), tokenizer, None)
+    cache = TeacherCache(str(tmp_path / "cache"))
+    spans = cache.rows_for("train", blocks)
+    batch = collate(blocks, tokenizer.pad_token_id or 0)
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    ids, logprobs, _ = cache.batch(spans, mask)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    with torch.no_grad():
+        live = teacher(**model_inputs(batch), use_cache=False).logits[:, :-1]
+    cached_top1 = ids.gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.equal(cached_top1[mask], live.argmax(-1)[mask])

@@ -184,7 +184,7 @@ def plot_metrics(series: dict[str, list[dict]], metrics: list[str], path: Path, 
             points = [r for r in records if metric in r and isinstance(r[metric], (int, float))]
             if points:
                 axis.plot([r["step"] for r in points], [r[metric] for r in points], marker="o", markersize=3,
-                          label=name)
+                          label=name, color=ROW_COLORS.get(name))
         if references and references.get(metric) is not None:
             axis.axhline(references[metric], color="gray", linestyle="--", label="teacher")
         axis.set(xlabel="step", title=COLUMN_LABELS.get(metric, metric))
@@ -197,9 +197,13 @@ def plot_metrics(series: dict[str, list[dict]], metrics: list[str], path: Path, 
     return path
 
 
-def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, log_x: bool = False) -> Path | None:
+ROW_COLORS = {"teacher": "tab:gray", "alone": "tab:orange", "distilled": "tab:blue"}  # the same row, the same colour
+
+
+def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, log_x: tuple[str, ...] = ()
+                    ) -> Path | None:
     """One panel per title, overlaid histograms of each series' values (shared bins), e.g. per-token KL of
-    each model; with `log_x`, logarithmic bins over the positive values."""
+    each model; panels named in `log_x` get logarithmic bins over the positive values."""
     import numpy as np
 
     panels = {title: {name: np.asarray(values, dtype=float) for name, values in series.items() if len(values)}
@@ -211,7 +215,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, lo
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
     for axis, (title, series) in zip(axes[0], panels.items()):
         values = np.concatenate(list(series.values()))
-        if log_x:
+        if title in log_x:
             positive = values[values > 0]
             low, high = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
             bins = np.geomspace(max(low, 1e-8), max(high, low * 10, 1e-7), 40)
@@ -220,8 +224,8 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, lo
             bins = np.linspace(values.min(), max(values.max(), values.min() + 1e-9), 40)
         for name, data in series.items():
             data = np.clip(data, bins[0], bins[-1])
-            axis.hist(data, bins=bins, histtype="step", linewidth=1.5,
-                      label=f"{name} (mean {data.mean():.3f}, n={data.size})")
+            axis.hist(data, bins=bins, histtype="step", linewidth=1.5, color=ROW_COLORS.get(name),
+                      label=f"{name} (mean {data.mean():.3g}, n={data.size})")
         axis.set(title=title, ylabel="tokens")
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -244,7 +248,7 @@ def html_page(title: str, body: str) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
             "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-            "td.text{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:260px;font-size:90%}"
+            "th.text{text-align:left}td.text{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:260px;font-size:90%}"
             "img{max-width:100%}</style></head><body>" + body + "</body></html>\n")
 
 
@@ -294,6 +298,7 @@ def write_report(run_dir: Path, result, figures: Callable[[Path], list[Path]] | 
     paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in [*notes(result.rows, meta), summary, timing] if line)
     recipe = html.escape(json.dumps(meta.get("recipe", {}), indent=1))
     examples = ("<h2>Example generations</h2>" + html_table(*generations).replace("<td>", "<td class='text'>")
+                .replace("<th>", "<th class='text'>")
                 if generations else "")
     atomic_write_text(run_dir / "report.html", html_page(
         f"distill: {name}", f"<h1>distill run {html.escape(name)}</h1>" + html_table(header, body) + paragraphs
