@@ -200,10 +200,11 @@ def plot_metrics(series: dict[str, list[dict]], metrics: list[str], path: Path, 
 ROW_COLORS = {"teacher": "tab:gray", "alone": "tab:orange", "distilled": "tab:blue"}  # the same row, the same colour
 
 
-def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, log_x: tuple[str, ...] = ()
-                    ) -> Path | None:
+def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, log_x: tuple[str, ...] = (),
+                    log_y: tuple[str, ...] = ()) -> Path | None:
     """One panel per title, overlaid histograms of each series' values (shared bins), e.g. per-token KL of
-    each model; panels named in `log_x` get logarithmic bins over the positive values."""
+    each model; panels named in `log_x` get logarithmic bins over the positive values, those in `log_y` a
+    logarithmic count axis (most tokens easy, a long tail of hard ones)."""
     import numpy as np
 
     panels = {title: {name: np.asarray(values, dtype=float) for name, values in series.items() if len(values)}
@@ -224,7 +225,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, lo
             bins = np.linspace(values.min(), max(values.max(), values.min() + 1e-9), 40)
         for name, data in series.items():
             data = np.clip(data, bins[0], bins[-1])
-            axis.hist(data, bins=bins, histtype="step", linewidth=1.5, color=ROW_COLORS.get(name),
+            axis.hist(data, bins=bins, histtype="step", linewidth=1.5, color=ROW_COLORS.get(name), log=title in log_y,
                       label=f"{name} (mean {data.mean():.3g}, n={data.size})")
         axis.set(title=title, ylabel="tokens")
         axis.legend(fontsize=7)

@@ -408,10 +408,10 @@ class LMJob(Job):
 
         values = {row: self.setup.token_values[row] for row in ("teacher", "alone", "distilled")
                   if row in self.setup.token_values}
-        kl_title = "per-token KL(teacher || model) (nats)"
-        panels = {"per-token NLL of the eval data (nats)": {row: v["nll"].tolist() for row, v in values.items()},
+        nll_title, kl_title = "per-token NLL of the eval data (nats)", "per-token KL(teacher || model) (nats)"
+        panels = {nll_title: {row: v["nll"].tolist() for row, v in values.items()},
                   kl_title: {row: v["kl"].tolist() for row, v in values.items() if row != "teacher" and "kl" in v}}
-        plot = plot_histograms(panels, plots_dir / "token_kl.png", log_x=(kl_title,))
+        plot = plot_histograms(panels, plots_dir / "token_kl.png", log_x=(kl_title,), log_y=(nll_title,))
         return [plot] if plot is not None else []
 
     def close(self) -> None:
