@@ -178,21 +178,28 @@ def plot_metrics(series: dict[str, list[dict]], metrics: list[str], path: Path, 
     plt = pyplot()
     columns = min(len(metrics), 3)
     rows = -(-len(metrics) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 2.9 * rows + 0.5), squeeze=False)
+    legend = {}
     for axis, metric in zip(axes.flat, metrics):
         for name, records in series.items():
             points = [r for r in records if metric in r and isinstance(r[metric], (int, float))]
             if points:
-                axis.plot([r["step"] for r in points], [r[metric] for r in points], marker="o", markersize=3,
-                          label=name, color=ROW_COLORS.get(name))
+                legend[name], = axis.plot([r["step"] for r in points], [r[metric] for r in points], marker="o",
+                                          markersize=3, label=name, color=ROW_COLORS.get(name))
         if references and references.get(metric) is not None:
-            axis.axhline(references[metric], color="gray", linestyle="--", label="teacher")
-        axis.set(xlabel="step", title=COLUMN_LABELS.get(metric, metric))
-        axis.legend(fontsize=7)
+            legend["teacher"] = axis.axhline(references[metric], color="gray", linestyle="--", label="teacher")
+        axis.set_title(COLUMN_LABELS.get(metric, metric), fontsize=10)
+        axis.tick_params(labelsize=8)
     for axis in list(axes.flat)[len(metrics):]:
         axis.set_visible(False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    # one legend for every panel and a fixed layout: tight_layout and a legend per panel would double the
+    # time of the report of a small run
+    figure.legend(list(legend.values()), list(legend), loc="upper center", ncols=len(legend), fontsize=8)
+    figure.supxlabel("step", fontsize=9)
+    top = 1 - 0.45 / figure.get_figheight()
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.5 / figure.get_figheight(), top=top - 0.04,
+                           wspace=0.28, hspace=0.45)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
 
@@ -227,10 +234,12 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, lo
             data = np.clip(data, bins[0], bins[-1])
             axis.hist(data, bins=bins, histtype="step", linewidth=1.5, color=ROW_COLORS.get(name), log=title in log_y,
                       label=f"{name} (mean {data.mean():.3g}, n={data.size})")
-        axis.set(title=title, ylabel="tokens")
+        axis.set_title(title, fontsize=10)
+        axis.set_ylabel("tokens")
+        axis.tick_params(labelsize=8)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.22)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
 
