@@ -33,13 +33,66 @@ def _cli_env() -> dict[str, str]:
 
 
 def run_distill_cli(*args: str, cwd: str | Path | None = None, timeout: float = 300,
-                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m distill ARGS` in a subprocess (one torch thread); text stdout/stderr captured.
+                    env: dict[str, str] | None = None, isolated: bool = False) -> subprocess.CompletedProcess:
+    """`distill ARGS` as a user runs it: exit code, stdout and stderr (a CompletedProcess).
 
-    DistillErrors come back as exit code 2 with `error <field>: <message>\\n  fix: ...` on stderr.
-    Plain function so module- or session-scoped fixtures can call it too (see `run_cli`)."""
-    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], cwd=cwd, env={**_cli_env(), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    In this test process by default (the CLI's own `main`, with argv, the working directory and `env` set
+    for the call, stdout/stderr captured, warnings printed to stderr as a fresh interpreter would, and
+    SystemExit turned into the exit code): a new interpreter per call would spend ~3 s importing torch and
+    transformers, over a minute of the suite. `isolated=True` runs `python -m distill ARGS` in a subprocess
+    (one torch thread) for what only a process of its own shows. DistillErrors come back as exit code 2 with
+    `error <field>: <message>\n  fix: ...` on stderr. Plain function so module- or session-scoped fixtures
+    can call it too (see `run_cli`)."""
+    if isolated:
+        return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], cwd=cwd,
+                              env={**_cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return _run_cli_here([str(a) for a in args], cwd, env or {})
+
+
+def _run_cli_here(args: list[str], cwd, env: dict[str, str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    from distill import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved_argv, saved_cwd, saved_threads = sys.argv, os.getcwd(), torch.get_num_threads()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    code = 0
+    try:
+        os.environ.update(env)
+        sys.argv = ["distill", *args]
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")  # as a fresh interpreter: each warning once per place
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = show
+            try:
+                cli.main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if not isinstance(exit_.code, (int, type(None))):  # the interpreter prints a message code
+                    err.write(f"{exit_.code}\n")
+            except Exception:  # an uncaught error: a traceback and exit code 1, as the interpreter gives
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["distill", *args], code, out.getvalue(), err.getvalue())
 
 
 def launch_two_processes(*distill_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -58,8 +111,8 @@ def launch_two_processes(*distill_args: str, timeout: float = 600) -> subprocess
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """A function `run_cli(*args, cwd=None, env=None)` -> CompletedProcess of `python -m distill ARGS`
-    (`env` adds variables to the subprocess environment)."""
+    """A function `run_cli(*args, cwd=None, env=None, isolated=False)` -> CompletedProcess of `distill ARGS`
+    (`env` adds environment variables for the call; see `run_distill_cli`)."""
     return run_distill_cli
 
 

@@ -90,3 +90,21 @@ def test_bad_rewards_are_refused_before_training(write_recipe, run_cli, tmp_path
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "regime" in done.stderr
         assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_installed_command_imports_a_reward_from_the_current_directory(write_recipe, run_cli, tmp_path):
+    """The `distill` console script (a process of its own, whose sys.path starts at its bin directory, not at
+    the current directory as `python -m distill` does) still finds `module:function` rewards next to the
+    user, and a refused recipe exits 2 without a traceback."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "my_rewards.py").write_text("def wrong_shape(prompts, completions):\n    return [1.0]\n")
+    recipe = write_recipe(_arithmetic_opd(tmp_path, reward="my_rewards:wrong_shape"))
+    command = shutil.which("distill") or str(Path(sys.executable).parent / "distill")
+    done = subprocess.run([command, "run", str(recipe)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "returned" in done.stderr and "Traceback" not in done.stderr  # imported, then refused for its shape

@@ -192,7 +192,8 @@ def test_packed_blocks_cached_then_trained_from_the_cache(tiny_recipe, write_rec
     rows = [{"text": " ".join(words[(i * j) % len(words)] for j in range(2 + i % 6))} for i in range(30)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = {"train": str(tmp_path / "corpus.jsonl"), "eval_size": 6, "max_length": 24, "packing": True}
-    recipe = {**tiny_recipe, "data": data, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": 4}}
+    recipe = {**tiny_recipe, "data": data, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": 4},
+              "train": {**tiny_recipe["train"], "baseline": False}}
     path = write_recipe(recipe)
     built = run_cli("cache", str(path))
     assert built.returncode == 0, built.stderr[-3000:]

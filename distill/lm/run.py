@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import os
+import sys
 import time
 import warnings
 from types import SimpleNamespace
@@ -211,6 +213,9 @@ def resolve_reward(recipe: LMRecipe, setup: LMSetup):
                                fix="use data.builtin: arithmetic, or give `module:function`")
     else:
         module_name, _, function_name = spec.partition(":")
+        # The current directory, as `python -m distill` has it; the `distill` console script's sys.path does not
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             reward_fn = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError, ValueError) as error:
