@@ -113,6 +113,50 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
     build_cache(checked, out=out, k=k, ids=ids, values=values)
 
 
+@app.command()
+def serve(teacher: str = typer.Argument(..., help="A saved causal LM directory, hub id, or builtin:<task>-teacher."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; another than loopback needs "
+                                                               "--api-key-env."),
+          port: int = typer.Option(8000, "--port"),
+          dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+          max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", help="Padded tokens per scoring batch "
+                                                                                  "(concurrent requests share one)."),
+          max_logprobs: int = typer.Option(64, "--max-logprobs", help="The largest prompt_logprobs a request may ask."),
+          api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the "
+                                                    "API key clients must send (Authorization: Bearer KEY)."),
+          name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: TEACHER).")):
+    """Serve a teacher over the OpenAI-compatible API subset vLLM implements for scoring (completions with
+    prompt_logprobs and sampling, /tokenize, /v1/models)."""
+    from distill.lm.teacher.serve import LOOPBACK, TeacherEngine, build_app
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise DistillError(f"unknown dtype `{dtype}`", field="--dtype", fix="use float32, bfloat16 or float16")
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise DistillError(f"the environment variable {api_key_env} is not set", field="--api-key-env",
+                               fix=f"export {api_key_env}=<a secret key> before starting the server")
+    elif host not in LOOPBACK:
+        raise DistillError(f"binding to {host} exposes the teacher beyond this machine without a key",
+                           field="--api-key-env", fix="set --api-key-env VAR (clients send that key), or bind "
+                                                      "--host 127.0.0.1")
+    try:
+        import uvicorn
+    except ImportError:
+        raise DistillError("serving needs fastapi and uvicorn", field="serve",
+                           fix='pip install "distill[serve]"') from None
+    from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    tokenizer = load_tokenizer(teacher, "TEACHER")
+    model = load_causal_lm(teacher, "TEACHER", DTYPES[dtype])
+    engine = TeacherEngine(model, tokenizer, name=name or teacher, max_batch_tokens=max_batch_tokens,
+                           max_logprobs=max_logprobs)
+    console.print(f"serving {engine.name} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level="warning")
+
+
 @app.command("train-teacher")
 def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, arithmetic, digits or mnist5k"),
                           out: str = typer.Option(..., "--out", help="Directory for the trained teacher."),

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import distill
-
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start> {{ m['role'] }} {{ m['content'] }} {{ eos_token }} "
                  "{% endfor %}{% if add_generation_prompt %}<start> assistant {% endif %}")
 

@@ -1,0 +1,127 @@
+"""`distill serve`: a teacher over HTTP in vLLM's form (completions with prompt_logprobs, /tokenize,
+/v1/models), started on 127.0.0.1 and a free port inside each test."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+
+@contextmanager
+def serving(model_dir, *, api_key=None, max_batch_tokens=16384):
+    """The teacher in `model_dir` served by uvicorn on a free loopback port (a thread of this process);
+    yields the base URL."""
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.lm.teacher.serve import TeacherEngine, build_app
+
+    engine = TeacherEngine(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                           name="teacher", max_batch_tokens=max_batch_tokens)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, api_key), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def call(url, body=None, key=None):
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_prompt_logprobs_are_the_models_top_k_in_vllms_form(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    prompts = [[1, 5, 9, 12, 7, 30], [1, 44, 3]]
+    with serving(tiny_lm_dir) as base:
+        models = call(f"{base}/v1/models")
+        answer = call(f"{base}/v1/completions", {"model": "teacher", "prompt": prompts, "max_tokens": 1,
+                                                 "prompt_logprobs": 5, "temperature": 0})
+        tokens = call(f"{base}/tokenize", {"model": "teacher", "prompt": "w1 w2"})
+    assert models["data"][0]["id"] == "teacher" and models["object"] == "list"
+    assert tokens["count"] == len(tokens["tokens"]) >= 2
+    assert len(answer["choices"]) == 2
+    for prompt, choice in zip(prompts, answer["choices"]):
+        entries = choice["prompt_logprobs"]
+        assert entries[0] is None and len(entries) == len(prompt)  # aligned to prompt positions
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+        for t, entry in enumerate(entries[1:]):
+            top = logprobs[t].topk(5)
+            ranked = {int(token): value for token, value in entry.items() if value["rank"] <= 5}
+            assert sorted(ranked) == sorted(top.indices.tolist())
+            for rank, (token, value) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1):
+                assert ranked[token]["rank"] == rank
+                assert ranked[token]["logprob"] == pytest.approx(value, abs=1e-5)
+            actual = entry[str(prompt[t + 1])]  # the prompt's own token is always there, with its rank
+            assert actual["logprob"] == pytest.approx(float(logprobs[t, prompt[t + 1]]), abs=1e-5)
+            assert actual["rank"] == int((logprobs[t] > logprobs[t, prompt[t + 1]]).sum()) + 1
+            assert len(entry) in (5, 6)
+        with torch.no_grad():
+            greedy = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        assert choice["token_ids"] == [greedy]  # max_tokens: 1 at temperature 0
+
+
+def test_concurrent_requests_are_batched_and_answered_alike(tiny_lm_dir):
+    """Requests in flight at once share forward passes; each gets what it gets alone (1e-5)."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 60, (int(n),), generator=generator).tolist() for n in (4, 9, 6, 12, 5, 8, 7, 3)]
+    with serving(tiny_lm_dir, max_batch_tokens=64) as base:
+        def ask(prompt):
+            return call(f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 0, "prompt_logprobs": 3})
+        alone = [ask(p) for p in prompts]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, prompts))
+    for one, other in zip(alone, together):
+        for a, b in zip(one["choices"][0]["prompt_logprobs"][1:], other["choices"][0]["prompt_logprobs"][1:]):
+            assert a.keys() == b.keys()
+            for token in a:
+                assert a[token]["logprob"] == pytest.approx(b[token]["logprob"], abs=1e-5)
+
+
+def test_an_api_key_is_required_when_set(tiny_lm_dir):
+    with serving(tiny_lm_dir, api_key="s3cret") as base:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            call(f"{base}/v1/models")
+        assert refused.value.code == 401
+        assert call(f"{base}/v1/models", key="s3cret")["data"][0]["id"] == "teacher"
+
+
+def test_bad_requests_get_a_clear_answer(tiny_lm_dir):
+    with serving(tiny_lm_dir) as base:
+        for body, words in (({"prompt": [1, 99999], "max_tokens": 0}, "token ids"),
+                            ({"prompt": [1, 2], "max_tokens": 0, "prompt_logprobs": 1000}, "prompt_logprobs"),
+                            ({"model": "other", "prompt": [1, 2]}, "does not exist")):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                call(f"{base}/v1/completions", body)
+            assert words in refused.value.read().decode()
+
+
+def test_serving_beyond_loopback_needs_a_key(run_cli, tiny_lm_dir):
+    result = run_cli("serve", str(tiny_lm_dir), "--host", "0.0.0.0")
+    assert result.returncode == 2 and "--api-key-env" in result.stderr
+    result = run_cli("serve", str(tiny_lm_dir), "--api-key-env", "DISTILL_TEST_UNSET_KEY")
+    assert result.returncode == 2 and "DISTILL_TEST_UNSET_KEY" in result.stderr
