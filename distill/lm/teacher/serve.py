@@ -39,10 +39,11 @@ class _Job:
 def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int, decode) -> list[dict[str, dict]]:
     """vLLM's prompt-logprob entries of one sequence: for each position t (predicting targets[t]), a dict
     token id (a string, as JSON keys are) -> {"logprob", "rank", "decoded_token"} over the top-k tokens and
-    the target token (rank 1 is the most likely; ranks counted with strictly larger log-probabilities + 1)."""
+    the target token, the target first (rank 1 is the most likely; the target's rank counts the tokens whose
+    log-probability is at least its own, so a tie gets the worse rank, as vLLM's `batched_count_greater_than`)."""
     values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
     target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-    target_ranks = (logprobs > target_logprobs[:, None]).sum(-1) + 1
+    target_ranks = (logprobs >= target_logprobs[:, None]).sum(-1)
     entries = []
     for t in range(logprobs.shape[0]):
         entry = {}
@@ -66,7 +67,9 @@ class TeacherEngine:
     def __init__(self, model, tokenizer, *, name: str, max_batch_tokens: int = 16384, max_logprobs: int = 64):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.max_batch_tokens, self.max_logprobs = max_batch_tokens, max_logprobs
-        self.vocab_size = len(tokenizer)
+        # log-probabilities over the model's whole output (its config.vocab_size rows, padding rows included), as
+        # vLLM computes them; token ids are accepted up to that size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_model_len = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.queue: queue.Queue[_Job] = queue.Queue()
@@ -127,7 +130,7 @@ class TeacherEngine:
             input_ids[row, :len(prompt)] = torch.tensor(prompt)
             attention_mask[row, :len(prompt)] = 1
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                            use_cache=False).logits[:, :-1, :self.vocab_size].float()
+                            use_cache=False).logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, -1).cpu()
         return [top_logprobs(logprobs[row, :len(prompt) - 1], torch.tensor(prompt[1:]), k, self.decode)
                 for row, prompt in enumerate(prompts)]
@@ -174,6 +177,8 @@ class Completion(BaseModel):
     n: int = 1
     stop_token_ids: list[int] = []
     add_special_tokens: bool = True
+    echo: bool = False
+    return_token_ids: bool = False
 
 
 class Tokenize(BaseModel):
@@ -198,6 +203,10 @@ def build_app(engine: TeacherEngine, api_key: str | None = None):
             return JSONResponse({"error": {"message": "missing or wrong API key (Authorization: Bearer KEY)",
                                            "type": "invalid_request_error", "code": 401}}, status_code=401)
         return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def openai_error(request: Request, error: HTTPException):  # {"error": {...}} as OpenAI and vLLM answer
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
 
     def refuse(message: str, status: int = 400):
         raise HTTPException(status, detail={"message": message, "type": "invalid_request_error", "code": status})
@@ -232,21 +241,29 @@ def build_app(engine: TeacherEngine, api_key: str | None = None):
             refuse(f"token ids must lie in 0..{engine.vocab_size - 1}")
         if body.prompt_logprobs is not None and not 0 <= body.prompt_logprobs <= engine.max_logprobs:
             refuse(f"prompt_logprobs must lie in 0..{engine.max_logprobs} (--max-logprobs)")
-        if engine.max_model_len and any(len(p) + body.max_tokens > engine.max_model_len for p in prompts):
-            refuse(f"a prompt plus max_tokens exceeds the model's {engine.max_model_len} positions")
+        if body.max_tokens == 0 and not body.echo:
+            refuse("max_tokens 0 needs echo: true (as vLLM: score the prompt, generate nothing)")
+        if engine.max_model_len and any(len(p) > engine.max_model_len for p in prompts):
+            refuse(f"a prompt is longer than the model's {engine.max_model_len} positions")
         scored = engine.score(prompts, body.prompt_logprobs) if body.prompt_logprobs is not None else None
-        choices = []
+        choices, generated = [], 0
         for index, prompt in enumerate(prompts):
-            made = engine.generate(prompt, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+            room = body.max_tokens if not engine.max_model_len else min(body.max_tokens,
+                                                                        engine.max_model_len - len(prompt))
+            made = engine.generate(prompt, max_tokens=room, temperature=body.temperature, top_p=body.top_p,
                                    seed=body.seed, n=body.n, stop_token_ids=body.stop_token_ids) \
-                if body.max_tokens > 0 else [{"token_ids": [], "text": "", "finish_reason": "length"}] * body.n
+                if room > 0 else [{"token_ids": [], "text": "", "finish_reason": "length"}] * body.n
             for sample in made:
-                choices.append({"index": len(choices), "text": sample["text"], "logprobs": None,
-                                "finish_reason": sample["finish_reason"], "stop_reason": None,
-                                "token_ids": sample["token_ids"], "prompt_token_ids": prompt,
-                                "prompt_logprobs": scored[index] if scored is not None else None})
+                generated += len(sample["token_ids"])
+                text = (engine.tokenizer.decode(prompt) if body.echo else "") + sample["text"]
+                choice = {"index": len(choices), "text": text, "logprobs": None,
+                          "finish_reason": sample["finish_reason"], "stop_reason": None,
+                          "prompt_logprobs": scored[index] if scored is not None else None}
+                if body.return_token_ids:  # as vLLM's return_token_ids
+                    choice.update(prompt_token_ids=prompt, token_ids=sample["token_ids"])
+                choices.append(choice)
         prompt_tokens = sum(map(len, prompts))
-        completion_tokens = sum(len(c["token_ids"]) for c in choices)
+        completion_tokens = generated
         return {"id": f"cmpl-distill-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
