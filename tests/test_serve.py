@@ -129,3 +129,73 @@ def test_serving_beyond_loopback_needs_a_key(run_cli, tiny_lm_dir):
     assert result.returncode == 2 and "--api-key-env" in result.stderr
     result = run_cli("serve", str(tiny_lm_dir), "--api-key-env", "DISTILL_TEST_UNSET_KEY")
     assert result.returncode == 2 and "DISTILL_TEST_UNSET_KEY" in result.stderr
+
+
+# ---- the client ------------------------------------------------------------------------------------
+
+def test_the_client_gets_the_caches_top_k_and_tail_from_a_served_teacher(tiny_lm_dir):
+    """What a served teacher gives equals what `distill cache` stores from the same model (teacher_topk):
+    ids equal, log-probabilities within 1e-5, tail within 1e-4 (the tail arrives as 1 - sum of the top-k,
+    the cache takes a logsumexp outside it)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.lm.teacher.cache.build import teacher_topk
+    from distill.lm.teacher.served import ServedClient, topk_tail
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(3, vocab, (int(n),), generator=generator).tolist() for n in (6, 11, 4, 9, 7)]
+    with serving(tiny_lm_dir) as base:
+        one = ServedClient(f"{base}/v1", "teacher", max_in_flight=1)
+        answers = one.prompt_logprobs(sequences, 8)
+        assert ServedClient(f"{base}/v1", "teacher", max_in_flight=3).prompt_logprobs(sequences, 8) == answers
+        assert one.models() == ["teacher"] and one.tokenize("w1 w2")
+    for sequence, entries in zip(sequences, answers):
+        ids, logprobs, tail = topk_tail(entries, sequence, 8, vocab, where="a test sequence")
+        with torch.no_grad():
+            expected = teacher_topk(model(torch.tensor([sequence])).logits[0, :-1], 8)
+        assert torch.equal(ids, expected[0])
+        torch.testing.assert_close(logprobs, expected[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(tail, expected[2], atol=1e-4, rtol=0)
+
+
+def test_an_unreachable_server_fails_after_bounded_retries():
+    from distill.core.errors import DistillError
+    from distill.lm.teacher.served import ServedClient
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = ServedClient(f"http://127.0.0.1:{port}/v1", "teacher", retries=2, backoff_s=0.01, timeout_s=2)
+    started = time.time()
+    with pytest.raises(DistillError) as error:
+        client.prompt_logprobs([[1, 2, 3]], 4)
+    assert time.time() - started < 5
+    assert "after 3 tries" in str(error.value) and "--resume" in error.value.fix
+
+
+def test_a_refused_request_is_not_retried_and_names_the_cause(tiny_lm_dir):
+    from distill.core.errors import DistillError
+    from distill.lm.teacher.served import ServedClient
+
+    with serving(tiny_lm_dir) as base:
+        with pytest.raises(DistillError) as error:
+            ServedClient(f"{base}/v1", "teacher", retries=5, backoff_s=10).prompt_logprobs([[1, 2, 3]], 1000)
+    assert "400" in str(error.value) and "prompt_logprobs" in str(error.value)
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"5": {"logprob": -0.5, "rank": 1}}, "1 of the top-2"),
+    ({"5": {"logprob": float("nan"), "rank": 1}, "6": {"logprob": -2.0, "rank": 2}}, "nan"),
+    ({"5": {"logprob": -0.5, "rank": 1}, "999": {"logprob": -2.0, "rank": 2}}, "beyond the tokenizer"),
+])
+def test_malformed_answers_are_errors_never_zeros(entry, words):
+    from distill.core.errors import DistillError
+    from distill.lm.teacher.served import topk_tail
+
+    with pytest.raises(DistillError) as error:
+        topk_tail([None, entry], [1, 5], 2, 100, where="example 7")
+    assert words in str(error.value) and "example 7" in str(error.value)
+    with pytest.raises(DistillError):
+        topk_tail([None], [1, 5], 2, 100, where="example 7")  # one entry short
