@@ -199,3 +199,18 @@ def test_malformed_answers_are_errors_never_zeros(entry, words):
     assert words in str(error.value) and "example 7" in str(error.value)
     with pytest.raises(DistillError):
         topk_tail([None], [1, 5], 2, 100, where="example 7")  # one entry short
+
+
+def test_a_server_that_tokenizes_differently_is_refused(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    from distill.core.errors import DistillError
+    from distill.lm.tasks.arithmetic import ArithmeticTask
+    from distill.lm.teacher.served import ServedClient, check_same_tokenizer
+
+    with serving(tiny_lm_dir) as base:
+        client = ServedClient(f"{base}/v1", "teacher")
+        check_same_tokenizer(client, AutoTokenizer.from_pretrained(tiny_lm_dir))  # the same: no error
+        with pytest.raises(DistillError) as error:
+            check_same_tokenizer(client, ArithmeticTask().tokenizer())
+    assert error.value.field == "teacher.url" and "first difference" in str(error.value)

@@ -135,3 +135,24 @@ def topk_tail(entries: list[dict | None], sequence: list[int], k: int, vocab_siz
         tail[t] = math.log1p(-mass) if mass < 1 else TAIL_FLOOR
         tail[t] = max(float(tail[t]), TAIL_FLOOR)
     return ids, logprobs, tail
+
+
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "  leading spaces, tabs\tand\nnew lines",
+               "Zahlen 12345 und Ümlaute, 漢字, emoji 🙂", "def f(x):\n    return x ** 2  # code")
+
+
+def check_same_tokenizer(client: ServedClient, tokenizer, field: str = "teacher.url") -> None:
+    """Refuse a served teacher that tokenizes differently from `tokenizer` (the student's): the server's
+    /tokenize of a few probe texts (with and without special tokens) must give the same ids. Different
+    tokenizers need cross-tokenizer KD, not a served teacher."""
+    for text in PROBE_TEXTS:
+        for special in (True, False):
+            served = client.tokenize(text, add_special_tokens=special)
+            local = tokenizer(text, add_special_tokens=special).input_ids
+            if served != local:
+                first = next((i for i, (a, b) in enumerate(zip(served, local)) if a != b), min(len(served), len(local)))
+                raise DistillError(f"the teacher server tokenizes {text!r} (add_special_tokens={special}) as "
+                                   f"{served[:first + 3]}..., the student's tokenizer as {local[:first + 3]}... "
+                                   f"(first difference at token {first})", field=field,
+                                   fix="serve a teacher that uses the student's tokenizer (cross-tokenizer KD is "
+                                       "not a served-teacher feature)")
