@@ -180,9 +180,11 @@ def test_a_refused_request_is_not_retried_and_names_the_cause(tiny_lm_dir):
     from distill.lm.teacher.served import ServedClient
 
     with serving(tiny_lm_dir) as base:
+        started = time.time()
         with pytest.raises(DistillError) as error:
             ServedClient(f"{base}/v1", "teacher", retries=5, backoff_s=10).prompt_logprobs([[1, 2, 3]], 1000)
-    assert "400" in str(error.value) and "prompt_logprobs" in str(error.value)
+        assert time.time() - started < 5  # a retry would have waited 10 s first
+    assert "refused" in str(error.value) and "400" in str(error.value) and "prompt_logprobs" in str(error.value)
 
 
 @pytest.mark.parametrize("entry, words", [

@@ -230,9 +230,9 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, *, lo
             axis.set_xscale("log")
         else:
             bins = np.linspace(values.min(), max(values.max(), values.min() + 1e-9), 40)
-        for name, data in series.items():
-            data = np.clip(data, bins[0], bins[-1])
-            axis.hist(data, bins=bins, histtype="step", linewidth=1.5, color=ROW_COLORS.get(name), log=title in log_y,
+        for name, data in series.items():  # the mean of the values themselves; out-of-range ones drawn at the ends
+            axis.hist(np.clip(data, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.5,
+                      color=ROW_COLORS.get(name), log=title in log_y,
                       label=f"{name} (mean {data.mean():.3g}, n={data.size})")
         axis.set_title(title, fontsize=10)
         axis.set_ylabel("tokens")

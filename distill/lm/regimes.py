@@ -62,13 +62,12 @@ class StudentView:
 
     def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         with self.autocast():
-            return self.engine(input_ids=input_ids, attention_mask=attention_mask,
-                               **({"position_ids": position_ids} if position_ids is not None else {}))
+            return self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
     def logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         with self.autocast():
-            output = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                 **({"position_ids": position_ids} if position_ids is not None else {}))
+            output = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False)
             return self.head(output) if self.head is not None else output.logits
 
     def base_logits(self, input_ids, attention_mask) -> torch.Tensor:

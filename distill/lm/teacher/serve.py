@@ -14,6 +14,7 @@ tokens) into one forward pass. Bound to a non-loopback address the server requir
 """
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOGPROB_FLOOR = -9999.0  # vLLM's JSON stand-in for a log-probability of -inf
 
 
 @dataclass
@@ -41,7 +43,7 @@ def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int, decode) 
     token id (a string, as JSON keys are) -> {"logprob", "rank", "decoded_token"} over the top-k tokens and
     the target token, the target first (rank 1 is the most likely; the target's rank counts the tokens whose
     log-probability is at least its own, so a tie gets the worse rank, as vLLM's `batched_count_greater_than`)."""
-    values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = logprobs.topk(k, dim=-1)
     target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
     target_ranks = (logprobs >= target_logprobs[:, None]).sum(-1)
     entries = []
@@ -57,8 +59,8 @@ def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int, decode) 
 
 
 def _finite(value: float) -> float:
-    """-inf (a token the model rules out) as vLLM writes it into JSON: -9999.0."""
-    return value if math.isfinite(value) else -9999.0
+    """-inf (a token the model rules out) as vLLM writes it into JSON (`clamp_prompt_logprobs`)."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
 
 
 class TeacherEngine:
@@ -77,7 +79,9 @@ class TeacherEngine:
         self.worker = threading.Thread(target=self._work, daemon=True, name="distill-serve-scorer")
         self.worker.start()
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (one engine per server: it lives as long as the process)
     def decode(self, token: int) -> str:
+        """A token's text (`decoded_token`): asked (k + 1) times per scored position, so remembered."""
         return self.tokenizer.decode([token])
 
     # ---- scoring -------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from distill.core.errors import DistillError
-
-TAIL_FLOOR = -9999.0  # the log of a mass too small to write (vLLM writes -inf log-probabilities so)
+from distill.lm.teacher.serve import LOGPROB_FLOOR as TAIL_FLOOR  # the log of a mass too small to write
 
 
 class ServedClient:
@@ -132,8 +131,7 @@ def topk_tail(entries: list[dict | None], sequence: list[int], k: int, vocab_siz
         ids[t] = torch.tensor([token for _, token, _ in top])
         logprobs[t] = torch.tensor([value for _, _, value in top], dtype=torch.float32)
         mass = sum(math.exp(value) for _, _, value in top)
-        tail[t] = math.log1p(-mass) if mass < 1 else TAIL_FLOOR
-        tail[t] = max(float(tail[t]), TAIL_FLOOR)
+        tail[t] = max(math.log1p(-mass), TAIL_FLOOR) if mass < 1 else TAIL_FLOOR
     return ids, logprobs, tail
 
 
