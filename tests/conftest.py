@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,6 +111,46 @@ def launch_two_processes(*distill_args: str, timeout: float = 600) -> subprocess
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "--main_process_port", str(port), "-m", "distill", *map(str, distill_args)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+@contextmanager
+def serving(model_dir, *, api_key=None, max_batch_tokens=16384, port=None, exit_after_scoring=None, name="teacher"):
+    """The teacher at `model_dir` (a directory or `builtin:` name) served by `distill serve`'s app under uvicorn on
+    127.0.0.1 (a free port, or `port`), in a thread of this process; yields the base URL (no /v1).
+    `exit_after_scoring=N`: the server shuts down after answering N scoring requests, as a server that dies."""
+    import uvicorn
+
+    from distill.lm.models import load_causal_lm, load_tokenizer
+    from distill.lm.teacher.serve import TeacherEngine, build_app
+
+    engine = TeacherEngine(load_causal_lm(str(model_dir), "teacher"), load_tokenizer(str(model_dir), "teacher"),
+                           name=name, max_batch_tokens=max_batch_tokens)
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    app = build_app(engine, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    if exit_after_scoring is not None:
+        score, answered = engine.score, []
+
+        def counted(*args, **kwargs):
+            result = score(*args, **kwargs)
+            answered.append(1)
+            if len(answered) >= exit_after_scoring:
+                server.should_exit = True
+            return result
+        engine.score = counted
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

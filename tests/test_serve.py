@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 import torch
 
-
-@contextmanager
-def serving(model_dir, *, api_key=None, max_batch_tokens=16384):
-    """The teacher in `model_dir` served by uvicorn on a free loopback port (a thread of this process);
-    yields the base URL."""
-    import uvicorn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distill.lm.teacher.serve import TeacherEngine, build_app
-
-    engine = TeacherEngine(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir),
-                           name="teacher", max_batch_tokens=max_batch_tokens)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, api_key), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+from conftest import serving
 
 
 def call(url, body=None, key=None):

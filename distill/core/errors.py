@@ -16,6 +16,11 @@ class DistillError(Exception):
         return f"{head}\n  fix: {self.fix}" if self.fix else head
 
 
+class InterruptedRun(DistillError):
+    """Something outside the run failed mid-way (e.g. a served teacher stopped answering): what was
+    checkpointed is kept, and `--resume` continues once the cause is fixed."""
+
+
 class FieldValueError(ValueError):
     """A recipe validator's complaint about one field below the model it validates (`field`, dotted),
     so that the error names e.g. `objective.beta` rather than just `objective`."""

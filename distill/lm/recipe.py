@@ -13,13 +13,54 @@ from distill.core.recipe import RunRecipe, StrictModel
 
 
 class TeacherSpec(StrictModel):
-    """The model whose distribution the student learns."""
+    """The model whose distribution the student learns: a model loaded here (`path`), or one served by an
+    inference engine (`url`: vLLM's OpenAI-compatible API, or `distill serve`), whose top-k log-probabilities
+    of every token arrive over HTTP (docs/served_teacher_protocol.md)."""
 
-    path: str = Field(description="Local directory, hub id, or `builtin:<task>-teacher`.")
+    path: str | None = Field(None, description="Local directory, hub id, or `builtin:<task>-teacher`. With `url`: "
+                                               "where the teacher's tokenizer and config are read (its weights "
+                                               "are not loaded); default the student's (student.path).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="The teacher's own dtype; losses always compute in float32.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (models "
                                                        "transformers does not ship); only for code you trust.")
+    url: str | None = Field(None, description="A served teacher: the server's OpenAI-compatible base URL, e.g. "
+                                              "http://127.0.0.1:8000/v1 (`vllm serve` or `distill serve`).")
+    model: str | None = Field(None, description="url: the served model's name (default: the server's only one).")
+    top_k: int = Field(20, gt=0, description="url: log-probabilities per token asked of the server (vLLM's "
+                                             "prompt_logprobs; its --max-logprobs must allow it); the rest of "
+                                             "the distribution is one tail bucket.")
+    sparse: Literal["tail", "renormalize"] = Field(
+        "tail", description="url: compare over top-k + one tail bucket (proper distributions), or renormalise the "
+                            "teacher's top-k to 1 (as regime.sparse of a cache).")
+    api_key_env: str | None = Field(None, description="url: the environment variable holding the server's API key "
+                                                      "(sent as a Bearer token; never written anywhere).")
+    timeout_s: float = Field(120.0, gt=0, description="url: seconds one request may take before it is retried.")
+    retries: int = Field(3, ge=0, description="url: retries of a failed request (doubling backoff from "
+                                              "backoff_s), after which the run stops; --resume continues it.")
+    backoff_s: float = Field(1.0, ge=0, description="url: the first retry's wait in seconds.")
+    max_in_flight: int = Field(2, gt=0, description="url: concurrent requests; the next micro-batches are asked "
+                                                    "for while the student trains on this one.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if self.path is None and self.url is None:
+            raise FieldValueError("path", "give `teacher.path` (a model loaded here) or `teacher.url` (a served "
+                                          "teacher, e.g. http://127.0.0.1:8000/v1)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise FieldValueError("url", f"`{self.url}` is not an http(s) URL: give the server's base URL, e.g. "
+                                         "http://127.0.0.1:8000/v1")
+        served = ("model", "api_key_env", "top_k", "sparse", "timeout_s", "retries", "backoff_s", "max_in_flight")
+        # (compared with the defaults, not model_fields_set: a recipe re-validated from its dump sets every field)
+        unused = [key for key in served if self.url is None and getattr(self, key) != type(self).model_fields[key].default]
+        if unused:
+            raise FieldValueError(unused[0], f"`teacher.{unused[0]}` is a setting of a served teacher: add "
+                                             "teacher.url, or remove it")
+        return self
+
+    @property
+    def served(self) -> bool:
+        return self.url is not None
 
 
 class LoraSpec(StrictModel):
@@ -321,6 +362,15 @@ class LMRecipe(RunRecipe):
             raise FieldValueError("data.packing", f"regime {self.regime.kind} samples a completion for each "
                                   "example's prompt, one sequence per row, so there is nothing to pack: set "
                                   "data.packing false (packing applies to regimes off_policy and cache)")
+        if self.teacher.served:
+            if self.teacher.path is None and self.student.path is None:
+                raise FieldValueError("teacher.path", "a served teacher's tokenizer and config are read from "
+                                      "teacher.path (a directory with them; its weights are not loaded) or, without "
+                                      "it, from student.path: give one of them")
+            if self.regime.rsd_threshold > 0:
+                raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
+                                      "distribution at every token it proposes, in step with the student: not "
+                                      "available from a served teacher (use teacher.path, or rsd_threshold 0)")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")

@@ -132,7 +132,14 @@ class Distill:
 
     def micro_batch(self, examples: list[Example], indices: list[int], student: StudentView, *, step: int,
                     micro: int, rank: int) -> MicroBatch:
-        return MicroBatch(_collate(examples, indices, student.pad_token_id))
+        return self._made(MicroBatch(_collate(examples, indices, student.pad_token_id)))
+
+    def _made(self, batch: MicroBatch) -> MicroBatch:
+        """A served teacher starts scoring the micro-batch now: the server works while the student trains."""
+        teacher = getattr(self, "teacher_model", None) or self.teacher
+        if hasattr(teacher, "prefetch") and (self.objective.uses_teacher or self.kind == "opd"):
+            teacher.prefetch(batch.tensors)
+        return batch
 
     def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
         signal, seconds = None, 0.0
@@ -175,21 +182,23 @@ class OnPolicy(Distill):
     def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
         generation = self.draw(examples, student, sampling_generator(student.seed, step, micro, rank))
         if generation is None:
-            return MicroBatch(_collate(examples, indices, student.pad_token_id))
-        return MicroBatch(_collate(generation.to_examples(), indices, student.pad_token_id), **_sampled(generation))
+            return self._made(MicroBatch(_collate(examples, indices, student.pad_token_id)))
+        return self._made(MicroBatch(_collate(generation.to_examples(), indices, student.pad_token_id),
+                                     **_sampled(generation)))
 
 
 class OPD(Distill):
     """On-policy distillation as RL (distill/losses/policy.py): batch_size / group_size prompts, each
     completed group_size times by the student; per-token reward scale * (log p_T - log p_ref) - (log p_S -
     log p_ref) with the reference the initial student (unused at scale 1; `"base"`: a LoRA student's base,
-    adapters disabled), plus an optional verifiable sequence reward centred within each group."""
+    adapters disabled), plus an optional verifiable sequence reward centred within each group. `teacher` is a
+    causal LM, or a served teacher (its `token_logprobs`)."""
 
     kind = "opd"
     samples = True
     full_logits = True
 
-    def __init__(self, objective: TokenObjective, teacher: torch.nn.Module, sampling: Sampling, *, scale: float = 1.0,
+    def __init__(self, objective: TokenObjective, teacher, sampling: Sampling, *, scale: float = 1.0,
                  reference: torch.nn.Module | str | None = None,
                  reward_fn: Callable[[list[str], list[str]], list[float]] | None = None, reward_weight: float = 1.0,
                  group_size: int = 1, decode: Callable[[list[int]], str] | None = None):
@@ -208,7 +217,7 @@ class OPD(Distill):
             rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
             reward = float(rewards.mean()) / student.grad_accum  # the step's mean over micro-batches
             tensors["sequence_advantage"] = group_advantages(rewards, self.group_size)
-        return MicroBatch(tensors, sequence_reward=reward, **_sampled(generation))
+        return self._made(MicroBatch(tensors, sequence_reward=reward, **_sampled(generation)))
 
     def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -222,7 +231,10 @@ class OPD(Distill):
         student_logprobs = sampled_logprobs(student.logits(**inputs))
         started = time.perf_counter()
         with torch.no_grad():
-            teacher = sampled_logprobs(self.teacher_model(**inputs).logits)
+            if hasattr(self.teacher_model, "token_logprobs"):  # a served teacher: the sampled tokens' log-probs
+                teacher = self.teacher_model.token_logprobs(batch)
+            else:
+                teacher = sampled_logprobs(self.teacher_model(**inputs).logits)
             reference = None
             if self.reference == "base":
                 reference = sampled_logprobs(student.base_logits(**inputs))

@@ -31,9 +31,10 @@ from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, lo
                                  on_device, shard_causal_lm, sharding_applies)
 from distill.lm.tasks import get_task
 from distill.lm.tasks.completions import CompletionsScorer
-from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identity_differences, teacher_identity,
-                                            tokenizer_sha256)
+from distill.lm.teacher.cache.store import (CachedTeacher, TeacherCache, identity_differences,
+                                            recipe_teacher_identity, tokenizer_sha256)
 from distill.lm.teacher.live import LiveTeacher
+from distill.lm.teacher.served import ServedTeacher, connect, served_row
 from distill.lm.teacher.sequences import teacher_sequences
 from distill.lm.trainer import LMTrainer, check_precision, fsdp_param_dtype
 
@@ -70,7 +71,11 @@ class LMSetup:
         self.recipe = recipe
         self.accelerator = accelerator or make_accelerator()
         self.task = get_task(recipe.data.builtin) if recipe.data.builtin else None
-        self.tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path", recipe.teacher.trust_remote_code)
+        spec = recipe.teacher
+        # A served teacher's tokenizer: a local copy (teacher.path, no weights needed), or else the student's.
+        source, source_field = ((spec.path, "teacher.path") if spec.path is not None or not spec.served
+                                else (recipe.student.path, "student.path"))
+        self.tokenizer = load_tokenizer(source, source_field, spec.trust_remote_code)
         self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
             recipe.data, self.tokenizer, self.task)
         self.packing = None
@@ -80,11 +85,13 @@ class LMSetup:
                             "fill": tokens / (len(self.train_examples) * recipe.data.max_length)}
         # What scores a model beyond nll: the built-in task, or greedy exact match on prompt/completion files.
         self.scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.tokenizer)
-        self.cache, self.eval_cache, self.teacher = None, None, None
+        self.cache, self.eval_cache, self.teacher, self.served = None, None, None, None
         self.teacher_loaded_sharded = False
         if recipe.regime.kind == "cache":
             self.cache, self.train_spans = open_cache(recipe, self.tokenizer, self.train_examples)
             self.eval_cache = (self.cache, self.cache.rows_for("eval", self.eval_examples, field="data.eval"))
+        elif need_teacher and spec.served:  # checked now: the server answers, with the student's tokenizer
+            self.served = ServedTeacher(connect(spec, self.tokenizer), spec.top_k, len(self.tokenizer), spec.sparse)
         elif need_teacher:
             # Sharded runs read each process's rows of the teacher only (a teacher larger than one process's
             # memory fits across processes); sequence KD generates with the whole teacher first.
@@ -109,6 +116,8 @@ class LMSetup:
         With `row`, its per-token NLL and KL to the teacher and its first generations are kept for the report."""
         recipe = self.recipe
         per_token = {} if row is not None else None
+        if self.served is not None and self.eval_cache is None:  # the served teacher's top-k of the eval data, once
+            self.eval_cache = self.served.table(self.eval_examples, recipe.eval.batch_size, self.pad_token_id)
         metrics = evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
                                  eval_examples=self.eval_examples, vocab_size=self.vocab_size,
                                  batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
@@ -125,12 +134,26 @@ class LMSetup:
         """The teacher's row; from a cache, the evaluation made when the cache was built."""
         if self.teacher is not None:
             return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True, row="teacher")
+        if self.served is not None:
+            recipe = self.recipe
+            row, answers = served_row(self.served, scorer=self.scorer, records=self.eval_records, examples=self.eval_examples,
+                             tokenizer=self.tokenizer, batch_size=recipe.eval.batch_size,
+                             generate_size=recipe.eval.generate_size, temperature=recipe.eval.sample_temperature,
+                             seed=recipe.data.seed, per_token=(per_token := {}))
+            self.token_values["teacher"] = per_token
+            if answers and isinstance(self.scorer, CompletionsScorer):
+                self.generations["teacher"] = answers
+            return row
         return dict(self.cache.manifest["teacher_eval"])
 
     def meta(self, rows: dict[str, dict]) -> dict:
         """What the rows mean (results.json `meta`)."""
         entropy = next((row["oracle_entropy"] for row in rows.values() if "oracle_entropy" in row), None)
         notes = [f"oracle entropy (the floor of any model's nll): {entropy:.4f} nats/token"] if entropy is not None else []
+        if self.served is not None:
+            notes.append(f"teacher served at {self.recipe.teacher.url} (model {self.served.client.model}, top-"
+                         f"{self.served.k}): its row holds what the server measures (nll, generated answers); the "
+                         "students' teacher_kl is over its top-k + tail")
         if self.packing:
             notes.append(f"packed {self.packing['documents']} training examples into {self.packing['blocks']} blocks "
                          f"of {self.recipe.data.max_length} tokens ({self.packing['fill']:.0%} filled)")
@@ -151,8 +174,7 @@ def open_cache(recipe: LMRecipe, tokenizer, train_examples) -> tuple[TeacherCach
     regime = recipe.regime
     cache = TeacherCache(regime.path, k=regime.k if "k" in regime.model_fields_set else None)
     built = cache.manifest["identity"]
-    current = {"tokenizer_sha256": tokenizer_sha256(tokenizer),
-               "teacher": teacher_identity(resolve_model_path(recipe.teacher.path, "teacher.path"))}
+    current = {"tokenizer_sha256": tokenizer_sha256(tokenizer), "teacher": recipe_teacher_identity(recipe.teacher)}
     differences = identity_differences({k: built[k] for k in current}, current)
     if differences:
         raise DistillError(f"the cache at `{regime.path}` was built with another {', '.join(differences)} than "
@@ -325,8 +347,10 @@ class LMJob(Job):
         recipe, setup, device = self.recipe, self.setup, self.accelerator.device
         regime, kind, examples = recipe.regime, recipe.regime.kind, setup.train_examples
         objective = self.objective(recipe.objective)
-        teacher = (CachedTeacher(setup.cache, setup.train_spans, regime.sparse) if setup.cache is not None
-                   else LiveTeacher(setup.teacher))
+        if setup.cache is not None:
+            teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)
+        else:
+            teacher = setup.served or LiveTeacher(setup.teacher)
         if kind == "on_policy":
             return OnPolicy(objective, teacher, self.sampling), examples
         if kind == "self":
@@ -343,14 +367,14 @@ class LMJob(Job):
                 reference = ("base" if recipe.student.lora is not None
                              else copy.deepcopy(self.student).eval().requires_grad_(False).to(device))
             tokenizer = setup.tokenizer
-            return OPD(objective, setup.teacher, self.sampling, scale=regime.scale, reference=reference,
+            return OPD(objective, setup.served or setup.teacher, self.sampling, scale=regime.scale, reference=reference,
                        reward_fn=self.reward_fn, reward_weight=regime.reward_weight, group_size=regime.group_size,
                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)), examples
         if kind == "sequence":  # the teacher's completions, generated once (resumable)
             filtering = regime.rsd_threshold > 0
             if filtering:
                 self.student.to(device)  # it filters the teacher's proposals
-            examples = teacher_sequences(setup.teacher, examples, self.sampling, run_dir.path,
+            examples = teacher_sequences(setup.served or setup.teacher, examples, self.sampling, run_dir.path,
                                          accelerator=self.accelerator, pad_token_id=setup.pad_token_id,
                                          vocab_size=setup.vocab_size, seed=recipe.data.seed,
                                          batch_size=recipe.eval.batch_size, student=self.student if filtering else None)
@@ -420,4 +444,6 @@ class LMJob(Job):
         return [plot] if plot is not None else []
 
     def close(self) -> None:
+        if self.setup.served is not None:
+            self.setup.served.close()
         self.accelerator.wait_for_everyone()

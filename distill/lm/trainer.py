@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.core.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, simulate_crash_after
-from distill.core.errors import DistillError
+from distill.core.errors import DistillError, InterruptedRun
 from distill.core.rundir import RunDirectory
 from distill.lm.data import IGNORE_INDEX, BatchOrder, Example
 from distill.lm.models import is_peft, set_activation_checkpointing, transformers_model
@@ -155,7 +155,6 @@ class LMTrainer:
     def fit(self, resume: bool = False) -> None:
         """Train to `spec.steps` (from the phase's checkpoint if `resume` finds one)."""
         spec, accelerator = self.spec, self.accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
         order = BatchOrder(len(self.examples), spec.seed)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.checkpoint_dir)) is not None:
@@ -171,75 +170,88 @@ class LMTrainer:
         progress = tqdm(total=spec.steps, initial=step, desc=self.phase, disable=not accelerator.is_main_process,
                         dynamic_ncols=True, leave=False)
         while step < spec.steps:
-            started = time.perf_counter()
-            micro_batches, timing = [], StepTiming()
-            # Sharded, sampling runs on gathered weights: processes draw different lengths, out of step.
-            with gathered(self.student.model) if self.sharded and self.regime.samples else nullcontext():
-                for micro in range(spec.grad_accum):
-                    indices = order.take(position, spec.batch_size * world)
-                    position += spec.batch_size * world
-                    mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
-                    made = self.regime.micro_batch([self.examples[i] for i in mine], mine, self.student, step=step,
-                                                   micro=micro, rank=rank)
-                    timing.add(made)
-                    micro_batches.append(made.tensors)
-            # The loss is a mean over every valid token of the accumulated batch on all processes.
-            local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-            num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
-            totals, teacher_seconds = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "entropy": 0.0}, 0.0
-            for index, batch in enumerate(micro_batches):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.engine):
-                    result = self.regime.loss(batch, self.student, max(num_valid_tokens, 1))
-                    # DDP averages gradients over processes; the loss is already a global mean.
-                    scaled = result.loss * world
-                    accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
-                teacher_seconds += result.teacher_seconds
-                for key, value in result.parts.items():
-                    totals[key] += value
-            totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum"))
-                      for k, v in totals.items()}
-            self.regime.objective.end_step(totals["kd"], progress=(step + 1) / spec.steps)
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grad_norm = self._clip()
-            # fp16: an overflow in the gradients makes the scaler skip the step and lower its scale
-            overflow = self.scaler is not None and not math.isfinite(grad_norm)
-            if not math.isfinite(totals["loss"]) or not (math.isfinite(grad_norm) or overflow):
-                where = (f"the last good checkpoint is step {last_checkpoint} in {self.checkpoint_dir}"
+            try:
+                step, position, last_checkpoint = self._step(step, position, last_checkpoint, order, progress)
+            except InterruptedRun as error:  # e.g. a served teacher stopped answering: say what is kept
+                where = (f"its last checkpoint (step {last_checkpoint}) is in {self.checkpoint_dir}"
                          if last_checkpoint is not None else "no checkpoint was written yet")
-                raise DistillError(f"{self.phase}: the loss became non-finite at step {step + 1} "
-                                   f"(loss={totals['loss']}, grad norm={grad_norm}); training stopped and {where}",
-                                   field="train.lr", fix="lower train.lr or raise objective.temperature, then run "
-                                                         "again (with --resume to continue from the checkpoint)")
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * world
-            step_seconds = time.perf_counter() - started
-            tokens_per_second = tokens / max(step_seconds, 1e-9)
-            progress.update(1)
-            progress.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
-            if step % spec.log_every == 0 or step == spec.steps:
-                self.run_dir.log_losses({
-                    "phase": self.phase, "step": step, **totals, "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm, "fused_loss": self.student.head is not None,
-                    **(timing.record() if self.regime.samples else {}), "tokens_per_second": tokens_per_second,
-                    "step_seconds": step_seconds, "teacher_seconds": teacher_seconds})
-            if step % self.eval_every == 0 or step == spec.steps:
-                self._run_eval(step)
-            if step % spec.checkpoint_every == 0 or step == spec.steps:
-                self._checkpoint(step, position)
-                last_checkpoint = step
-                simulate_crash_after(step)
+                raise InterruptedRun(f"{self.phase}: training stopped at step {step + 1}: {error.message}; {where}",
+                                     field=error.field, fix=error.fix) from None
         progress.close()
         if self.spec.gradient_checkpointing:
             set_activation_checkpointing(transformers_model(self.model), False)
+
+    def _step(self, step: int, position: int, last_checkpoint: int | None, order, progress):
+        """One optimizer step (and its log, eval, checkpoint); returns (step, position, last checkpoint)."""
+        spec, accelerator = self.spec, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        started = time.perf_counter()
+        micro_batches, timing = [], StepTiming()
+        # Sharded, sampling runs on gathered weights: processes draw different lengths, out of step.
+        with gathered(self.student.model) if self.sharded and self.regime.samples else nullcontext():
+            for micro in range(spec.grad_accum):
+                indices = order.take(position, spec.batch_size * world)
+                position += spec.batch_size * world
+                mine = indices[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                made = self.regime.micro_batch([self.examples[i] for i in mine], mine, self.student, step=step,
+                                               micro=micro, rank=rank)
+                timing.add(made)
+                micro_batches.append(made.tensors)
+        # The loss is a mean over every valid token of the accumulated batch on all processes.
+        local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))
+        totals, teacher_seconds = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "entropy": 0.0}, 0.0
+        for index, batch in enumerate(micro_batches):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.engine):
+                result = self.regime.loss(batch, self.student, max(num_valid_tokens, 1))
+                # DDP averages gradients over processes; the loss is already a global mean.
+                scaled = result.loss * world
+                accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
+            teacher_seconds += result.teacher_seconds
+            for key, value in result.parts.items():
+                totals[key] += value
+        totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum"))
+                  for k, v in totals.items()}
+        self.regime.objective.end_step(totals["kd"], progress=(step + 1) / spec.steps)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip()
+        # fp16: an overflow in the gradients makes the scaler skip the step and lower its scale
+        overflow = self.scaler is not None and not math.isfinite(grad_norm)
+        if not math.isfinite(totals["loss"]) or not (math.isfinite(grad_norm) or overflow):
+            where = (f"the last good checkpoint is step {last_checkpoint} in {self.checkpoint_dir}"
+                     if last_checkpoint is not None else "no checkpoint was written yet")
+            raise DistillError(f"{self.phase}: the loss became non-finite at step {step + 1} "
+                               f"(loss={totals['loss']}, grad norm={grad_norm}); training stopped and {where}",
+                               field="train.lr", fix="lower train.lr or raise objective.temperature, then run "
+                                                     "again (with --resume to continue from the checkpoint)")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * world
+        step_seconds = time.perf_counter() - started
+        tokens_per_second = tokens / max(step_seconds, 1e-9)
+        progress.update(1)
+        progress.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+        if step % spec.log_every == 0 or step == spec.steps:
+            self.run_dir.log_losses({
+                "phase": self.phase, "step": step, **totals, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "fused_loss": self.student.head is not None,
+                **(timing.record() if self.regime.samples else {}), "tokens_per_second": tokens_per_second,
+                "step_seconds": step_seconds, "teacher_seconds": teacher_seconds})
+        if step % self.eval_every == 0 or step == spec.steps:
+            self._run_eval(step)
+        if step % spec.checkpoint_every == 0 or step == spec.steps:
+            self._checkpoint(step, position)
+            last_checkpoint = step
+            simulate_crash_after(step)
+        return step, position, last_checkpoint
 
     def _clip(self) -> float:
         """The total gradient norm (over every process's shards when sharded), clipped to max_grad_norm."""

@@ -33,7 +33,8 @@ STOP_AFTER_CHUNKS_ENV = "DISTILL_SEQUENCE_STOP_AFTER_CHUNKS"
 
 def teacher_sequences(teacher, examples: list[Example], settings: Sampling, run_dir: Path, *, accelerator,
                       pad_token_id: int, vocab_size: int, seed: int, batch_size: int, student=None) -> list[Example]:
-    """The examples with their completions replaced by the teacher's (same ids, same prompts).
+    """The examples with their completions replaced by the teacher's (same ids, same prompts). `teacher` is a
+    causal LM, or a served teacher (its `complete`: the server samples).
 
     With `student` and `settings.filter_threshold > 0`, teacher tokens the student gives less than the
     threshold are replaced by student samples (reverse speculative decoding)."""
@@ -61,6 +62,18 @@ def teacher_sequences(teacher, examples: list[Example], settings: Sampling, run_
         lines = []
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
+            if hasattr(teacher, "complete"):  # a served teacher generates on its server (seeded per request)
+                began = time.perf_counter()
+                completions = teacher.complete([prompt_of(e) for e in batch], max_tokens=settings.max_new_tokens,
+                                               temperature=settings.temperature, top_p=settings.top_p,
+                                               seed=int(generator.initial_seed() % 2**31) + start,
+                                               eos_token_id=settings.eos_token_id)
+                tokens, seconds = tokens + sum(map(len, completions)), seconds + time.perf_counter() - began
+                for example, completion in zip(batch, completions):
+                    lines.append(json.dumps({"id": example.id, "prompt_ids": prompt_of(example),
+                                             "completion_ids": completion}))
+                bar.update(len(batch))
+                continue
             generation = sample(teacher, [prompt_of(e) for e in batch], max_new_tokens=settings.max_new_tokens,
                                 pad_token_id=pad_token_id, eos_token_id=settings.eos_token_id,
                                 temperature=settings.temperature, top_p=settings.top_p, generator=generator,

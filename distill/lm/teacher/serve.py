@@ -86,8 +86,9 @@ class TeacherEngine:
 
     # ---- scoring -------------------------------------------------------------------------------
 
-    def score(self, prompts: list[list[int]], k: int) -> list[list[dict | None]]:
-        """prompt_logprobs of each prompt (None first, as vLLM), scored with any other queued prompts."""
+    def score(self, prompts: list[list[int]], k: int) -> tuple[list[list[dict | None]], list[int]]:
+        """prompt_logprobs of each prompt (None first, as vLLM), scored with any other queued prompts, and each
+        prompt's greedy next token (the same forward pass: a scoring request's max_tokens 1 costs nothing more)."""
         job = _Job(prompts, k)
         self.queue.put(job)
         job.done.wait()
@@ -111,13 +112,15 @@ class TeacherEngine:
                 jobs.append(self.queue.get())
                 width, rows = wider, rows + len(following.prompts)
             try:
-                results = self._score_batch([p for job in jobs for p in job.prompts], max(job.k for job in jobs))
+                results, following = self._score_batch([p for job in jobs for p in job.prompts],
+                                                        max(job.k for job in jobs))
                 start = 0
                 for job in jobs:
-                    job.result = [[None] + [{key: value for key, value in entry.items()
-                                             if value["rank"] <= job.k or key == str(prompt[t + 1])}
-                                            for t, entry in enumerate(entries)]
-                                  for prompt, entries in zip(job.prompts, results[start:start + len(job.prompts)])]
+                    job.result = ([[None] + [{key: value for key, value in entry.items()
+                                              if value["rank"] <= job.k or key == str(prompt[t + 1])}
+                                             for t, entry in enumerate(entries)]
+                                   for prompt, entries in zip(job.prompts, results[start:start + len(job.prompts)])],
+                                  following[start:start + len(job.prompts)])
                     start += len(job.prompts)
             except BaseException as error:  # the request fails, the server stays up
                 for job in jobs:
@@ -126,7 +129,7 @@ class TeacherEngine:
                 job.done.set()
 
     @torch.no_grad()
-    def _score_batch(self, prompts: list[list[int]], k: int) -> list[list[dict]]:
+    def _score_batch(self, prompts: list[list[int]], k: int) -> tuple[list[list[dict]], list[int]]:
         width = max(map(len, prompts))
         input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -134,20 +137,25 @@ class TeacherEngine:
             input_ids[row, :len(prompt)] = torch.tensor(prompt)
             attention_mask[row, :len(prompt)] = 1
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                            use_cache=False).logits[:, :-1].float()
-        logprobs = torch.log_softmax(logits, -1).cpu()
+                            use_cache=False).logits.float()
+        lengths = torch.tensor([len(prompt) for prompt in prompts])
+        following = logits[torch.arange(len(prompts)), lengths - 1].argmax(-1).tolist()
+        logprobs = torch.log_softmax(logits[:, :-1], -1).cpu()
         return [top_logprobs(logprobs[row, :len(prompt) - 1], torch.tensor(prompt[1:]), k, self.decode)
-                for row, prompt in enumerate(prompts)]
+                for row, prompt in enumerate(prompts)], following
 
     # ---- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, n: int, stop_token_ids: list[int]) -> list[dict]:
+                 seed: int | None, n: int, stop_token_ids: list[int], ignore_eos: bool = False) -> list[dict]:
         """`n` completions of one prompt: token ids, text and finish reason."""
-        eos = [*stop_token_ids, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])]
+        eos = [*stop_token_ids, *([self.tokenizer.eos_token_id]
+                                  if self.tokenizer.eos_token_id is not None and not ignore_eos else [])]
         options: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": eos[0] if eos else 0,
                                    "eos_token_id": eos or None, "num_return_sequences": n}
+        if not eos:  # nothing ends a completion: exactly max_tokens (not the model's generation_config EOS)
+            options.update(min_new_tokens=max_tokens, eos_token_id=None)
         if temperature > 0:
             options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
@@ -180,6 +188,7 @@ class Completion(BaseModel):
     seed: int | None = None
     n: int = 1
     stop_token_ids: list[int] = []
+    ignore_eos: bool = False
     add_special_tokens: bool = True
     echo: bool = False
     return_token_ids: bool = False
@@ -249,14 +258,25 @@ def build_app(engine: TeacherEngine, api_key: str | None = None):
             refuse("max_tokens 0 needs echo: true (as vLLM: score the prompt, generate nothing)")
         if engine.max_model_len and any(len(p) > engine.max_model_len for p in prompts):
             refuse(f"a prompt is longer than the model's {engine.max_model_len} positions")
-        scored = engine.score(prompts, body.prompt_logprobs) if body.prompt_logprobs is not None else None
+        scored, following = (engine.score(prompts, body.prompt_logprobs) if body.prompt_logprobs is not None
+                             else (None, None))
+        greedy_one = (following is not None and body.max_tokens == 1 and body.temperature == 0 and body.n == 1
+                      and not body.stop_token_ids)
         choices, generated = [], 0
         for index, prompt in enumerate(prompts):
             room = body.max_tokens if not engine.max_model_len else min(body.max_tokens,
                                                                         engine.max_model_len - len(prompt))
-            made = engine.generate(prompt, max_tokens=room, temperature=body.temperature, top_p=body.top_p,
-                                   seed=body.seed, n=body.n, stop_token_ids=body.stop_token_ids) \
-                if room > 0 else [{"token_ids": [], "text": "", "finish_reason": "length"}] * body.n
+            if greedy_one and room > 0:  # the scoring pass already chose it
+                token = following[index]
+                stop = token == engine.tokenizer.eos_token_id and not body.ignore_eos
+                made = [{"token_ids": [token], "text": engine.tokenizer.decode([token], skip_special_tokens=True),
+                         "finish_reason": "stop" if stop else "length"}]
+            elif room > 0:
+                made = engine.generate(prompt, max_tokens=room, temperature=body.temperature, top_p=body.top_p,
+                                       seed=body.seed, n=body.n, stop_token_ids=body.stop_token_ids,
+                                       ignore_eos=body.ignore_eos)
+            else:
+                made = [{"token_ids": [], "text": "", "finish_reason": "length"}] * body.n
             for sample in made:
                 generated += len(sample["token_ids"])
                 text = (engine.tokenizer.decode(prompt) if body.echo else "") + sample["text"]

@@ -18,14 +18,15 @@ from distill.core.io import atomic_write_json
 from distill.core.recipe import load_recipe
 from distill.lm.data import IGNORE_INDEX, check_packing, collate, load_data, model_inputs
 from distill.lm.evaluate import evaluate_model
-from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path
+from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, make_accelerator, quiet_transformers
 from distill.lm.recipe import LMRecipe
 from distill.lm.tasks import get_task
 from distill.lm.tasks.completions import CompletionsScorer
 from distill.lm.teacher.cache.codec import encode_topk
 from distill.lm.teacher.cache.store import (FORMAT, FORMAT_VERSION, MANIFEST, dataset_fingerprint, example_hash,
-                                            identity_differences, read_manifest, teacher_identity, tokenizer_sha256,
-                                            write_shard)
+                                            identity_differences, read_manifest, recipe_teacher_identity,
+                                            tokenizer_sha256, write_shard)
+from distill.lm.teacher.served import ServedTeacher, connect, served_row
 
 # Testing aid: stop as if killed after this many shards were written (tests/test_cache.py).
 STOP_AFTER_SHARDS_ENV = "DISTILL_CACHE_STOP_AFTER_SHARDS"
@@ -70,8 +71,11 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     rank, world = accelerator.process_index, accelerator.num_processes
 
     task = get_task(recipe.data.builtin) if recipe.data.builtin else None
-    teacher_dir = resolve_model_path(recipe.teacher.path, "teacher.path")
-    tokenizer = load_tokenizer(recipe.teacher.path, "teacher.path", recipe.teacher.trust_remote_code)
+    spec = recipe.teacher
+    # A served teacher's tokenizer: a local copy (teacher.path, no weights needed), or else the student's.
+    source, source_field = ((spec.path, "teacher.path") if spec.path is not None or not spec.served
+                            else (recipe.student.path, "student.path"))
+    tokenizer = load_tokenizer(source, source_field, spec.trust_remote_code)
     train_records, eval_records, train_examples, eval_examples = load_data(recipe.data, tokenizer, task)
     examples = {"train": train_examples, "eval": eval_examples}
     for split, rows in examples.items():
@@ -86,7 +90,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         raise DistillError(f"k={options['k']} is outside 1..{vocab_size} (the vocabulary)", field="regime.k",
                            fix="choose k between 1 and the vocabulary size (64 is a good default)")
     identity = {
-        "teacher": teacher_identity(teacher_dir), "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "teacher": recipe_teacher_identity(spec), "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size, "k": options["k"], "ids": options["ids"], "values": options["values"],
         "shard_examples": options["shard_examples"],
         "datasets": {split: dataset_fingerprint([e.id for e in rows], [example_hash(e.input_ids, e.labels)
@@ -103,6 +107,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
             print(f"cache at {directory} is complete ({manifest['num_tokens']:,} tokens); nothing to do")
         return directory
 
+    # A served teacher is checked (it answers, with this tokenizer) before anything is written.
+    served = ServedTeacher(connect(spec, tokenizer), options["k"], vocab_size) if spec.served else None
     directory.mkdir(parents=True, exist_ok=True)
     finished = _finished_shards(directory, identity)
     plan = _plan(examples, options["shard_examples"])
@@ -111,11 +117,12 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     my_record = {"identity": identity, "shards": {str(i): s for i, s in finished.items() if i % world == rank}}
     accelerator.wait_for_everyone()  # every process has read the progress files before any is rewritten
 
-    teacher = load_causal_lm(recipe.teacher.path, "teacher.path", DTYPES[recipe.teacher.dtype],
-                             recipe.teacher.trust_remote_code).eval()
-    teacher.to(accelerator.device)
-    if recipe.data.packing:
-        check_packing({"teacher": teacher})
+    teacher = None
+    if not spec.served:
+        teacher = load_causal_lm(spec.path, "teacher.path", DTYPES[spec.dtype], spec.trust_remote_code).eval()
+        teacher.to(accelerator.device)
+        if recipe.data.packing:
+            check_packing({"teacher": teacher})
     pad = tokenizer.pad_token_id or 0
     batch_size = recipe.eval.batch_size
     total_examples = sum(plan[i][2] - plan[i][1] for i in mine)
@@ -128,11 +135,14 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         top_ids, top_logprobs, tails, counts = [], [], [], []
         for batch_start in range(0, len(rows), batch_size):
             batch = collate(rows[batch_start:batch_start + batch_size], pad)
-            with torch.no_grad():
-                logits = teacher(**{k: v.to(accelerator.device) if v is not None else None
-                                    for k, v in model_inputs(batch).items()}, use_cache=False).logits
-            mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.device)
-            ids_, logprobs_, tail_ = teacher_topk(logits[:, :-1, :vocab_size], options["k"])
+            if served is not None:
+                ids_, logprobs_, tail_ = served.topk(batch)
+            else:
+                with torch.no_grad():
+                    logits = teacher(**{k: v.to(accelerator.device) if v is not None else None
+                                        for k, v in model_inputs(batch).items()}, use_cache=False).logits
+                ids_, logprobs_, tail_ = teacher_topk(logits[:, :-1, :vocab_size], options["k"])
+            mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(ids_.device)
             top_ids.append(ids_[mask].cpu())  # row-major: each example's tokens in order
             top_logprobs.append(logprobs_[mask].cpu())
             tails.append(tail_[mask].cpu())
@@ -171,11 +181,18 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         num_bytes = sum(s["bytes"] for s in ordered)
         # The report's teacher row: the teacher is evaluated here, once, so training needs it never.
         scorer = task or CompletionsScorer.for_eval(recipe.eval, eval_records, tokenizer)
-        teacher_eval = evaluate_model(teacher, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
-                                      eval_examples=eval_examples, vocab_size=vocab_size,
-                                      batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                                      seed=recipe.data.seed, teacher=teacher,
-                                      throughput_tokens=recipe.eval.throughput_tokens)
+        if served is not None:
+            teacher_eval, _ = served_row(served, scorer=scorer, records=eval_records, examples=eval_examples,
+                                         tokenizer=tokenizer, batch_size=recipe.eval.batch_size,
+                                         generate_size=recipe.eval.generate_size,
+                                         temperature=recipe.eval.sample_temperature, seed=recipe.data.seed)
+            served.close()
+        else:
+            teacher_eval = evaluate_model(teacher, task=scorer, tokenizer=tokenizer, eval_records=eval_records,
+                                          eval_examples=eval_examples, vocab_size=vocab_size,
+                                          batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                                          seed=recipe.data.seed, teacher=teacher,
+                                          throughput_tokens=recipe.eval.throughput_tokens)
         atomic_write_json(directory / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "identity": identity, **{k: identity[k] for k in (
                 "k", "ids", "values", "vocab_size")},

@@ -77,6 +77,16 @@ def teacher_identity(model_dir: str) -> dict:
             "weights": weights}
 
 
+def recipe_teacher_identity(spec) -> dict:
+    """The identity of a recipe's teacher (TeacherSpec): its files, or for a served teacher the model name it
+    asks for (a server's weights cannot be fingerprinted from here)."""
+    from distill.lm.models import resolve_model_path
+
+    if spec.served:
+        return {"served_model": spec.model or "(the server's only model)"}
+    return teacher_identity(resolve_model_path(spec.path, "teacher.path"))
+
+
 def identity_differences(cached: dict, current: dict, prefix: str = "") -> list[str]:
     """Human-readable keys where two identity dicts differ (paths are informative, not compared)."""
     differences = []
@@ -168,7 +178,31 @@ def load_shard(directory: Path, shard: dict, manifest: dict) -> tuple[dict, np.n
     return metadata, ids, logprobs, tail
 
 
-class TeacherCache:
+class TopkRows:
+    """The teacher's top-k ids, log-probs and tail of consecutive loss tokens, placed into batches by spans."""
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor):
+        self.ids, self.logprobs, self.tail, self.k = ids, logprobs, tail, ids.shape[-1]
+
+    def batch(self, spans: list[tuple[int, int]], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k ids [B, L, k], log-probs [B, L, k] and tail [B, L] placed at the True entries of
+        `mask` [B, L] (row b's entries in order are its example's cached tokens)."""
+        batch_size, length = mask.shape
+        ids = torch.zeros(batch_size, length, self.k, dtype=torch.long)
+        logprobs = torch.zeros(batch_size, length, self.k, dtype=self.logprobs.dtype)
+        tail = torch.zeros(batch_size, length, dtype=self.tail.dtype)
+        for row, (offset, count) in enumerate(spans):
+            positions = mask[row].nonzero().squeeze(-1)
+            if positions.numel() != count:
+                raise DistillError(f"a batch row has {positions.numel()} completion tokens but its cache entry "
+                                   f"{count}", field=FIELD, fix="rebuild the cache for this data")
+            ids[row, positions] = self.ids[offset:offset + count]
+            logprobs[row, positions] = self.logprobs[offset:offset + count]
+            tail[row, positions] = self.tail[offset:offset + count]
+        return ids, logprobs, tail
+
+
+class TeacherCache(TopkRows):
     """A finished cache, decoded in memory, looked up by example id.
 
     `k` may be lower than the cache's: the smallest entries are folded into the tail mass."""
@@ -223,24 +257,6 @@ class TeacherCache:
                                    fix="rebuild the cache for this data with `distill cache <recipe>`")
             spans.append((offset, count))
         return spans
-
-    def batch(self, spans: list[tuple[int, int]], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k ids [B, L, k], log-probs [B, L, k] and tail [B, L] placed at the True entries of
-        `mask` [B, L] (row b's entries in order are its example's cached tokens)."""
-        batch_size, length = mask.shape
-        ids = torch.zeros(batch_size, length, self.k, dtype=torch.long)
-        logprobs = torch.zeros(batch_size, length, self.k, dtype=self.logprobs.dtype)
-        tail = torch.zeros(batch_size, length, dtype=self.tail.dtype)
-        for row, (offset, count) in enumerate(spans):
-            positions = mask[row].nonzero().squeeze(-1)
-            if positions.numel() != count:
-                raise DistillError(f"a batch row has {positions.numel()} completion tokens but its cache entry "
-                                   f"{count}", field=FIELD, fix="rebuild the cache for this data")
-            ids[row, positions] = self.ids[offset:offset + count]
-            logprobs[row, positions] = self.logprobs[offset:offset + count]
-            tail[row, positions] = self.tail[offset:offset + count]
-        return ids, logprobs, tail
-
 
 class CachedTeacher:
     """The teacher as its cached top-k: a teacher source like `LiveTeacher` (distill/lm/teacher/live.py).
