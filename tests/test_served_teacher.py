@@ -63,6 +63,11 @@ def test_a_served_teacher_trains_the_student_a_cache_of_the_same_k_does(recipe, 
     assert result.rows["distilled"]["teacher_kl"] == pytest.approx(from_cache.rows["distilled"]["teacher_kl"],
                                                                    rel=1e-2)
     assert any("served at" in note for note in result.meta["notes"])
+    wire = result.meta["served_teacher"]
+    # each training step's micro-batch was asked for before its loss: the first as it was made, the others during
+    # the step before (the trainer knows the data order); the eval batches are asked when needed
+    assert wire["batches_prefetched"] == 4 and wire["batches"] > 4
+    assert wire["bytes_per_position"] > 8 * 20 and wire["requests"] >= 8  # JSON: k entries of tens of bytes each
 
 
 def test_opd_against_a_served_teacher_equals_the_local_teacher(recipe, tiny_lm_dir, tmp_path):
@@ -180,3 +185,10 @@ def test_the_api_key_is_never_written(recipe, tiny_lm_dir, tmp_path, run_cli, wr
     assert key not in finished.stdout + finished.stderr
     written = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
     assert written and not [path for path in written if key.encode() in path.read_bytes()]
+
+
+def test_a_top_k_beyond_the_vocabulary_is_refused_before_any_request(recipe, run_cli, write_recipe, tmp_path):
+    """(a real vLLM 0.32 engine dies on prompt_logprobs above the vocabulary size rather than refusing it)"""
+    finished = run_cli("run", str(write_recipe(served(recipe, "http://127.0.0.1:9", top_k=100000))))
+    assert finished.returncode == 2 and "teacher.top_k" in finished.stderr and "vocabulary" in finished.stderr
+    assert not (tmp_path / "run").exists()

@@ -134,6 +134,12 @@ class Distill:
                     micro: int, rank: int) -> MicroBatch:
         return self._made(MicroBatch(_collate(examples, indices, student.pad_token_id)))
 
+    def ahead(self, examples: list[Example], indices: list[int], student: StudentView) -> None:
+        """The micro-batch after this step's, known in advance (the data's sequences): a served teacher starts
+        scoring it now. Nothing else is done; `micro_batch` makes it again when its turn comes."""
+        if hasattr(self.teacher, "prefetch") and self.objective.uses_teacher:
+            self.teacher.prefetch(_collate(examples, indices, student.pad_token_id))
+
     def _made(self, batch: MicroBatch) -> MicroBatch:
         """A served teacher starts scoring the micro-batch now: the server works while the student trains."""
         teacher = getattr(self, "teacher_model", None) or self.teacher

@@ -427,6 +427,7 @@ class LMJob(Job):
                 "sharding": "fsdp" if self.sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
                 **({"parameter_share_per_rank": shares, "teacher_loaded_sharded": setup.teacher_loaded_sharded}
                    if shares else {}),
+                **({"served_teacher": setup.served.statistics()} if setup.served is not None else {}),
                 "seconds": time.perf_counter() - self.started}
         return RunResult(run_dir.path, rows, meta)
 

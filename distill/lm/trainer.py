@@ -197,6 +197,12 @@ class LMTrainer:
                                                micro=micro, rank=rank)
                 timing.add(made)
                 micro_batches.append(made.tensors)
+        if step + 1 < spec.steps and not self.regime.samples:  # the next step's data is known: a served teacher
+            ahead = position                                   # starts on it while the student trains on this one
+            for _ in range(spec.grad_accum):
+                indices = order.take(ahead, spec.batch_size * world)[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                self.regime.ahead([self.examples[i] for i in indices], indices, self.student)
+                ahead += spec.batch_size * world
         # The loss is a mean over every valid token of the accumulated batch on all processes.
         local_valid = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         num_valid_tokens = int(accelerator.reduce(torch.tensor(local_valid, device=accelerator.device), "sum"))

@@ -39,6 +39,7 @@ class ServedClient:
         self.url, self.model, self.api_key = url.rstrip("/"), model, api_key
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_in_flight, self.field = max_in_flight, field
+        self.requests = self.bytes_sent = self.bytes_received = 0  # answered requests and their bytes (the wire)
 
     @property
     def root(self) -> str:
@@ -57,7 +58,11 @@ class ServedClient:
             try:
                 with urllib.request.urlopen(urllib.request.Request(address, data=data, headers=headers),
                                             timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    payload = response.read()
+                self.requests += 1  # (+= from several threads: a statistic, not a lock-worthy count)
+                self.bytes_sent += len(data or b"")
+                self.bytes_received += len(payload)
+                return json.loads(payload)
             except urllib.error.HTTPError as error:
                 message = _error_message(error)
                 if error.code < 500:  # the request is wrong: retrying cannot help
@@ -231,6 +236,7 @@ class ServedTeacher:
         self.client, self.k, self.vocab_size, self.sparse = client, k, vocab_size, sparse
         self.pool = ThreadPoolExecutor(client.max_in_flight, thread_name_prefix="distill-teacher")
         self.pending: dict[str, list[tuple[list, Future]]] = {}
+        self.tokens = self.batches = self.prefetched = 0  # positions scored, batches asked, of which prefetched
 
     @staticmethod
     def _key(batch: dict) -> str:
@@ -256,7 +262,10 @@ class ServedTeacher:
 
     def _answers(self, batch: dict):
         """((row, start, end), sequence, entries) of every document of the batch."""
-        requests = self.pending.pop(self._key(batch), None) or self._submit(batch)
+        requests = self.pending.pop(self._key(batch), None)
+        self.batches += 1
+        self.prefetched += requests is not None
+        requests = requests or self._submit(batch)
         return [(span, sequence, entries) for documents_, future in requests
                 for (span, sequence), entries in zip(documents_, future.result())]
 
@@ -277,7 +286,17 @@ class ServedTeacher:
                                                         where=self._where(batch, row), field=self.client.field)
             ids[row, start:end - 1], logprobs[row, start:end - 1], tail[row, start:end - 1] = (
                 top_ids, top_logprobs, top_tail)
+            self.tokens += end - start - 1
         return ids, logprobs, tail
+
+    def statistics(self) -> dict:
+        """What went over the wire so far (results.json meta.served_teacher; benchmarks/served.py)."""
+        client = self.client
+        return {"url": client.url, "model": client.model, "top_k": self.k, "requests": client.requests,
+                "bytes_sent": client.bytes_sent, "bytes_received": client.bytes_received,
+                "positions_scored": self.tokens,
+                "bytes_per_position": (client.bytes_sent + client.bytes_received) / max(self.tokens, 1),
+                "batches": self.batches, "batches_prefetched": self.prefetched}
 
     def signal(self, batch: dict, *, hidden: bool = False) -> TeacherSignal:
         device = batch["input_ids"].device
@@ -321,6 +340,9 @@ def connect(spec, tokenizer, *, field: str = "teacher.url") -> ServedClient:
     """A client for the recipe's served teacher (`teacher.url`), checked before anything is written: the server
     answers, serves the model (default: its only one), tokenizes like `tokenizer`, and answers a scoring request
     with `top_k` log-probabilities per position."""
+    if spec.top_k > len(tokenizer):  # (vLLM 0.32's engine dies on such a request instead of refusing it)
+        raise DistillError(f"teacher.top_k={spec.top_k} is more than the vocabulary's {len(tokenizer)} tokens",
+                           field="teacher.top_k", fix=f"set teacher.top_k <= {len(tokenizer)}")
     api_key = None
     if spec.api_key_env:
         api_key = os.environ.get(spec.api_key_env)
