@@ -117,7 +117,8 @@ def launch_two_processes(*distill_args: str, timeout: float = 600) -> subprocess
 def serving(model_dir, *, api_key=None, max_batch_tokens=16384, port=None, exit_after_scoring=None, name="teacher"):
     """The teacher at `model_dir` (a directory or `builtin:` name) served by `distill serve`'s app under uvicorn on
     127.0.0.1 (a free port, or `port`), in a thread of this process; yields the base URL (no /v1).
-    `exit_after_scoring=N`: the server shuts down after answering N scoring requests, as a server that dies."""
+    `exit_after_scoring=N`: after answering N scoring requests the server fails every further one and shuts down,
+    as a server that dies."""
     import uvicorn
 
     from distill.lm.models import load_causal_lm, load_tokenizer
@@ -135,11 +136,11 @@ def serving(model_dir, *, api_key=None, max_batch_tokens=16384, port=None, exit_
         score, answered = engine.score, []
 
         def counted(*args, **kwargs):
-            result = score(*args, **kwargs)
-            answered.append(1)
-            if len(answered) >= exit_after_scoring:
+            if len(answered) >= exit_after_scoring:  # answered 500 until the shutdown, then connections refused
                 server.should_exit = True
-            return result
+                raise RuntimeError("the server is going down")
+            answered.append(1)
+            return score(*args, **kwargs)
         engine.score = counted
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -150,8 +150,9 @@ def test_an_unreachable_server_is_an_error_before_anything_is_written(recipe, ru
 
 def test_a_server_dying_mid_run_stops_it_resumably_and_the_resumed_run_is_identical(recipe, tiny_lm_dir, tmp_path,
                                                                                     run_cli, write_recipe):
-    """Scoring requests: 1 at start-up, 2 per step (max_in_flight 2), 2 for the eval data at step 2. The server
-    exits after the 7th, so step 3 finds nobody: bounded retries, then the run stops with its step-2
+    """Scoring requests (max_in_flight 2: two per batch): 1 at start-up, 2 for step 1 and 2 for step 2 (asked
+    during step 1), 2 for step 3 (asked during step 2), 2 for the eval data at step 2. Then the server dies:
+    step 4's requests (asked during step 3) fail after bounded retries, and the run stops with its step-2
     checkpoint; restarted on the same port, `--resume` ends with the uninterrupted run's student."""
     recipe["train"].update(steps=4, checkpoint_every=2)
     with serving(tiny_lm_dir, max_batch_tokens=1) as base:
@@ -161,7 +162,7 @@ def test_a_server_dying_mid_run_stops_it_resumably_and_the_resumed_run_is_identi
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     interrupted = write_recipe(served(recipe, f"http://127.0.0.1:{port}", **FAST_FAILURE), "interrupted.yaml")
-    with serving(tiny_lm_dir, max_batch_tokens=1, port=port, exit_after_scoring=7):
+    with serving(tiny_lm_dir, max_batch_tokens=1, port=port, exit_after_scoring=9):
         stopped = run_cli("run", str(interrupted))
     assert stopped.returncode == 2, stopped.stderr
     assert "did not answer" in stopped.stderr and "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
