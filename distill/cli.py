@@ -124,7 +124,9 @@ def serve(teacher: str = typer.Argument(..., help="A saved causal LM directory, 
           max_logprobs: int = typer.Option(64, "--max-logprobs", help="The largest prompt_logprobs a request may ask."),
           api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the "
                                                     "API key clients must send (Authorization: Bearer KEY)."),
-          name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: TEACHER).")):
+          name: Optional[str] = typer.Option(None, "--name", help="The model name clients use (default: TEACHER)."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads for the teacher "
+                                                "(default: torch's choice).")):
     """Serve a teacher over the OpenAI-compatible API subset vLLM implements for scoring (completions with
     prompt_logprobs and sampling, /tokenize, /v1/models)."""
     from distill.lm.teacher.serve import LOOPBACK, TeacherEngine, build_app
@@ -149,6 +151,10 @@ def serve(teacher: str = typer.Argument(..., help="A saved causal LM directory, 
     from distill.lm.models import DTYPES, load_causal_lm, load_tokenizer, quiet_transformers
 
     quiet_transformers()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     tokenizer = load_tokenizer(teacher, "TEACHER")
     model = load_causal_lm(teacher, "TEACHER", DTYPES[dtype])
     engine = TeacherEngine(model, tokenizer, name=name or teacher, max_batch_tokens=max_batch_tokens,

@@ -193,3 +193,17 @@ def test_a_top_k_beyond_the_vocabulary_is_refused_before_any_request(recipe, run
     finished = run_cli("run", str(write_recipe(served(recipe, "http://127.0.0.1:9", top_k=100000))))
     assert finished.returncode == 2 and "teacher.top_k" in finished.stderr and "vocabulary" in finished.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_distill_eval_of_a_served_run_asks_the_server_for_the_teacher_row(recipe, tiny_lm_dir, tmp_path, run_cli,
+                                                                          write_recipe):
+    with serving(tiny_lm_dir) as base:
+        assert run_cli("run", str(write_recipe(served(recipe, base)))).returncode == 0
+        again = run_cli("eval", str(tmp_path / "run"), "--output", str(tmp_path / "again.json"))
+    assert again.returncode == 0, again.stderr
+    first = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    second = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert second["teacher"]["nll"] == pytest.approx(first["teacher"]["nll"], rel=1e-6)
+    assert second["distilled"]["teacher_kl"] == pytest.approx(first["distilled"]["teacher_kl"], rel=1e-5)
+    down = run_cli("eval", str(tmp_path / "run"))  # the server is gone
+    assert down.returncode == 2 and "did not answer" in down.stderr and "start the server" in down.stderr

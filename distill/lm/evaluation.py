@@ -32,8 +32,9 @@ def evaluate_saved(recipe: LMRecipe, models: dict[str, Path]) -> RunResult:
     row unless it is one of the models being evaluated."""
     started = time.perf_counter()
     quiet_transformers()
-    teacher = Path(resolve_model_path(recipe.teacher.path, "teacher.path")).resolve()
-    lone = any(Path(path).resolve() == teacher for path in models.values())
+    teacher = (None if recipe.teacher.served  # a served teacher: its row comes from the server
+               else Path(resolve_model_path(recipe.teacher.path, "teacher.path")).resolve())
+    lone = teacher is not None and any(Path(path).resolve() == teacher for path in models.values())
     setup = LMSetup(recipe, need_teacher=not lone)
     rows = {} if lone else {"teacher": setup.teacher_row()}
     for row, path in models.items():

@@ -15,7 +15,7 @@ tokens) into one forward pass. Bound to a non-loopback address the server requir
 from __future__ import annotations
 
 import functools
-import math
+import json
 import queue
 import threading
 import time
@@ -46,13 +46,11 @@ def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int, decode) 
     values, ids = logprobs.topk(k, dim=-1)
     target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
     target_ranks = (logprobs >= target_logprobs[:, None]).sum(-1)
-    entries = []
-    for t in range(logprobs.shape[0]):
-        entry = {}
-        target = int(targets[t])
-        entry[str(target)] = {"logprob": _finite(float(target_logprobs[t])), "rank": int(target_ranks[t]),
-                              "decoded_token": decode(target)}
-        for rank, (token, value) in enumerate(zip(ids[t].tolist(), values[t].tolist()), 1):
+    entries = []  # (plain lists first: indexing tensors per position costs more than building the entries)
+    for target, target_logprob, target_rank, row_ids, row_values in zip(
+            targets.tolist(), target_logprobs.tolist(), target_ranks.tolist(), ids.tolist(), values.tolist()):
+        entry = {str(target): {"logprob": _finite(target_logprob), "rank": target_rank, "decoded_token": decode(target)}}
+        for rank, (token, value) in enumerate(zip(row_ids, row_values), 1):
             entry.setdefault(str(token), {"logprob": _finite(value), "rank": rank, "decoded_token": decode(token)})
         entries.append(entry)
     return entries
@@ -60,7 +58,7 @@ def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, k: int, decode) 
 
 def _finite(value: float) -> float:
     """-inf (a token the model rules out) as vLLM writes it into JSON (`clamp_prompt_logprobs`)."""
-    return value if math.isfinite(value) else LOGPROB_FLOOR
+    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 class TeacherEngine:
@@ -206,7 +204,7 @@ class Tokenize(BaseModel):
 def build_app(engine: TeacherEngine, api_key: str | None = None):
     """The FastAPI application over `engine`."""
     from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="distill serve", docs_url=None, redoc_url=None)
 
@@ -288,9 +286,12 @@ def build_app(engine: TeacherEngine, api_key: str | None = None):
                 choices.append(choice)
         prompt_tokens = sum(map(len, prompts))
         completion_tokens = generated
-        return {"id": f"cmpl-distill-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        # Serialised here: FastAPI's default (jsonable_encoder over every nested dict) takes longer than the
+        # teacher's forward pass for a batch of prompt_logprobs.
+        return Response(json.dumps({
+            "id": f"cmpl-distill-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
+            "model": engine.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}), media_type="application/json")
 
     return app

@@ -154,27 +154,29 @@ def topk_tail(entries: list[dict | None], sequence: list[int], k: int, vocab_siz
         raise DistillError(f"the teacher server's prompt_logprobs for {where} have "
                            f"{len(entries) if isinstance(entries, list) else 'no'} entries, not {len(sequence)}",
                            field=field, fix="use a server that returns vLLM's prompt_logprobs (vllm serve, distill serve)")
-    ids = torch.zeros(n, k, dtype=torch.long)
-    logprobs = torch.zeros(n, k, dtype=torch.float32)
-    tail = torch.zeros(n, dtype=torch.float32)
+    ids, values = [], []
     for t, entry in enumerate(entries[1:]):
+        # (vLLM lists the position's own token first, then the top-k by rank; sorted here, whatever the order)
         ranked = sorted(((value.get("rank"), int(token), value.get("logprob")) for token, value in (entry or {}).items()
                          if isinstance(value, dict) and isinstance(value.get("rank"), int) and value["rank"] <= k),
-                        key=lambda item: item[0])
-        values = [lp for _, _, lp in ranked]
-        if len(ranked) < k or any(not isinstance(v, (int, float)) or math.isnan(v) for v in values):
+                        key=lambda item: item[0])[:k]
+        row = [lp for _, _, lp in ranked]
+        if len(ranked) < k or any(not isinstance(v, (int, float)) or math.isnan(v) for v in row):
             raise DistillError(f"the teacher server's answer for {where}, position {t + 1}: "
-                               f"{len(ranked)} of the top-{k} entries, values {values[:k]}", field=field,
+                               f"{len(ranked)} of the top-{k} entries, values {row[:k]}", field=field,
                                fix="the server must return prompt_logprobs with k entries of finite log-probabilities "
                                    "(vLLM: --max-logprobs >= teacher.top_k)")
-        top = ranked[:k]
-        if any(token >= vocab_size for _, token, _ in top):
-            raise DistillError(f"the teacher server's top-{k} for {where} holds token ids beyond the tokenizer's "
-                               f"{vocab_size}", field=field, fix="serve a teacher with the student's tokenizer")
-        ids[t] = torch.tensor([token for _, token, _ in top])
-        logprobs[t] = torch.tensor([value for _, _, value in top], dtype=torch.float32)
-        mass = sum(math.exp(value) for _, _, value in top)
-        tail[t] = max(math.log1p(-mass), TAIL_FLOOR) if mass < 1 else TAIL_FLOOR
+        ids.append([token for _, token, _ in ranked])
+        values.append(row)
+    ids = torch.tensor(ids, dtype=torch.long).reshape(n, k)
+    if n and int(ids.max()) >= vocab_size:
+        raise DistillError(f"the teacher server's top-{k} for {where} holds token ids beyond the tokenizer's "
+                           f"{vocab_size}", field=field, fix="serve a teacher with the student's tokenizer")
+    logprobs = torch.tensor(values, dtype=torch.float64).reshape(n, k)
+    mass = logprobs.exp().sum(-1)
+    tail = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1)), torch.tensor(TAIL_FLOOR, dtype=torch.float64))
+    tail = tail.clamp(min=TAIL_FLOOR).float()
+    logprobs = logprobs.float()
     return ids, logprobs, tail
 
 
@@ -351,7 +353,11 @@ def connect(spec, tokenizer, *, field: str = "teacher.url") -> ServedClient:
                                field="teacher.api_key_env", fix=f"export {spec.api_key_env}=<the key> before the run")
     probe = ServedClient(spec.url, spec.model or "", api_key=api_key, timeout_s=min(spec.timeout_s, 30), retries=1,
                          backoff_s=min(spec.backoff_s, 0.5), field=field)
-    names = probe.models()
+    try:
+        names = probe.models()
+    except InterruptedRun as error:  # nothing started yet: nothing to resume
+        raise DistillError(error.message, field=field, fix="start the server (vllm serve, distill serve) or correct "
+                                                           "teacher.url") from None
     if spec.model is None and len(names) != 1:
         raise DistillError(f"the server at {spec.url} serves {len(names)} models ({', '.join(names)})",
                            field="teacher.model", fix="name one of them in teacher.model")
