@@ -207,3 +207,39 @@ def test_distill_eval_of_a_served_run_asks_the_server_for_the_teacher_row(recipe
     assert second["distilled"]["teacher_kl"] == pytest.approx(first["distilled"]["teacher_kl"], rel=1e-5)
     down = run_cli("eval", str(tmp_path / "run"))  # the server is gone
     assert down.returncode == 2 and "did not answer" in down.stderr and "start the server" in down.stderr
+
+
+def test_sampled_sequences_from_a_server_differ_per_prompt_and_repeat_per_seed(recipe, tiny_lm_dir, tmp_path):
+    """The oracle's prompts are all BOS: each needs its own seed, or every row would be the same sample."""
+    recipe["regime"] = {"kind": "sequence", "sample_temperature": 1.0, "max_new_tokens": 6}
+    recipe["data"]["train_size"] = 8
+    with serving(tiny_lm_dir) as base:
+        for run in ("first", "second"):
+            distill.run({**served(recipe, base), "output": str(tmp_path / run)})
+
+    def completions(run):
+        return [json.loads(line)["completion_ids"] for line in
+                (tmp_path / run / "teacher-generations" / "chunk-00000.jsonl").read_text().splitlines()]
+    assert len({tuple(c) for c in completions("first")}) > 4
+    assert completions("first") == completions("second")
+
+
+def test_a_packed_batch_is_scored_document_by_document(tiny_lm_dir):
+    from distill.lm.data import Example, collate, pack
+    from distill.lm.teacher.served import ServedClient, ServedTeacher
+
+    documents = [Example([1, 5, 9, 12, 7], [-100, 5, 9, 12, 7], "a"), Example([1, 44, 3, 8], [-100, 44, 3, 8], "b"),
+                 Example([1, 20, 21], [-100, 20, 21], "c")]
+    packed = pack(documents, 16)
+    batch = collate(packed, 0)
+    with serving(tiny_lm_dir) as base:
+        teacher = ServedTeacher(ServedClient(f"{base}/v1", "teacher"), 4, vocab_size=1000)
+        ids, logprobs, tail = teacher.topk(batch)
+        alone = [teacher.topk(collate([d], 0)) for d in documents]
+        teacher.close()
+    mask = batch["labels"][:, 1:] != -100
+    expected = [torch.cat([a[i][0][collate([d], 0)["labels"][0, 1:] != -100] for a, d in zip(alone, documents)])
+                for i in range(3)]
+    torch.testing.assert_close(ids[mask], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(logprobs[mask], expected[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tail[mask], expected[2], atol=1e-4, rtol=0)

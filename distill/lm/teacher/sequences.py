@@ -66,7 +66,7 @@ def teacher_sequences(teacher, examples: list[Example], settings: Sampling, run_
                 began = time.perf_counter()
                 completions = teacher.complete([prompt_of(e) for e in batch], max_tokens=settings.max_new_tokens,
                                                temperature=settings.temperature, top_p=settings.top_p,
-                                               seed=int(generator.initial_seed() % 2**31) + start,
+                                               seed=(generator.initial_seed() + start) % 2**31,
                                                eos_token_id=settings.eos_token_id)
                 tokens, seconds = tokens + sum(map(len, completions)), seconds + time.perf_counter() - began
                 for example, completion in zip(batch, completions):

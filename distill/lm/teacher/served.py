@@ -109,6 +109,14 @@ class ServedClient:
         ids come from vLLM's `return_token_ids`; a server without it (e.g. older vLLM) has its text re-tokenized
         by its own /tokenize. A completion stopped by EOS ends with it (as a local teacher's); with no
         `eos_token_id` the server is asked to ignore EOS (vLLM's `ignore_eos`)."""
+        if temperature > 0 and seed is not None and len(prompts) > 1:
+            # A request's seed seeds each of its prompts alike (vLLM, distill serve): the same prompt twice would be
+            # completed twice the same. One request per prompt, seeded seed + its index, max_in_flight at a time.
+            with ThreadPoolExecutor(self.max_in_flight) as pool:
+                return [completion for answered in pool.map(
+                    lambda item: self.complete([item[1]], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                               seed=seed + item[0], eos_token_id=eos_token_id), enumerate(prompts))
+                        for completion in answered]
         body = {"model": self.model, "prompt": prompts, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p, "return_token_ids": True, "skip_special_tokens": False,
                 "ignore_eos": eos_token_id is None}  # no end of sequence: exactly max_tokens, as a local sample
