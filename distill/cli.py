@@ -217,6 +217,8 @@ def losses():
                    "projector)",
         "diffusion": "task diffusion: student.method (dmd | consistency | progressive) trains with these",
         "f_divergence": "task diffusion: objective.divergence (the f-divergence weighting DMD's gradient)",
+        "cross_token": "task lm: objective.loss, for a teacher and student with different tokenizers (over "
+                       "aligned positions or chunks)",
     }
     for kind in KINDS:
         table = Table(title=f"{kind} losses - {where.get(kind, 'no recipe field')}")

@@ -108,7 +108,7 @@ def test_losses_command_lists_every_registered_loss_under_its_recipe_field():
     assert [title.split(" losses")[0] for title in titles] == list(KINDS)
     for kind, field in [("token", "objective.loss"), ("classifier", "objective.terms[].loss"),
                         ("feature", "objective.terms[].loss"), ("diffusion", "student.method"),
-                        ("f_divergence", "objective.divergence")]:
+                        ("f_divergence", "objective.divergence"), ("cross_token", "objective.loss")]:
         assert field in titles[KINDS.index(kind)], (kind, titles)
     rows = []  # each table row's cells, its wrapped lines joined (a name cell is empty on continuation lines)
     for line in output.splitlines():

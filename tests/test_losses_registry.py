@@ -234,6 +234,14 @@ def _call(spec, **params):
         return spec.fn(randn(3, 4), randn(3, 4), **{"kind": "pseudo_huber", **params})
     if spec.name == "f_divergence_weight":
         return spec.fn("js", randn(5), **params)
+    if spec.name == "uld":
+        return spec.fn(randn(2, 3, 5), randn(2, 4, 7), torch.ones(2, 3, dtype=torch.bool),
+                       torch.ones(2, 4, dtype=torch.bool), **params)
+    if spec.name == "gold_hybrid":
+        return spec.fn(randn(3, 5).softmax(-1), randn(3, 7).softmax(-1), torch.tensor([0, 2]), torch.tensor([1, 3]),
+                       **params)
+    if spec.name == "alm":
+        return spec.fn(-randn(6).abs(), -randn(6).abs(), **params)
     raise AssertionError(f"no inputs for {spec.name}")
 
 

@@ -35,8 +35,10 @@ __all__ = [
 #               of a classifier objective, temperature among its params (.classic, .ensemble);
 # feature:      fn(student_features, teacher_features, **params), a hint term (.features); see needs_class_means;
 # diffusion:    a diffusion / flow distillation objective, or a piece of one (.diffusion);
-# f_divergence: the weighting h(r) of DMD's gradient for one f-divergence (.f_divergence, an FDivergence).
-KINDS = ("token", "classifier", "feature", "diffusion", "f_divergence")
+# f_divergence: the weighting h(r) of DMD's gradient for one f-divergence (.f_divergence, an FDivergence);
+# cross_token:  a teacher and student with different tokenizers, over aligned positions or chunks (.cross_tokenizer;
+#               each function documents its inputs).
+KINDS = ("token", "classifier", "feature", "diffusion", "f_divergence", "cross_token")
 
 
 class LossParameterError(ValueError):
