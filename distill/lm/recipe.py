@@ -185,8 +185,16 @@ class ObjectiveSpec(BaseModel):
 
         extra = self.model_extra or {}
         try:
-            spec = get_spec(self.loss, kind="token")
-            checked = check_params(spec.name, extra, kind="token", field_prefix="")
+            try:
+                spec = get_spec(self.loss, kind="token")
+            except LossParameterError as error:  # a cross-tokenizer loss, else the token kind's message
+                cross = {s.name for s in specs("cross_token")} | {a for s in specs("cross_token") for a in s.aliases}
+                if self.loss not in cross:
+                    names = ", ".join(s.name for s in specs("cross_token"))
+                    raise LossParameterError(f"{error}; for a teacher and student with different tokenizers: "
+                                             f"{names}", field=error.field, fix=error.fix) from None
+                spec = get_spec(self.loss, kind="cross_token")
+            checked = check_params(spec.name, extra, kind=spec.kind, field_prefix="")
         except LossParameterError as error:  # field None: the name itself, whose message lists the known ones
             message = str(error) + (f"; {error.fix}" if error.field is not None and error.fix else "")
             raise FieldValueError(error.field or "loss", message) from None
@@ -208,13 +216,25 @@ class ObjectiveSpec(BaseModel):
                 self.__dict__["taid"] = TaidSpec()
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        if spec.kind == "cross_token" and (self.entropy_weight != 0 or self.token_selection is not None):
+            raise FieldValueError("entropy_weight" if self.entropy_weight != 0 else "token_selection",
+                                  f"`{spec.name}` compares aligned chunks of two tokenizations; entropy_weight and "
+                                  "token_selection apply to same-tokenizer losses only: remove it")
         return self
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """A loss for a teacher and student with different tokenizers (`distill losses`: cross_token)."""
+        from distill.losses import specs
+
+        return self.loss in {spec.name for spec in specs("cross_token")}
 
     def loss_params(self) -> dict[str, Any]:
         """The loss-specific parameters with their defaults filled in."""
         from distill.losses import check_params
 
-        return check_params(self.loss, self.model_extra or {}, kind="token", field_prefix="")
+        return check_params(self.loss, self.model_extra or {}, kind="cross_token" if self.cross_tokenizer else "token",
+                            field_prefix="")
 
 
 class RegimeSpec(StrictModel):
@@ -371,6 +391,19 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
+        if self.objective.cross_tokenizer:
+            if self.regime.kind != "off_policy":
+                raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy so far; regime "
+                                      f"{self.regime.kind} with `{self.objective.loss}` is not built yet")
+            if self.student.path is None:
+                raise FieldValueError("student.path", "a cross-tokenizer student has its own tokenizer: give "
+                                      "student.path (a saved model and tokenizer), not student.config")
+            if self.data.builtin == "oracle":
+                raise FieldValueError("data.builtin", "the oracle task scores models over its own symbol ids; a "
+                                      "student with another tokenizer needs data files (or data.builtin: arithmetic)")
+            if self.data.packing or self.teacher.served:
+                raise FieldValueError("data.packing" if self.data.packing else "teacher.url",
+                                      "cross-tokenizer losses do not take packed data or a served teacher yet")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")

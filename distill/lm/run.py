@@ -20,6 +20,8 @@ import torch
 from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
+from distill.lm.cross_tokenizer.data import nll_per_character, pair_examples
+from distill.lm.cross_tokenizer.regime import CrossDistill, CrossObjective, matched_vocabulary
 from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
@@ -75,9 +77,23 @@ class LMSetup:
         # A served teacher's tokenizer: a local copy (teacher.path, no weights needed), or else the student's.
         source, source_field = ((spec.path, "teacher.path") if spec.path is not None or not spec.served
                                 else (recipe.student.path, "student.path"))
-        self.tokenizer = load_tokenizer(source, source_field, spec.trust_remote_code)
+        self.cross = recipe.objective.cross_tokenizer  # teacher and student each on their own tokenizer
+        self.teacher_tokenizer = load_tokenizer(source, source_field, spec.trust_remote_code)
+        # `tokenizer` is the student's: data, evaluation and generation of the trained rows use it
+        self.tokenizer = (load_tokenizer(recipe.student.path, "student.path", recipe.student.trust_remote_code)
+                          if self.cross else self.teacher_tokenizer)
         self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
             recipe.data, self.tokenizer, self.task)
+        if self.cross:  # both sides' tokens of every row, aligned (distill/lm/cross_tokenizer/)
+            self.train_pairs, self.eval_pairs = (
+                pair_examples(records, self.tokenizer, self.teacher_tokenizer, max_length=recipe.data.max_length,
+                              append_eos=self.task.append_eos if self.task else True, field=field)
+                for records, field in ((self.train_records, "data.train"), (self.eval_records, "data.eval")))
+            self.train_examples = [pair.student for pair in self.train_pairs]
+            self.eval_examples = [pair.student for pair in self.eval_pairs]
+            if not any(pair.chunks for pair in self.train_pairs):
+                raise DistillError("no training row has a completion chunk both tokenizers can align",
+                                   field="data.train", fix="check that the rows have non-empty completions")
         self.packing = None
         if recipe.data.packing:  # how full the blocks are: the padding packing saves
             tokens = sum(len(e.input_ids) for e in self.train_examples)
@@ -121,9 +137,12 @@ class LMSetup:
         metrics = evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
                                  eval_examples=self.eval_examples, vocab_size=self.vocab_size,
                                  batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                                 seed=recipe.data.seed, teacher=self.teacher, teacher_cache=self.eval_cache,
+                                 seed=recipe.data.seed, teacher=None if self.cross else self.teacher,
+                                 teacher_cache=self.eval_cache,
                                  throughput_tokens=recipe.eval.throughput_tokens if final else None,
                                  per_token=per_token)
+        if self.cross:
+            metrics["nll_per_char"] = nll_per_character(metrics["nll"], self.eval_examples, self.eval_pairs)
         if row is not None:
             self.token_values[row] = per_token
             if getattr(self.scorer, "last_answers", None) and recipe.eval.generate_size:
@@ -132,6 +151,21 @@ class LMSetup:
 
     def teacher_row(self) -> dict:
         """The teacher's row; from a cache, the evaluation made when the cache was built."""
+        if self.teacher is not None and self.cross:  # on its own tokens, scored with its own tokenizer
+            recipe, per_token = self.recipe, {}
+            examples = [pair.teacher for pair in self.eval_pairs]
+            scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer)
+            metrics = evaluate_model(on_device(self.teacher, self.accelerator.device), task=scorer,
+                                     tokenizer=self.teacher_tokenizer, eval_records=self.eval_records,
+                                     eval_examples=examples, vocab_size=len(self.teacher_tokenizer),
+                                     batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                                     seed=recipe.data.seed, throughput_tokens=recipe.eval.throughput_tokens,
+                                     per_token=per_token)
+            metrics["nll_per_char"] = nll_per_character(metrics["nll"], examples, self.eval_pairs)
+            self.token_values["teacher"] = per_token
+            if getattr(scorer, "last_answers", None) and recipe.eval.generate_size:
+                self.generations["teacher"] = list(scorer.last_answers)
+            return metrics
         if self.teacher is not None:
             return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True, row="teacher")
         if self.served is not None:
@@ -157,7 +191,11 @@ class LMSetup:
         if self.packing:
             notes.append(f"packed {self.packing['documents']} training examples into {self.packing['blocks']} blocks "
                          f"of {self.recipe.data.max_length} tokens ({self.packing['fill']:.0%} filled)")
-        return {"primary_metric": self.scorer.metric if self.scorer else "nll",
+        if self.cross:
+            notes.append(f"teacher and student tokenize differently ({self.recipe.objective.loss} over aligned "
+                         "chunks): nll is per token of each model's own tokenization, nll_per_char per character of "
+                         "the completion text (comparable across rows)")
+        return {"primary_metric": self.scorer.metric if self.scorer else ("nll_per_char" if self.cross else "nll"),
                 "higher_is_better": self.scorer.higher_is_better if self.scorer else False,
                 "hidden_columns": ["oracle_entropy"],  # a property of the eval data, the same in every row
                 "notes": notes,
@@ -277,7 +315,7 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
     setup = LMSetup(recipe)
     student_tokenizer = (load_tokenizer(recipe.student.path, "student.path", recipe.student.trust_remote_code)
                          if recipe.student.path else setup.tokenizer)
-    if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab():
+    if student_tokenizer.get_vocab() != setup.tokenizer.get_vocab() and not setup.cross:
         check_same_vocabulary(setup.tokenizer, student_tokenizer, None, None)
     check_precision(recipe.train.precision, setup.accelerator.device)
     if recipe.train.sharding == "fsdp" and not sharded_run(recipe, setup.accelerator):
@@ -285,7 +323,11 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
                       "(launch with `accelerate launch --multi_gpu --num_processes N` or torchrun to shard)")
     job = LMJob(recipe, setup)
     student = job.new_student()
-    setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
+    if setup.cross:  # each model against its own tokenizer
+        check_same_vocabulary(setup.teacher_tokenizer, setup.teacher_tokenizer, setup.teacher, setup.teacher)
+        setup.vocab_size = check_same_vocabulary(student_tokenizer, student_tokenizer, student, student)
+    else:
+        setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
     longest = max(len(e.input_ids) for e in setup.train_examples + setup.eval_examples)
     for role, model in (("teacher", setup.teacher), ("student", student)):
         limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
@@ -346,6 +388,13 @@ class LMJob(Job):
         """The distilled row's regime, and the examples it trains on."""
         recipe, setup, device = self.recipe, self.setup, self.accelerator.device
         regime, kind, examples = recipe.regime, recipe.regime.kind, setup.train_examples
+        if setup.cross:
+            matched = (matched_vocabulary(setup.tokenizer, setup.teacher_tokenizer)
+                       if recipe.objective.loss == "gold_hybrid" else None)
+            objective = CrossObjective(recipe.objective, student_vocab=setup.vocab_size,
+                                       teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
+            return CrossDistill(objective, setup.teacher, setup.train_pairs, student_pad=setup.pad_token_id,
+                                teacher_pad=setup.teacher_tokenizer.pad_token_id or 0), examples
         objective = self.objective(recipe.objective)
         if setup.cache is not None:
             teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)

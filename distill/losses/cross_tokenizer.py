@@ -111,7 +111,7 @@ def chunk_rows(logprobs: Tensor, token_logprobs: Tensor, chunk: Tensor, num_chun
     return rows + (total - at_last)[..., None], present
 
 
-@register("gold_hybrid", kind="cross_token",
+@register("gold_hybrid", kind="cross_token", aliases=("gold",),
           formula="w_m JSD_beta(p_T[matched], p_S[matched]) + w_u ULD(p_T[unmatched], p_S[unmatched]) per aligned "
                   "chunk; w_m = matched / V_T unless given",
           paper="TRL GOLD (General Online Logit Distillation), trl/experimental/gold; Boizard et al. 2024 for ULD",

@@ -145,3 +145,11 @@ def collate_pairs(pairs: list[PairedExample], student_pad: int, teacher_pad: int
         out.update({f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels,
                     f"{prefix}chunk": chunk})
     return out
+
+
+def nll_per_character(nll_per_token: float, examples: list[Example], pairs: list[PairedExample]) -> float:
+    """A model's mean NLL per completion token (over `examples`, its own tokens) as nats per character of the
+    completion texts: comparable between models that tokenize differently (the EOS token's loss counts too)."""
+    tokens = sum(sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples)
+    characters = sum(len(pair.text) for pair in pairs)
+    return nll_per_token * tokens / max(characters, 1)

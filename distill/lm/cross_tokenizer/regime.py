@@ -1,0 +1,149 @@
+"""Training a student against a teacher with another tokenizer: the objective over aligned chunks and the
+off-policy regime that feeds it (each micro-batch holds both sides' tokens of the same rows and their chunk ids,
+distill/lm/cross_tokenizer/data.py).
+
+    loss = kd_weight * D(student, teacher over the alignment) + ce_weight * CE(student, its own tokens)
+
+with D one of the cross-tokenizer losses (distill/losses/cross_tokenizer.py):
+- uld: completion positions paired in order (the k-th prediction of each side), sorted-probability L1;
+- gold_hybrid: per aligned chunk, each side's chain-rule merged row; JSD on entries whose strings match (each
+  token decoded alone: `Ġx` and `▁x` both read " x"), ULD on the rest;
+- alm: per aligned chunk, both sides' chunk likelihoods through the binarised f-divergence.
+Each is normalised over the micro-batch's own units (pairs or chunks) and weighted by the micro-batch's share of
+the step's completion tokens, so that gradient accumulation averages micro-batches as the token losses do.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distill.lm.cross_tokenizer.data import PairedExample, collate_pairs
+from distill.lm.data import IGNORE_INDEX
+from distill.lm.recipe import ObjectiveSpec
+from distill.lm.regimes import MicroBatch, StepLoss, StudentView
+from distill.losses import cross_entropy, get_spec
+from distill.losses.cross_tokenizer import chunk_logprobs, chunk_rows, gold_hybrid
+
+
+def matched_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of the vocabulary entries that read the same: each token decoded alone, special
+    tokens and pieces that are not whole characters (decoding to U+FFFD) left out."""
+    def surfaces(tokenizer):
+        special = set(tokenizer.all_special_ids)
+        out = {}
+        for token_id in range(len(tokenizer)):
+            if token_id in special:
+                continue
+            text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+            if text and "\ufffd" not in text:
+                out.setdefault(text, token_id)
+        return out
+
+    student, teacher = surfaces(student_tokenizer), surfaces(teacher_tokenizer)
+    shared = sorted(student.keys() & teacher.keys())
+    return torch.tensor([student[k] for k in shared], dtype=torch.long), torch.tensor([teacher[k] for k in shared],
+                                                                                    dtype=torch.long)
+
+
+class CrossObjective:
+    """The objective section of a cross-tokenizer run, callable on a paired micro-batch."""
+
+    fusable = False  # needs both sides' full logits
+
+    def __init__(self, spec: ObjectiveSpec, *, student_vocab: int, teacher_vocab: int,
+                 matched: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.spec, self.student_vocab, self.teacher_vocab = spec, student_vocab, teacher_vocab
+        self.loss_spec = get_spec(spec.loss, kind="cross_token")
+        self.params = spec.loss_params()
+        self.uses_teacher = spec.kd_weight > 0
+        self.matched = matched
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict,
+             num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
+        """student_logits [B, L_S, V_S], teacher_logits [B, L_T, V_T] (not shifted) of a `collate_pairs` batch."""
+        spec, parts = self.spec, {}
+        logits = student_logits[:, :-1, :self.student_vocab].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        share = int(mask.sum()) / max(num_valid_tokens, 1)  # this micro-batch's share of the step's tokens
+        loss = logits.new_zeros(())
+        if self.uses_teacher:
+            teacher = teacher_logits[:, :-1, :self.teacher_vocab].float()
+            kd = self._divergence(logits, teacher, batch) * share
+            loss, parts["kd"] = loss + spec.kd_weight * kd, kd.item()
+        if spec.ce_weight > 0:
+            ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
+            loss, parts["ce"] = loss + spec.ce_weight * ce, ce.item()
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def _divergence(self, logits, teacher, batch) -> torch.Tensor:
+        name, spec = self.loss_spec.name, self.spec
+        if name == "uld":
+            return self.loss_spec.fn(logits, teacher, batch["labels"][:, 1:] != IGNORE_INDEX,
+                                     batch["teacher_labels"][:, 1:] != IGNORE_INDEX, temperature=spec.temperature,
+                                     **self.params)
+        # chunk ids of the token each position predicts
+        student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
+        num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
+        student_logprobs = torch.log_softmax(logits / spec.temperature, -1)
+        teacher_logprobs = torch.log_softmax(teacher / spec.temperature, -1)
+        student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
+        if name == "alm":
+            present = chunk_logprobs(torch.ones_like(student_tokens), student_chunk, num_chunks) > 0
+            return self.loss_spec.fn(chunk_logprobs(student_tokens, student_chunk, num_chunks),
+                                     chunk_logprobs(teacher_tokens, teacher_chunk, num_chunks), present, **self.params)
+        student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
+        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens, teacher_chunk, num_chunks)
+        total, _, _ = gold_hybrid(student_rows[present].exp(), teacher_rows[present].exp(), *self.matched,
+                                  **self.params)
+        return total
+
+    def end_step(self, kd_total: float, progress: float) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CrossDistill:
+    """Off-policy cross-tokenizer KD: the data's rows, each side on its own tokens, the teacher under no_grad."""
+
+    kind = "off_policy"
+    samples = False
+    full_logits = True
+
+    def __init__(self, objective: CrossObjective, teacher: torch.nn.Module, pairs: list[PairedExample], *,
+                 student_pad: int, teacher_pad: int):
+        self.objective, self.teacher, self.pairs = objective, teacher.eval().requires_grad_(False), pairs
+        self.student_pad, self.teacher_pad = student_pad, teacher_pad
+
+    def micro_batch(self, examples, indices: list[int], student: StudentView, *, step: int, micro: int,
+                    rank: int) -> MicroBatch:
+        tensors = collate_pairs([self.pairs[i] for i in indices], self.student_pad, self.teacher_pad)
+        tensors["example_index"] = torch.tensor(indices, dtype=torch.long)
+        return MicroBatch(tensors)
+
+    def ahead(self, examples, indices, student) -> None:
+        pass
+
+    def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
+        logits = student.logits(batch["input_ids"], batch["attention_mask"])
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["teacher_input_ids"],
+                                          attention_mask=batch["teacher_attention_mask"], use_cache=False).logits
+        seconds = time.perf_counter() - started
+        loss, parts = self.objective.loss(logits, teacher_logits, batch, num_valid_tokens)
+        return StepLoss(loss, parts, seconds)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,109 @@
+"""Cross-tokenizer KD end to end: a teacher and a student with different real-format tokenizers (built offline,
+distill/lm/tokenizer_zoo.py), tiny Llama models around them, prompt/completion and chat rows, every
+cross-tokenizer objective through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill.lm.cross_tokenizer.data import collate_pairs, pair_examples
+from distill.lm.tokenizer_zoo import build_tokenizer, default_corpus, tiny_causal_lm
+
+KINDS = {"bpe": ("bytelevel_bpe", 300), "wordpiece": ("wordpiece", 300), "unigram": ("unigram_metaspace", 300)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> directory of a saved tiny causal LM with that tokenizer."""
+    corpus = default_corpus()
+    out = {}
+    for name, (kind, size) in KINDS.items():
+        directory = tmp_path_factory.mktemp(name)
+        tokenizer = build_tokenizer(kind, corpus, vocab_size=size)
+        tiny_causal_lm(tokenizer, hidden_size=32, num_hidden_layers=1).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        out[name] = directory
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    corpus = default_corpus()
+    rows = [{"prompt": corpus[i][:20], "completion": corpus[i][20:60]} for i in range(40)]
+    rows += [{"messages": [{"role": "user", "content": corpus[i][:15]},
+                           {"role": "assistant", "content": corpus[i][15:50]}]} for i in range(40, 56)]
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def recipe(models, data, tmp_path, teacher="bpe", student="unigram", loss="alm", **objective):
+    return {"teacher": {"path": str(models[teacher])}, "student": {"path": str(models[student])},
+            "data": {"train": str(data), "eval_size": 8, "max_length": 96},
+            "objective": {"loss": loss, "ce_weight": 0.5, **objective},
+            "train": {"steps": 3, "batch_size": 4, "threads": 1, "log_every": 1, "checkpoint_every": 3},
+            "eval": {"every": 3, "batch_size": 8, "generate_size": 2, "throughput_tokens": 4},
+            "output": str(tmp_path / "run")}
+
+
+def test_paired_rows_align_the_same_completion_text(models):
+    from transformers import AutoTokenizer
+
+    student, teacher = (AutoTokenizer.from_pretrained(models[name]) for name in ("unigram", "bpe"))
+    rows = [{"prompt": "Zahlen 12", "completion": " und Ümlaute, 漢字 🙂 done."},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "café naïve"}]},
+            {"text": "plain text row"}]
+    pairs = pair_examples(rows, student, teacher, max_length=64, append_eos=True, field="data.train")
+    for pair in pairs:
+        assert pair.chunks > 0
+        for chunk in range(pair.chunks):  # chunk c covers the same text on both sides
+            s = [t for t, c in enumerate(pair.student_chunk) if c == chunk]
+            t = [k for k, c in enumerate(pair.teacher_chunk) if c == chunk]
+            assert s and t and s == list(range(s[0], s[-1] + 1)) and t == list(range(t[0], t[-1] + 1))
+            text_s = student.decode(pair.student.input_ids[s[0]:s[-1] + 1]).replace(" ", "")
+            text_t = teacher.decode(pair.teacher.input_ids[t[0]:t[-1] + 1]).replace(" ", "")
+            assert text_s == text_t
+        # every completion token of both sides lies in a chunk, but EOS (on both) and chat markup
+        for example, chunks, tokenizer in ((pair.student, pair.student_chunk, student),
+                                           (pair.teacher, pair.teacher_chunk, teacher)):
+            loose = [token for token, label, c in zip(example.input_ids, example.labels, chunks)
+                     if label != -100 and c < 0]
+            assert all(token in tokenizer.all_special_ids or not tokenizer.decode([token]).strip() or
+                       "assistant" in tokenizer.decode([token]) for token in loose)
+    batch = collate_pairs(pairs, 0, 0)
+    assert batch["chunk"].shape == batch["input_ids"].shape and batch["teacher_chunk"].max() >= 0
+
+
+@pytest.mark.parametrize("loss,teacher,student", [("alm", "bpe", "unigram"), ("uld", "wordpiece", "bpe"),
+                                                  ("gold_hybrid", "bpe", "unigram")])
+def test_each_objective_trains_a_student_with_another_tokenizer(models, data, tmp_path, run_cli, write_recipe,
+                                                                loss, teacher, student):
+    finished = run_cli("run", str(write_recipe(recipe(models, data, tmp_path, teacher, student, loss))))
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows, meta = results["rows"], results["meta"]
+    assert meta["primary_metric"] == "rouge_l"  # the eval rows (the last 8) are chats: answers generated, scored
+    for row in ("teacher", "alone", "distilled"):
+        assert rows[row]["nll_per_char"] > 0 and "rouge_l" in rows[row]
+    assert "teacher_kl" not in rows["distilled"]  # no per-token KL across vocabularies
+    losses = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    distilled = [record for record in losses if record["phase"] == "distilled"]
+    assert len(distilled) == 3 and all(record["kd"] > 0 and record["teacher_seconds"] > 0 for record in distilled)
+    from safetensors.torch import load_file
+    alone, distilled_weights = (load_file(str(tmp_path / "run" / d / "model.safetensors")) for d in ("alone", "student"))
+    assert any(not torch.equal(alone[k], distilled_weights[k]) for k in alone)
+
+
+def test_a_same_tokenizer_loss_for_different_tokenizers_is_refused_with_the_fix(models, data, tmp_path, run_cli,
+                                                                                write_recipe):
+    finished = run_cli("run", str(write_recipe(recipe(models, data, tmp_path, loss="forward_kl"))))
+    assert finished.returncode == 2 and "different tokenizers" in finished.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cross_tokenizer_settings_not_built_yet_are_refused(models, data, tmp_path, run_cli, write_recipe):
+    on_policy = {**recipe(models, data, tmp_path), "regime": {"kind": "on_policy"}}
+    finished = run_cli("run", str(write_recipe(on_policy)))
+    assert finished.returncode == 2 and "regime.kind" in finished.stderr
