@@ -104,6 +104,53 @@ def test_a_same_tokenizer_loss_for_different_tokenizers_is_refused_with_the_fix(
 
 
 def test_cross_tokenizer_settings_not_built_yet_are_refused(models, data, tmp_path, run_cli, write_recipe):
-    on_policy = {**recipe(models, data, tmp_path), "regime": {"kind": "on_policy"}}
-    finished = run_cli("run", str(write_recipe(on_policy)))
+    opd = {**recipe(models, data, tmp_path), "regime": {"kind": "opd"}}
+    finished = run_cli("run", str(write_recipe(opd)))
     assert finished.returncode == 2 and "regime.kind" in finished.stderr
+
+
+@pytest.mark.parametrize("kind", ["on_policy", "sequence"])
+def test_sampling_regimes_hand_the_teacher_text_not_token_ids(models, data, tmp_path, kind, run_cli, write_recipe):
+    """on_policy: the student samples, the text is tokenized again by the teacher; sequence: the teacher
+    generates with its own tokenizer, the text is tokenized by the student."""
+    run = {**recipe(models, data, tmp_path, loss="alm"),
+           "regime": {"kind": kind, "lmbda": 1.0, "max_new_tokens": 12, "sample_temperature": 1.0}}
+    finished = run_cli("run", str(write_recipe(run)))
+    assert finished.returncode == 0, finished.stderr
+    losses = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    distilled = [record for record in losses if record["phase"] == "distilled"]
+    assert all(record["kd"] > 0 for record in distilled)
+    if kind == "on_policy":
+        assert all(record["sampled_batches"] == 1 for record in distilled)
+    else:  # the teacher's generations, in its own token ids
+        from transformers import AutoTokenizer
+
+        teacher = AutoTokenizer.from_pretrained(models["bpe"])
+        rows = [json.loads(line) for line in
+                (tmp_path / "run" / "teacher-generations" / "chunk-00000.jsonl").read_text().splitlines()]
+        assert rows and all(max(row["completion_ids"], default=0) < len(teacher) for row in rows)
+
+
+def test_on_policy_samples_reach_the_teacher_as_its_own_tokens(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.lm.cross_tokenizer.regime import CrossOnPolicy
+    from distill.lm.regimes import Sampling, StudentView
+
+    student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(models[n]) for n in ("unigram", "bpe"))
+    student = AutoModelForCausalLM.from_pretrained(models["unigram"])
+    records = [{"prompt": "Zahlen und", "completion": " Ümlaute"}, {"prompt": "a b", "completion": " c d"}]
+    pairs = pair_examples(records, student_tokenizer, teacher_tokenizer, max_length=64, append_eos=True, field="x")
+    sampling = Sampling(lmbda=1.0, max_new_tokens=10, eos_token_id=student_tokenizer.eos_token_id)
+    regime = CrossOnPolicy(None, student, pairs, records=records, sampling=sampling,
+                           student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer, max_length=64,
+                           student_pad=student_tokenizer.pad_token_id, teacher_pad=teacher_tokenizer.pad_token_id)
+    view = StudentView(model=student, engine=student, head=None, vocab_size=len(student_tokenizer),
+                       pad_token_id=student_tokenizer.pad_token_id, seed=0, grad_accum=1)
+    batch = regime.micro_batch(None, [0, 1], view, step=0, micro=0, rank=0).tensors
+    for row in range(2):
+        def completion(prefix, tokenizer):
+            ids = batch[f"{prefix}input_ids"][row][batch[f"{prefix}labels"][row] != -100].tolist()
+            return tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
+        assert completion("", student_tokenizer) == completion("teacher_", teacher_tokenizer)
+        assert batch["teacher_input_ids"][row].max() < len(teacher_tokenizer)

@@ -392,9 +392,13 @@ class LMRecipe(RunRecipe):
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
         if self.objective.cross_tokenizer:
-            if self.regime.kind != "off_policy":
-                raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy so far; regime "
-                                      f"{self.regime.kind} with `{self.objective.loss}` is not built yet")
+            if self.regime.kind not in ("off_policy", "on_policy", "sequence"):
+                raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy or sequence "
+                                      f"so far; regime {self.regime.kind} with `{self.objective.loss}` is not built "
+                                      "yet")
+            if self.regime.rsd_threshold > 0:
+                raise FieldValueError("regime.rsd_threshold", "student-aware filtering compares the two models token "
+                                      "by token, which needs one tokenizer: set it to 0 for cross-tokenizer KD")
             if self.student.path is None:
                 raise FieldValueError("student.path", "a cross-tokenizer student has its own tokenizer: give "
                                       "student.path (a saved model and tokenizer), not student.config")

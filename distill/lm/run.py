@@ -7,6 +7,7 @@ eval data: teacher, alone, distilled. The skeleton around it is core's (`core.ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import os
@@ -21,7 +22,8 @@ from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
 from distill.lm.cross_tokenizer.data import nll_per_character, pair_examples
-from distill.lm.cross_tokenizer.regime import CrossDistill, CrossObjective, matched_vocabulary
+from distill.lm.cross_tokenizer.regime import (CrossDistill, CrossObjective, CrossOnPolicy, matched_vocabulary,
+                                               teacher_text_pairs)
 from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
@@ -389,12 +391,7 @@ class LMJob(Job):
         recipe, setup, device = self.recipe, self.setup, self.accelerator.device
         regime, kind, examples = recipe.regime, recipe.regime.kind, setup.train_examples
         if setup.cross:
-            matched = (matched_vocabulary(setup.tokenizer, setup.teacher_tokenizer)
-                       if recipe.objective.loss == "gold_hybrid" else None)
-            objective = CrossObjective(recipe.objective, student_vocab=setup.vocab_size,
-                                       teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
-            return CrossDistill(objective, setup.teacher, setup.train_pairs, student_pad=setup.pad_token_id,
-                                teacher_pad=setup.teacher_tokenizer.pad_token_id or 0), examples
+            return self.cross_regime(run_dir)
         objective = self.objective(recipe.objective)
         if setup.cache is not None:
             teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)
@@ -428,6 +425,31 @@ class LMJob(Job):
                                          vocab_size=setup.vocab_size, seed=recipe.data.seed,
                                          batch_size=recipe.eval.batch_size, student=self.student if filtering else None)
         return Distill(objective, teacher), examples
+
+    def cross_regime(self, run_dir: RunDirectory):
+        """The distilled row's regime when teacher and student tokenize differently (distill/lm/cross_tokenizer/)."""
+        recipe, setup = self.recipe, self.setup
+        matched = (matched_vocabulary(setup.tokenizer, setup.teacher_tokenizer)
+                   if recipe.objective.loss == "gold_hybrid" else None)
+        objective = CrossObjective(recipe.objective, student_vocab=setup.vocab_size,
+                                   teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
+        pads = dict(student_pad=setup.pad_token_id, teacher_pad=setup.teacher_tokenizer.pad_token_id or 0)
+        pairs = setup.train_pairs
+        if recipe.regime.kind == "on_policy":
+            return CrossOnPolicy(objective, setup.teacher, pairs, records=setup.train_records, sampling=self.sampling,
+                                 student_tokenizer=setup.tokenizer, teacher_tokenizer=setup.teacher_tokenizer,
+                                 max_length=recipe.data.max_length, **pads), setup.train_examples
+        if recipe.regime.kind == "sequence":  # the teacher completes its own prompts once (resumable), as text
+            teacher_eos = setup.teacher_tokenizer.eos_token_id if self.sampling.eos_token_id is not None else None
+            sampling = dataclasses.replace(self.sampling, eos_token_id=teacher_eos)
+            generated = teacher_sequences(setup.teacher, [pair.teacher for pair in pairs], sampling, run_dir.path,
+                                          accelerator=self.accelerator, pad_token_id=pads["teacher_pad"],
+                                          vocab_size=len(setup.teacher_tokenizer), seed=recipe.data.seed,
+                                          batch_size=recipe.eval.batch_size)
+            pairs = teacher_text_pairs(pairs, setup.train_records, generated, setup.teacher_tokenizer, setup.tokenizer,
+                                       max_length=recipe.data.max_length, eos_token_id=teacher_eos)
+            return CrossDistill(objective, setup.teacher, pairs, **pads), [pair.student for pair in pairs]
+        return CrossDistill(objective, setup.teacher, pairs, **pads), setup.train_examples
 
     def run(self, run_dir: RunDirectory) -> RunResult:
         recipe, setup, accelerator = self.recipe, self.setup, self.accelerator

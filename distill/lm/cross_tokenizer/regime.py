@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from distill.lm.cross_tokenizer.data import PairedExample, collate_pairs
+from distill.lm.cross_tokenizer.data import PairedExample, collate_pairs, pair_examples
 from distill.lm.data import IGNORE_INDEX
 from distill.lm.recipe import ObjectiveSpec
-from distill.lm.regimes import MicroBatch, StepLoss, StudentView
+from distill.lm.regimes import MicroBatch, Sampling, StepLoss, StudentView, prompt_of, sampling_generator
 from distill.losses import cross_entropy, get_spec
 from distill.losses.cross_tokenizer import chunk_logprobs, chunk_rows, gold_hybrid
 
@@ -147,3 +147,59 @@ class CrossDistill:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def with_completion(record: dict, text: str) -> dict:
+    """The row with its answer replaced by `text` (the completion, or the last message's content)."""
+    if "messages" in record:
+        messages = [dict(m) for m in record["messages"]]
+        messages[-1]["content"] = text
+        return {**record, "messages": messages}
+    return {**record, "completion": text}
+
+
+class CrossOnPolicy(CrossDistill):
+    """On-policy cross-tokenizer KD (GKD with lmbda): with probability lmbda a micro-batch's completions are the
+    student's samples. A sample is decoded to text and each side tokenizes the row with that answer, the teacher
+    with its own tokenizer and template: the student's token ids never reach the teacher. (The student learns its
+    sample as its tokenizer writes the text, which is the sampled ids unless it sampled a non-canonical split.)"""
+
+    kind = "on_policy"
+    samples = True
+
+    def __init__(self, objective, teacher, pairs, *, records: list[dict], sampling: Sampling, student_tokenizer,
+                 teacher_tokenizer, max_length: int, student_pad: int, teacher_pad: int):
+        super().__init__(objective, teacher, pairs, student_pad=student_pad, teacher_pad=teacher_pad)
+        self.records, self.sampling = records, sampling
+        self.student_tokenizer, self.teacher_tokenizer, self.max_length = student_tokenizer, teacher_tokenizer, max_length
+
+    def micro_batch(self, examples, indices, student: StudentView, *, step, micro, rank) -> MicroBatch:
+        generator = sampling_generator(student.seed, step, micro, rank)
+        if self.sampling.lmbda < 1.0 and float(torch.rand((), generator=generator)) >= self.sampling.lmbda:
+            return super().micro_batch(examples, indices, student, step=step, micro=micro, rank=rank)
+        generation = student.sample([prompt_of(self.pairs[i].student) for i in indices], self.sampling, generator)
+        pairs = []
+        for index, completion in zip(indices, generation.completions()):
+            ended = bool(completion) and completion[-1] == self.sampling.eos_token_id
+            text = self.student_tokenizer.decode(completion, skip_special_tokens=True)
+            pairs += pair_examples([with_completion(self.records[index], text)], self.student_tokenizer,
+                                   self.teacher_tokenizer, max_length=self.max_length, append_eos=ended,
+                                   field="data.train")
+        tensors = collate_pairs(pairs, self.student_pad, self.teacher_pad)
+        tensors["example_index"] = torch.tensor(indices, dtype=torch.long)
+        return MicroBatch(tensors, generate_seconds=generation.seconds, generated_tokens=generation.new_tokens,
+                          sampled=True)
+
+
+def teacher_text_pairs(pairs: list[PairedExample], records: list[dict], generated: list, teacher_tokenizer,
+                       student_tokenizer, *, max_length: int, eos_token_id: int | None) -> list[PairedExample]:
+    """Sequence-level cross-tokenizer KD: the rows with the teacher's generated completions (teacher-side examples
+    from `teacher_sequences`) as text, tokenized again by both sides."""
+    out = []
+    for pair, record, example in zip(pairs, records, generated):
+        completion = example.input_ids[len(prompt_of(example)):]
+        ended = bool(completion) and completion[-1] == eos_token_id
+        text = teacher_tokenizer.decode(completion, skip_special_tokens=True)
+        out += pair_examples([with_completion(record, text)], student_tokenizer, teacher_tokenizer,
+                             max_length=max_length, append_eos=ended, field="data.train")
+    return out
