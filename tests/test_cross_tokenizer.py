@@ -154,3 +154,32 @@ def test_on_policy_samples_reach_the_teacher_as_its_own_tokens(models):
             return tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
         assert completion("", student_tokenizer) == completion("teacher_", teacher_tokenizer)
         assert batch["teacher_input_ids"][row].max() < len(teacher_tokenizer)
+
+
+def test_the_two_tokenizer_oracle_scores_every_row_per_symbol(tiny_lm_dir, tmp_path, run_cli, write_recipe):
+    """The oracle teacher reads one token per symbol, the student a byte-level BPE of the symbols' text; every
+    row gets the tokenization-free metrics per symbol, and the teacher also its exact per-token ones."""
+    from distill.lm.tasks.oracle import OracleTask
+
+    tokenizer = OracleTask().student_tokenizer(vocab_size=300, size=300)
+    student_dir = tmp_path / "bpe-student"
+    tiny_causal_lm(tokenizer, hidden_size=32, num_hidden_layers=1).save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    run = {"teacher": {"path": str(tiny_lm_dir)}, "student": {"path": str(student_dir)},
+           "data": {"builtin": "oracle", "train_size": 16, "eval_size": 8},
+           "objective": {"loss": "alm", "ce_weight": 1.0},
+           "train": {"steps": 2, "batch_size": 4, "threads": 1, "checkpoint_every": 2},
+           "eval": {"every": 2, "batch_size": 8, "generate_size": 2, "throughput_tokens": 4},
+           "output": str(tmp_path / "run")}
+    finished = run_cli("run", str(write_recipe(run)))
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = results["rows"]
+    assert results["meta"]["primary_metric"] == "oracle_kl_per_symbol"
+    for row in rows.values():
+        assert row["oracle_kl_per_symbol"] > 0
+        assert row["oracle_nll_per_symbol"] == pytest.approx(row["oracle_kl_per_symbol"]
+                                                             + row["oracle_entropy_per_symbol"], rel=1e-9)
+    # the teacher reads symbols: its per-symbol NLL is its per-token NLL (one token per symbol, no EOS)
+    assert rows["teacher"]["oracle_nll_per_symbol"] == pytest.approx(rows["teacher"]["nll"], rel=1e-5)
+    assert "oracle_forward_kl" in rows["teacher"] and "oracle_forward_kl" not in rows["distilled"]

@@ -402,9 +402,6 @@ class LMRecipe(RunRecipe):
             if self.student.path is None:
                 raise FieldValueError("student.path", "a cross-tokenizer student has its own tokenizer: give "
                                       "student.path (a saved model and tokenizer), not student.config")
-            if self.data.builtin == "oracle":
-                raise FieldValueError("data.builtin", "the oracle task scores models over its own symbol ids; a "
-                                      "student with another tokenizer needs data files (or data.builtin: arithmetic)")
             if self.data.packing or self.teacher.served:
                 raise FieldValueError("data.packing" if self.data.packing else "teacher.url",
                                       "cross-tokenizer losses do not take packed data or a served teacher yet")

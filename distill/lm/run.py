@@ -75,6 +75,8 @@ class LMSetup:
         self.recipe = recipe
         self.accelerator = accelerator or make_accelerator()
         self.task = get_task(recipe.data.builtin) if recipe.data.builtin else None
+        if self.task is not None and hasattr(self.task, "per_symbol") and recipe.objective.cross_tokenizer:
+            self.task.per_symbol = True  # rows on different tokenizers: metrics per symbol, not per token
         spec = recipe.teacher
         # A served teacher's tokenizer: a local copy (teacher.path, no weights needed), or else the student's.
         source, source_field = ((spec.path, "teacher.path") if spec.path is not None or not spec.served
@@ -199,7 +201,7 @@ class LMSetup:
                          "the completion text (comparable across rows)")
         return {"primary_metric": self.scorer.metric if self.scorer else ("nll_per_char" if self.cross else "nll"),
                 "higher_is_better": self.scorer.higher_is_better if self.scorer else False,
-                "hidden_columns": ["oracle_entropy"],  # a property of the eval data, the same in every row
+                "hidden_columns": ["oracle_entropy", "oracle_entropy_per_symbol"],  # properties of the eval data
                 "notes": notes,
                 **({"packing": self.packing} if self.packing else {}),
                 **({"generations": {**self.scorer.examples(), **self.generations}}

@@ -69,7 +69,6 @@ class OracleTask:
     """Sequences from the oracle as `text` records; metrics are exact KLs to the oracle."""
 
     name = "oracle"
-    metric = "oracle_forward_kl"
     higher_is_better = False
     append_eos = False  # fixed-length language: the oracle defines no end-of-sequence
     teacher_config = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
@@ -86,12 +85,61 @@ class OracleTask:
         symbols = self.oracle.sample(count, SEQUENCE_LENGTH, seed=[seed, stream])
         return [{"text": " ".join(f"w{s}" for s in row)} for row in symbols]
 
+    per_symbol = False  # also (or, for another tokenizer, only) the tokenization-free metrics per symbol
+
+    @property
+    def metric(self) -> str:
+        return "oracle_kl_per_symbol" if self.per_symbol else "oracle_forward_kl"
+
+    def speaks_symbols(self, tokenizer) -> bool:
+        """Whether `tokenizer` is the task's own (one token per symbol, the ids the exact metrics read)."""
+        return tokenizer.get_vocab() == self.tokenizer().get_vocab()
+
     @torch.no_grad()
     def evaluate(self, model, tokenizer, records: list[dict], *, batch_size: int, generate_size: int,
                  seed: int) -> dict[str, float]:
         """Exact forward KL(oracle||model) on oracle samples, reverse KL(model||oracle) on model
-        samples, and the oracle's entropy (the floor of any model's NLL), all in nats per token."""
+        samples, and the oracle's entropy (the floor of any model's NLL), all in nats per token. With
+        `per_symbol` (cross-tokenizer runs) or a tokenizer other than the task's, the metrics of any tokenizer
+        (`per_symbol_metrics`) too; the per-token ones need the task's tokenizer."""
         symbols = np.array([[int(w[1:]) for w in r["text"].split()] for r in records])
+        metrics = {}
+        if self.per_symbol or not self.speaks_symbols(tokenizer):
+            metrics.update(self.per_symbol_metrics(model, tokenizer, symbols, batch_size))
+            if not self.speaks_symbols(tokenizer):
+                return metrics
+        return {**metrics, **self._exact(model, symbols, batch_size, generate_size, seed)}
+
+    @torch.no_grad()
+    def per_symbol_metrics(self, model, tokenizer, symbols: np.ndarray, batch_size: int) -> dict[str, float]:
+        """Metrics of a model with any tokenizer, per oracle symbol, on the eval sequences x (written as text
+        `w3 w17 ...` and tokenized canonically, with the tokenizer's BOS):
+          oracle_nll_per_symbol = -log q(tok(x)) / L
+          oracle_kl_per_symbol  = (log p_oracle(x) - log q(tok(x))) / L, averaged over the eval sequences
+        The second estimates KL(p_oracle || q_canonical) per symbol, where q_canonical(x) is the probability the
+        model gives x's canonical tokenization: an upper bound of the KL to the model's marginal over all
+        tokenizations of x (which also count toward x). The exact log p_oracle(x) comes from the forward algorithm."""
+        device = next(model.parameters()).device
+        oracle_probs = self.oracle.next_symbol_probs(symbols)
+        oracle_logprob = np.log(np.take_along_axis(oracle_probs, symbols[..., None], -1)[..., 0]).sum(1)
+        texts = [" ".join(f"w{s}" for s in row) for row in symbols]
+        model_logprob = []
+        pad = tokenizer.pad_token_id or 0
+        for start in range(0, len(texts), batch_size):
+            encoded = [tokenizer(text).input_ids for text in texts[start:start + batch_size]]
+            width = max(map(len, encoded))
+            ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), -1)
+            token = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+            model_logprob += token.sum(1).tolist()
+        length = symbols.shape[1]
+        model_logprob = np.array(model_logprob)
+        return {"oracle_nll_per_symbol": float(-model_logprob.mean() / length),
+                "oracle_kl_per_symbol": float((oracle_logprob - model_logprob).mean() / length),
+                "oracle_entropy_per_symbol": float(-oracle_logprob.mean() / length)}  # the nll's floor here
+
+    def _exact(self, model, symbols: np.ndarray, batch_size: int, generate_size: int, seed: int) -> dict[str, float]:
         oracle_probs = self.oracle.next_symbol_probs(symbols)
         forward_kl, entropy = 0.0, 0.0
         for start in range(0, len(symbols), batch_size):
@@ -105,6 +153,15 @@ class OracleTask:
         if generate_size > 0:
             metrics["oracle_reverse_kl"] = self._reverse_kl(model, generate_size, batch_size, seed)
         return metrics
+
+    def student_tokenizer(self, vocab_size: int = 400, *, size: int = 2000, seed: int = 0):
+        """A byte-level BPE over the oracle's text (`w3 w17 ...`), trained offline on oracle samples: its tokens
+        are pieces of symbols and runs of several, so a student with it sees the language another way than the
+        teacher (one token per symbol). The two-tokenizer oracle of cross-tokenizer KD."""
+        from distill.lm.tokenizer_zoo import build_tokenizer
+
+        corpus = [record["text"] for record in self.records(size, seed=1000 + seed, split="train")]
+        return build_tokenizer("bytelevel_bpe", corpus, vocab_size=vocab_size)
 
     def _reverse_kl(self, model, count: int, batch_size: int, seed: int) -> float:
         """KL(model||oracle) per token, exact at every prefix of the model's own samples.
