@@ -183,3 +183,69 @@ def test_the_two_tokenizer_oracle_scores_every_row_per_symbol(tiny_lm_dir, tmp_p
     # the teacher reads symbols: its per-symbol NLL is its per-token NLL (one token per symbol, no EOS)
     assert rows["teacher"]["oracle_nll_per_symbol"] == pytest.approx(rows["teacher"]["nll"], rel=1e-5)
     assert "oracle_forward_kl" in rows["teacher"] and "oracle_forward_kl" not in rows["distilled"]
+
+
+def test_a_slow_tokenizer_is_refused_with_the_fix(models, tmp_path):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    from distill.core.errors import DistillError
+
+    slow = ByT5Tokenizer()  # a Python tokenizer (no Rust backend): no offsets
+    assert not slow.is_fast
+    fast = AutoTokenizer.from_pretrained(models["bpe"])
+    with pytest.raises(DistillError, match="no character offsets") as error:
+        pair_examples([{"prompt": "a", "completion": " b"}], slow, fast, max_length=16, append_eos=True,
+                      field="student.path")
+    assert "fast tokenizer" in error.value.fix
+
+
+def test_a_chat_template_on_one_side_only_still_aligns_the_answer(models):
+    """The teacher renders chats with its template, the student (template removed) as a plain transcript: the
+    answer's text is what both align, whatever surrounds it."""
+    from transformers import AutoTokenizer
+
+    teacher = AutoTokenizer.from_pretrained(models["bpe"])
+    student = AutoTokenizer.from_pretrained(models["unigram"])
+    student.chat_template = None
+    row = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "naïve café 12"}]}
+    pair, = pair_examples([row], student, teacher, max_length=64, append_eos=True, field="data.train")
+    assert pair.text == "naïve café 12" and pair.chunks >= 2
+    teacher_answer = [t for t, c in zip(pair.teacher.input_ids, pair.teacher_chunk) if c >= 0]
+    student_answer = [t for t, c in zip(pair.student.input_ids, pair.student_chunk) if c >= 0]
+    assert teacher.decode(teacher_answer).replace(" ", "") == student.decode(student_answer).replace(" ", "")
+
+
+def test_rows_whose_answers_do_not_align_are_refused_when_none_is_left(models, tmp_path, run_cli, write_recipe):
+    """Only whitespace to align (WordPiece drops it all): no chunk, so nothing to distil: a clear error."""
+    path = tmp_path / "blank.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "   "}) + "\n" for i in range(12)))
+    run = {**recipe(models, path, tmp_path, teacher="wordpiece", student="bpe"),
+           "data": {"train": str(path), "eval_size": 4, "max_length": 32}}
+    finished = run_cli("run", str(write_recipe(run)))
+    assert finished.returncode == 2 and "no training row has a completion chunk" in finished.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_alm_from_a_cache_of_the_teachers_own_tokens_equals_the_live_teacher(models, data, tmp_path, run_cli,
+                                                                             write_recipe):
+    """`distill cache` stores the teacher's log-probability of each of its tokens; a student with another
+    tokenizer aligns to them at training time (the cache holds no student tokens: any student can use it)."""
+    from safetensors.torch import load_file
+
+    live = {**recipe(models, data, tmp_path, loss="alm"), "output": str(tmp_path / "live")}
+    live["train"]["baseline"] = False
+    cached = {**live, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": 4},
+              "output": str(tmp_path / "cached")}
+    assert run_cli("run", str(write_recipe(live, "live.yaml"))).returncode == 0
+    built = run_cli("cache", str(write_recipe(cached, "cached.yaml")))
+    assert built.returncode == 0, built.stderr
+    trained = run_cli("run", str(write_recipe(cached, "cached.yaml")))
+    assert trained.returncode == 0, trained.stderr
+    first, second = load_file(str(tmp_path / "live/student/model.safetensors")), load_file(
+        str(tmp_path / "cached/student/model.safetensors"))
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) < 1e-5
+    rows = json.loads((tmp_path / "cached" / "results.json").read_text())["rows"]
+    assert rows["teacher"]["nll_per_char"] > 0
+    uld_from_cache = {**cached, "objective": {"loss": "uld"}}
+    refused = run_cli("run", str(write_recipe(uld_from_cache, "uld.yaml")))
+    assert refused.returncode == 2 and "alm" in refused.stderr

@@ -392,10 +392,15 @@ class LMRecipe(RunRecipe):
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
         if self.objective.cross_tokenizer:
-            if self.regime.kind not in ("off_policy", "on_policy", "sequence"):
-                raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy or sequence "
-                                      f"so far; regime {self.regime.kind} with `{self.objective.loss}` is not built "
-                                      "yet")
+            if self.regime.kind not in ("off_policy", "on_policy", "sequence", "cache"):
+                raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy, sequence "
+                                      f"or from a cache so far; regime {self.regime.kind} with "
+                                      f"`{self.objective.loss}` is not built yet")
+            if self.regime.kind == "cache" and (self.objective.loss != "alm" or self.objective.temperature != 1):
+                raise FieldValueError("regime.kind", "from a cache, a cross-tokenizer student trains with `alm` at "
+                                      "temperature 1 (the cache keeps the teacher's log-probability of each of its "
+                                      "tokens; uld and gold_hybrid need its whole distribution): use objective.loss "
+                                      "alm, or a live teacher")
             if self.regime.rsd_threshold > 0:
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering compares the two models token "
                                       "by token, which needs one tokenizer: set it to 0 for cross-tokenizer KD")

@@ -22,8 +22,8 @@ from distill.core.errors import DistillError
 from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
 from distill.lm.cross_tokenizer.data import nll_per_character, pair_examples
-from distill.lm.cross_tokenizer.regime import (CrossDistill, CrossObjective, CrossOnPolicy, matched_vocabulary,
-                                               teacher_text_pairs)
+from distill.lm.cross_tokenizer.regime import (CachedTokenLogprobs, CrossDistill, CrossObjective, CrossOnPolicy,
+                                               matched_vocabulary, teacher_text_pairs)
 from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
@@ -107,9 +107,17 @@ class LMSetup:
         self.scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.tokenizer)
         self.cache, self.eval_cache, self.teacher, self.served = None, None, None, None
         self.teacher_loaded_sharded = False
-        if recipe.regime.kind == "cache":
-            self.cache, self.train_spans = open_cache(recipe, self.tokenizer, self.train_examples)
-            self.eval_cache = (self.cache, self.cache.rows_for("eval", self.eval_examples, field="data.eval"))
+        if recipe.regime.kind == "cache":  # (cross-tokenizer: the cache holds the teacher's own tokens)
+            tokenizer, train, evaluation = ((self.teacher_tokenizer, [p.teacher for p in self.train_pairs],
+                                             [p.teacher for p in self.eval_pairs]) if self.cross
+                                            else (self.tokenizer, self.train_examples, self.eval_examples))
+            self.cache, self.train_spans = open_cache(recipe, tokenizer, train)
+            self.eval_cache = (self.cache, self.cache.rows_for("eval", evaluation, field="data.eval"))
+            if self.cross and self.cache.token_logprobs is None:
+                raise DistillError(f"the cache at `{recipe.regime.path}` was written before caches kept the "
+                                   "teacher's log-probability of each token, which cross-tokenizer ALM reads",
+                                   field="regime.path", fix="rebuild it with `distill cache <recipe>` into a new "
+                                                            "directory")
         elif need_teacher and spec.served:  # checked now: the server answers, with the student's tokenizer
             self.served = ServedTeacher(connect(spec, self.tokenizer), spec.top_k, len(self.tokenizer), spec.sparse)
         elif need_teacher:
@@ -142,7 +150,7 @@ class LMSetup:
                                  eval_examples=self.eval_examples, vocab_size=self.vocab_size,
                                  batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
                                  seed=recipe.data.seed, teacher=None if self.cross else self.teacher,
-                                 teacher_cache=self.eval_cache,
+                                 teacher_cache=None if self.cross else self.eval_cache,
                                  throughput_tokens=recipe.eval.throughput_tokens if final else None,
                                  per_token=per_token)
         if self.cross:
@@ -182,7 +190,10 @@ class LMSetup:
             if answers and isinstance(self.scorer, CompletionsScorer):
                 self.generations["teacher"] = answers
             return row
-        return dict(self.cache.manifest["teacher_eval"])
+        row = dict(self.cache.manifest["teacher_eval"])
+        if self.cross:
+            row["nll_per_char"] = nll_per_character(row["nll"], [p.teacher for p in self.eval_pairs], self.eval_pairs)
+        return row
 
     def meta(self, rows: dict[str, dict]) -> dict:
         """What the rows mean (results.json `meta`)."""
@@ -328,7 +339,8 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
     job = LMJob(recipe, setup)
     student = job.new_student()
     if setup.cross:  # each model against its own tokenizer
-        check_same_vocabulary(setup.teacher_tokenizer, setup.teacher_tokenizer, setup.teacher, setup.teacher)
+        if setup.teacher is not None:
+            check_same_vocabulary(setup.teacher_tokenizer, setup.teacher_tokenizer, setup.teacher, setup.teacher)
         setup.vocab_size = check_same_vocabulary(student_tokenizer, student_tokenizer, student, student)
     else:
         setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
@@ -437,6 +449,9 @@ class LMJob(Job):
                                    teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
         pads = dict(student_pad=setup.pad_token_id, teacher_pad=setup.teacher_tokenizer.pad_token_id or 0)
         pairs = setup.train_pairs
+        if setup.cache is not None:  # ALM from the teacher's cached token log-probabilities
+            return CrossDistill(objective, CachedTokenLogprobs(setup.cache, setup.train_spans), pairs,
+                                **pads), setup.train_examples
         if recipe.regime.kind == "on_policy":
             return CrossOnPolicy(objective, setup.teacher, pairs, records=setup.train_records, sampling=self.sampling,
                                  student_tokenizer=setup.tokenizer, teacher_tokenizer=setup.teacher_tokenizer,

@@ -85,8 +85,9 @@ def tokenize_side(record: dict, tokenizer, *, append_eos: bool, index: int, fiel
     else:
         raise DistillError(f"row {index} has keys {sorted(record)}; expected `prompt`+`completion`, `text`, or "
                            "`messages`", field=field, fix="rename the columns of your data")
-    if append_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids, spans = ids + [tokenizer.eos_token_id], spans + [None]
+    templated = "messages" in record and bool(getattr(tokenizer, "chat_template", None))
+    if append_eos and tokenizer.eos_token_id is not None and not (templated and tokenizer.eos_token_id in ids):
+        ids, spans = ids + [tokenizer.eos_token_id], spans + [None]  # (the rule of distill.lm.data.tokenize)
     spans = [None] * len(prompt_ids) + spans
     return Side(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids, spans), content
 

@@ -59,9 +59,10 @@ class CrossObjective:
         self.uses_teacher = spec.kd_weight > 0
         self.matched = matched
 
-    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, batch: dict,
-             num_valid_tokens: int) -> tuple[torch.Tensor, dict]:
-        """student_logits [B, L_S, V_S], teacher_logits [B, L_T, V_T] (not shifted) of a `collate_pairs` batch."""
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: dict,
+             num_valid_tokens: int, teacher_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """student_logits [B, L_S, V_S], teacher_logits [B, L_T, V_T] (not shifted) of a `collate_pairs` batch; or,
+        for ALM from a cache, `teacher_tokens` [B, L_T - 1], the teacher's log-probability of each next token."""
         spec, parts = self.spec, {}
         logits = student_logits[:, :-1, :self.student_vocab].float()
         labels = batch["labels"][:, 1:]
@@ -69,8 +70,8 @@ class CrossObjective:
         share = int(mask.sum()) / max(num_valid_tokens, 1)  # this micro-batch's share of the step's tokens
         loss = logits.new_zeros(())
         if self.uses_teacher:
-            teacher = teacher_logits[:, :-1, :self.teacher_vocab].float()
-            kd = self._divergence(logits, teacher, batch) * share
+            teacher = teacher_logits[:, :-1, :self.teacher_vocab].float() if teacher_logits is not None else None
+            kd = self._divergence(logits, teacher, batch, teacher_tokens) * share
             loss, parts["kd"] = loss + spec.kd_weight * kd, kd.item()
         if spec.ce_weight > 0:
             ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
@@ -78,7 +79,7 @@ class CrossObjective:
         parts["loss"] = loss.item()
         return loss, parts
 
-    def _divergence(self, logits, teacher, batch) -> torch.Tensor:
+    def _divergence(self, logits, teacher, batch, teacher_tokens=None) -> torch.Tensor:
         name, spec = self.loss_spec.name, self.spec
         if name == "uld":
             return self.loss_spec.fn(logits, teacher, batch["labels"][:, 1:] != IGNORE_INDEX,
@@ -88,9 +89,10 @@ class CrossObjective:
         student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
         num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
         student_logprobs = torch.log_softmax(logits / spec.temperature, -1)
-        teacher_logprobs = torch.log_softmax(teacher / spec.temperature, -1)
         student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-        teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
+        if teacher_tokens is None:
+            teacher_logprobs = torch.log_softmax(teacher / spec.temperature, -1)
+            teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
         if name == "alm":
             present = chunk_logprobs(torch.ones_like(student_tokens), student_chunk, num_chunks) > 0
             return self.loss_spec.fn(chunk_logprobs(student_tokens, student_chunk, num_chunks),
@@ -111,6 +113,24 @@ class CrossObjective:
         pass
 
 
+class CachedTokenLogprobs:
+    """The teacher as its cache's log-probability of each of its own completion tokens (`distill cache` on the
+    teacher's tokenization of the rows): all cross-tokenizer ALM needs of a teacher."""
+
+    def __init__(self, cache, spans: list[tuple[int, int]]):
+        self.cache, self.spans = cache, spans
+
+    def token_logprobs(self, batch: dict) -> torch.Tensor:
+        """[B, L_T - 1]: log p_T of the token each teacher position predicts, at the teacher's completion tokens."""
+        mask = (batch["teacher_labels"][:, 1:] != IGNORE_INDEX).cpu()
+        out = torch.zeros(mask.shape, dtype=torch.float32)
+        for row, index in enumerate(batch["example_index"].tolist()):
+            offset, count = self.spans[index]
+            positions = mask[row].nonzero().squeeze(-1)
+            out[row, positions] = self.cache.token_logprobs[offset:offset + count].float()
+        return out
+
+
 class CrossDistill:
     """Off-policy cross-tokenizer KD: the data's rows, each side on its own tokens, the teacher under no_grad."""
 
@@ -118,9 +138,12 @@ class CrossDistill:
     samples = False
     full_logits = True
 
-    def __init__(self, objective: CrossObjective, teacher: torch.nn.Module, pairs: list[PairedExample], *,
+    def __init__(self, objective: CrossObjective, teacher, pairs: list[PairedExample], *,
                  student_pad: int, teacher_pad: int):
-        self.objective, self.teacher, self.pairs = objective, teacher.eval().requires_grad_(False), pairs
+        """`teacher`: a causal LM (under no_grad), or `CachedTokenLogprobs` (ALM only)."""
+        if isinstance(teacher, torch.nn.Module):
+            teacher = teacher.eval().requires_grad_(False)
+        self.objective, self.teacher, self.pairs = objective, teacher, pairs
         self.student_pad, self.teacher_pad = student_pad, teacher_pad
 
     def micro_batch(self, examples, indices: list[int], student: StudentView, *, step: int, micro: int,
@@ -135,11 +158,15 @@ class CrossDistill:
     def loss(self, batch: dict, student: StudentView, num_valid_tokens: int) -> StepLoss:
         logits = student.logits(batch["input_ids"], batch["attention_mask"])
         started = time.perf_counter()
+        teacher_logits = teacher_tokens = None
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["teacher_input_ids"],
-                                          attention_mask=batch["teacher_attention_mask"], use_cache=False).logits
+            if isinstance(self.teacher, CachedTokenLogprobs):
+                teacher_tokens = self.teacher.token_logprobs(batch).to(logits.device)
+            else:
+                teacher_logits = self.teacher(input_ids=batch["teacher_input_ids"],
+                                              attention_mask=batch["teacher_attention_mask"], use_cache=False).logits
         seconds = time.perf_counter() - started
-        loss, parts = self.objective.loss(logits, teacher_logits, batch, num_valid_tokens)
+        loss, parts = self.objective.loss(logits, teacher_logits, batch, num_valid_tokens, teacher_tokens)
         return StepLoss(loss, parts, seconds)
 
     def state_dict(self) -> dict:

@@ -132,17 +132,22 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     for index in mine:
         split, start, end = plan[index]
         rows = examples[split][start:end]
-        top_ids, top_logprobs, tails, counts = [], [], [], []
+        top_ids, top_logprobs, tails, counts, targets = [], [], [], [], []
         for batch_start in range(0, len(rows), batch_size):
             batch = collate(rows[batch_start:batch_start + batch_size], pad)
+            labels = batch["labels"][:, 1:]
             if served is not None:
                 ids_, logprobs_, tail_ = served.topk(batch)
+                target_ = served.token_logprobs(batch)
             else:
                 with torch.no_grad():
                     logits = teacher(**{k: v.to(accelerator.device) if v is not None else None
                                         for k, v in model_inputs(batch).items()}, use_cache=False).logits
                 ids_, logprobs_, tail_ = teacher_topk(logits[:, :-1, :vocab_size], options["k"])
-            mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(ids_.device)
+                target_ = torch.log_softmax(logits[:, :-1, :vocab_size].float(), -1).gather(
+                    -1, labels.clamp(min=0).to(logits.device)[..., None]).squeeze(-1)
+            mask = (labels != IGNORE_INDEX).to(ids_.device)
+            targets.append(target_[mask.to(target_.device)].cpu())  # the actual tokens' log-probs (ALM)
             top_ids.append(ids_[mask].cpu())  # row-major: each example's tokens in order
             top_logprobs.append(logprobs_[mask].cpu())
             tails.append(tail_[mask].cpu())
@@ -157,6 +162,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
                                f"{start}-{end - 1}: {error}", field="regime.values",
                                fix="use values: float16, or a smaller regime.k") from None
         arrays["tokens"] = torch.tensor(counts, dtype=torch.int32).numpy()
+        arrays["token_logprobs"] = torch.cat(targets).float().numpy()
         entry = write_shard(directory / f"{split}-{index:05d}.safetensors", arrays, {
             "example_ids": [e.id for e in rows], "example_hashes": [example_hash(e.input_ids, e.labels) for e in rows]})
         entry.update(split=split, examples=len(rows), tokens=int(sum(counts)))
@@ -195,7 +201,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
                                           throughput_tokens=recipe.eval.throughput_tokens)
         atomic_write_json(directory / MANIFEST, {
             "format": FORMAT, "version": FORMAT_VERSION, "identity": identity, **{k: identity[k] for k in (
-                "k", "ids", "values", "vocab_size")},
+                "k", "ids", "values", "vocab_size")}, "token_logprobs": True,
             "num_tokens": num_tokens, "num_bytes": num_bytes, "bytes_per_token": num_bytes / max(num_tokens, 1),
             "examples": {split: len(rows) for split, rows in examples.items()},
             "teacher_eval": teacher_eval, "build_seconds_last_run": seconds, "world_size": world,

@@ -9,7 +9,8 @@ Layout of a cache directory:
                                students' agreement with the teacher come from it)
 
 A shard holds the codec's arrays (`distill/lm/teacher/cache/codec.py`) for all its tokens plus `tokens`
-(int32 [examples]: completion tokens per example); its safetensors metadata holds the example
+(int32 [examples]: completion tokens per example) and `token_logprobs` (float32 [tokens]: the teacher's
+log-probability of each completion token itself, which cross-tokenizer ALM reads; absent in older caches); its safetensors metadata holds the example
 ids and each example's content hash (input ids + labels), so rows are matched to examples by
 id and a changed example is caught rather than trained on with another example's teacher.
 """
@@ -171,6 +172,7 @@ def load_shard(directory: Path, shard: dict, manifest: dict) -> tuple[dict, np.n
     metadata = json.loads(header.get("__metadata__", {}).get("distill", "{}"))
     arrays = load(data)
     tokens = arrays.pop("tokens")
+    metadata["token_logprobs"] = arrays.pop("token_logprobs", None)  # the actual tokens' log-probs (newer caches)
     ids, logprobs, tail = decode_topk(arrays, num_tokens=int(tokens.sum()), k=manifest["k"],
                                       vocab_size=manifest["vocab_size"], ids_scheme=manifest["ids"],
                                       values=manifest["values"])
@@ -216,7 +218,7 @@ class TeacherCache(TopkRows):
             raise DistillError(f"the cache holds the teacher's top-{stored_k}, fewer than k={self.k}", field="regime.k",
                                fix=f"set regime.k <= {stored_k}, or rebuild the cache with a larger k")
         self.rows: dict[str, dict[str, tuple[str, int, int]]] = {}  # split -> id -> (hash, offset, count)
-        ids, logprobs, tails, offset = [], [], [], 0
+        ids, logprobs, tails, targets, offset = [], [], [], [], 0
         for shard in self.manifest["shards"]:
             metadata, shard_ids, shard_logprobs, shard_tail = load_shard(self.directory, shard, self.manifest)
             split = self.rows.setdefault(shard["split"], {})
@@ -227,9 +229,13 @@ class TeacherCache(TopkRows):
             ids.append(shard_ids)
             logprobs.append(shard_logprobs)
             tails.append(shard_tail)
+            targets.append(metadata["token_logprobs"])
         self.ids = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, stored_k, dtype=torch.long)
         self.logprobs = torch.from_numpy(np.concatenate(logprobs)) if logprobs else torch.zeros(0, stored_k)
         self.tail = torch.from_numpy(np.concatenate(tails)) if tails else torch.zeros(0)
+        # log p_T of each cached token itself (what ALM needs); None for caches written before it was stored
+        self.token_logprobs = (torch.from_numpy(np.concatenate(targets)) if targets and all(
+            t is not None for t in targets) else None)
         if self.k < stored_k:
             self._keep_top(self.k)
 
