@@ -42,7 +42,8 @@ def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
     speed = "examples_per_second" if classifier else "generation_tokens_per_second"
     for row in results["rows"].values():
         expected = {"nll", "parameters", speed, results["meta"]["primary_metric"]}
-        assert expected | (set() if classifier else {"teacher_top1_agreement"}) <= row.keys()
+        cross = "loss: alm" in text  # different tokenizers: no per-token agreement with the teacher
+        assert expected | (set() if classifier or cross else {"teacher_top1_agreement"}) <= row.keys()
     assert results["rows"]["alone"]["parameters"] == results["rows"]["distilled"]["parameters"]
     assert "distilled" in result.stdout and results["meta"]["primary_metric"] in result.stdout
 

@@ -154,6 +154,26 @@ class OracleTask:
             metrics["oracle_reverse_kl"] = self._reverse_kl(model, generate_size, batch_size, seed)
         return metrics
 
+    def make_bpe_student(self, directory, *, vocab_size: int = 400, hidden_size: int = 64, num_hidden_layers: int = 2,
+                         seed: int = 0) -> None:
+        """Save a randomly initialised (seeded) Llama student that reads the oracle through `student_tokenizer`:
+        the shipped `builtin:oracle-bpe-student` is `make_bpe_student("distill/assets/oracle-bpe-student")`."""
+        import json
+        from pathlib import Path
+
+        from distill.lm.tokenizer_zoo import tiny_causal_lm
+
+        tokenizer = self.student_tokenizer(vocab_size)
+        model = tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, seed=seed)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        card = {"what": "an untrained student for the two-tokenizer oracle (cross-tokenizer KD)",
+                "parameters": sum(p.numel() for p in model.parameters()), "tokens": len(tokenizer),
+                "command": f'python -c "from distill.lm.tasks.oracle import OracleTask; OracleTask().make_bpe_student('
+                           f"'{directory}', vocab_size={vocab_size}, hidden_size={hidden_size}, "
+                           f'num_hidden_layers={num_hidden_layers}, seed={seed})"'}
+        (Path(directory) / "student_card.json").write_text(json.dumps(card, indent=1))
+
     def student_tokenizer(self, vocab_size: int = 400, *, size: int = 2000, seed: int = 0):
         """A byte-level BPE over the oracle's text (`w3 w17 ...`), trained offline on oracle samples: its tokens
         are pieces of symbols and runs of several, so a student with it sees the language another way than the
