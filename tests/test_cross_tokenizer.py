@@ -226,16 +226,22 @@ def test_rows_whose_answers_do_not_align_are_refused_when_none_is_left(models, t
     assert not (tmp_path / "run").exists()
 
 
-def test_alm_from_a_cache_of_the_teachers_own_tokens_equals_the_live_teacher(models, data, tmp_path, run_cli,
-                                                                             write_recipe):
-    """`distill cache` stores the teacher's log-probability of each of its tokens; a student with another
-    tokenizer aligns to them at training time (the cache holds no student tokens: any student can use it)."""
+@pytest.mark.parametrize("loss", ["alm", "uld", "gold_hybrid"])
+def test_a_cache_of_the_teachers_own_tokens_trains_the_student_the_live_teacher_does(models, data, tmp_path, run_cli,
+                                                                                    write_recipe, loss):
+    """`distill cache` stores the teacher's top-k and log-probability of each of its own tokens; a student with
+    another tokenizer aligns to them at training time (the cache holds no student tokens: any student can use
+    it). ALM reads the token log-probabilities (float32: equal to the live teacher); ULD and GOLD the top-k, here
+    the whole vocabulary, in float16 (equal to the float16 rounding; ULD's gradient is the sign of the sorted
+    differences, which the rounding did not flip here: the same weights)."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
-    live = {**recipe(models, data, tmp_path, loss="alm"), "output": str(tmp_path / "live")}
+    vocabulary = len(AutoTokenizer.from_pretrained(models["bpe"]))
+    live = {**recipe(models, data, tmp_path, loss=loss), "output": str(tmp_path / "live")}
     live["train"]["baseline"] = False
-    cached = {**live, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": 4},
-              "output": str(tmp_path / "cached")}
+    cached = {**live, "regime": {"kind": "cache", "path": str(tmp_path / "cache"), "k": vocabulary,
+                                 "values": "float16"}, "output": str(tmp_path / "cached")}
     assert run_cli("run", str(write_recipe(live, "live.yaml"))).returncode == 0
     built = run_cli("cache", str(write_recipe(cached, "cached.yaml")))
     assert built.returncode == 0, built.stderr
@@ -243,9 +249,7 @@ def test_alm_from_a_cache_of_the_teachers_own_tokens_equals_the_live_teacher(mod
     assert trained.returncode == 0, trained.stderr
     first, second = load_file(str(tmp_path / "live/student/model.safetensors")), load_file(
         str(tmp_path / "cached/student/model.safetensors"))
-    assert max(float((first[k] - second[k]).abs().max()) for k in first) < 1e-5
+    difference = max(float((first[k] - second[k]).abs().max()) for k in first)
+    assert difference < (1e-5 if loss == "alm" else 2e-4), difference
     rows = json.loads((tmp_path / "cached" / "results.json").read_text())["rows"]
     assert rows["teacher"]["nll_per_char"] > 0
-    uld_from_cache = {**cached, "objective": {"loss": "uld"}}
-    refused = run_cli("run", str(write_recipe(uld_from_cache, "uld.yaml")))
-    assert refused.returncode == 2 and "alm" in refused.stderr

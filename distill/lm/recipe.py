@@ -396,11 +396,11 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy, sequence "
                                       f"or from a cache so far; regime {self.regime.kind} with "
                                       f"`{self.objective.loss}` is not built yet")
-            if self.regime.kind == "cache" and (self.objective.loss != "alm" or self.objective.temperature != 1):
-                raise FieldValueError("regime.kind", "from a cache, a cross-tokenizer student trains with `alm` at "
-                                      "temperature 1 (the cache keeps the teacher's log-probability of each of its "
-                                      "tokens; uld and gold_hybrid need its whole distribution): use objective.loss "
-                                      "alm, or a live teacher")
+            if (self.regime.kind == "cache" and self.objective.temperature != 1
+                    and self.objective.loss in ("alm", "gold_hybrid")):
+                raise FieldValueError("objective.temperature", f"from a cache, `{self.objective.loss}` reads the "
+                                      "teacher's log-probabilities as cached (temperature 1): set objective.temperature "
+                                      "1, or use a live teacher")
             if self.regime.rsd_threshold > 0:
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering compares the two models token "
                                       "by token, which needs one tokenizer: set it to 0 for cross-tokenizer KD")

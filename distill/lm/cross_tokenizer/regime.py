@@ -60,9 +60,11 @@ class CrossObjective:
         self.matched = matched
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: dict,
-             num_valid_tokens: int, teacher_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             num_valid_tokens: int, teacher_tokens: torch.Tensor | None = None,
+             teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
         """student_logits [B, L_S, V_S], teacher_logits [B, L_T, V_T] (not shifted) of a `collate_pairs` batch; or,
-        for ALM from a cache, `teacher_tokens` [B, L_T - 1], the teacher's log-probability of each next token."""
+        from a cache, `teacher_tokens` [B, L_T - 1] (the teacher's log-probability of each next token) and
+        `teacher_topk` (ids, log-probs) [B, L_T - 1, k] at the teacher's completion positions."""
         spec, parts = self.spec, {}
         logits = student_logits[:, :-1, :self.student_vocab].float()
         labels = batch["labels"][:, 1:]
@@ -71,7 +73,7 @@ class CrossObjective:
         loss = logits.new_zeros(())
         if self.uses_teacher:
             teacher = teacher_logits[:, :-1, :self.teacher_vocab].float() if teacher_logits is not None else None
-            kd = self._divergence(logits, teacher, batch, teacher_tokens) * share
+            kd = self._divergence(logits, teacher, batch, teacher_tokens, teacher_topk) * share
             loss, parts["kd"] = loss + spec.kd_weight * kd, kd.item()
         if spec.ce_weight > 0:
             ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
@@ -79,8 +81,16 @@ class CrossObjective:
         parts["loss"] = loss.item()
         return loss, parts
 
-    def _divergence(self, logits, teacher, batch, teacher_tokens=None) -> torch.Tensor:
+    def _divergence(self, logits, teacher, batch, teacher_tokens=None, teacher_topk=None) -> torch.Tensor:
         name, spec = self.loss_spec.name, self.spec
+        if teacher is None and teacher_topk is not None and name == "uld":
+            # the cached top-k as the teacher's distribution (renormalised over k: exact as k reaches the vocabulary)
+            teacher = teacher_topk[1].float()
+        elif teacher is None and teacher_topk is not None and name == "gold_hybrid":
+            # the cached top-k placed in the teacher's vocabulary, the rest zero (exact as k reaches it)
+            ids, values = teacher_topk
+            teacher = torch.full((*ids.shape[:-1], self.teacher_vocab), float("-inf"), device=ids.device)
+            teacher = teacher.scatter(-1, ids, values.float())
         if name == "uld":
             return self.loss_spec.fn(logits, teacher, batch["labels"][:, 1:] != IGNORE_INDEX,
                                      batch["teacher_labels"][:, 1:] != IGNORE_INDEX, temperature=spec.temperature,
@@ -90,15 +100,17 @@ class CrossObjective:
         num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
         student_logprobs = torch.log_softmax(logits / spec.temperature, -1)
         student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        teacher_logprobs = None
+        if teacher is not None:  # (from a cache: already log-probabilities at temperature 1)
+            teacher_logprobs = teacher if teacher_topk is not None else torch.log_softmax(teacher / spec.temperature, -1)
         if teacher_tokens is None:
-            teacher_logprobs = torch.log_softmax(teacher / spec.temperature, -1)
             teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
         if name == "alm":
             present = chunk_logprobs(torch.ones_like(student_tokens), student_chunk, num_chunks) > 0
             return self.loss_spec.fn(chunk_logprobs(student_tokens, student_chunk, num_chunks),
                                      chunk_logprobs(teacher_tokens, teacher_chunk, num_chunks), present, **self.params)
         student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
-        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens, teacher_chunk, num_chunks)
+        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens.clamp(min=-1e4), teacher_chunk, num_chunks)
         total, _, _ = gold_hybrid(student_rows[present].exp(), teacher_rows[present].exp(), *self.matched,
                                   **self.params)
         return total
@@ -114,11 +126,18 @@ class CrossObjective:
 
 
 class CachedTokenLogprobs:
-    """The teacher as its cache's log-probability of each of its own completion tokens (`distill cache` on the
-    teacher's tokenization of the rows): all cross-tokenizer ALM needs of a teacher."""
+    """The teacher as its cache (`distill cache` on the teacher's tokenization of the rows): the log-probability
+    of each of its own completion tokens (all ALM needs) and its top-k there (ULD and GOLD, exact as k reaches
+    the teacher's vocabulary)."""
 
     def __init__(self, cache, spans: list[tuple[int, int]]):
         self.cache, self.spans = cache, spans
+
+    def topk(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log-probs) [B, L_T - 1, k] at the teacher's completion positions (zeros elsewhere)."""
+        mask = (batch["teacher_labels"][:, 1:] != IGNORE_INDEX).cpu()
+        ids, logprobs, _ = self.cache.batch([self.spans[i] for i in batch["example_index"].tolist()], mask)
+        return ids, logprobs
 
     def token_logprobs(self, batch: dict) -> torch.Tensor:
         """[B, L_T - 1]: log p_T of the token each teacher position predicts, at the teacher's completion tokens."""
@@ -160,13 +179,17 @@ class CrossDistill:
         started = time.perf_counter()
         teacher_logits = teacher_tokens = None
         with torch.no_grad():
+            teacher_topk = None
             if isinstance(self.teacher, CachedTokenLogprobs):
                 teacher_tokens = self.teacher.token_logprobs(batch).to(logits.device)
+                if self.objective.loss_spec.name != "alm":
+                    teacher_topk = tuple(t.to(logits.device) for t in self.teacher.topk(batch))
             else:
                 teacher_logits = self.teacher(input_ids=batch["teacher_input_ids"],
                                               attention_mask=batch["teacher_attention_mask"], use_cache=False).logits
         seconds = time.perf_counter() - started
-        loss, parts = self.objective.loss(logits, teacher_logits, batch, num_valid_tokens, teacher_tokens)
+        loss, parts = self.objective.loss(logits, teacher_logits, batch, num_valid_tokens, teacher_tokens,
+                                          teacher_topk)
         return StepLoss(loss, parts, seconds)
 
     def state_dict(self) -> dict:
