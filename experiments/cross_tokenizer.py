@@ -11,6 +11,7 @@ runs of several symbols), and starts from random weights (seeded). Arms, at equa
   gold_hybrid    CE + GOLD's hybrid (JSD on entries whose strings match, ULD on the rest, per aligned chunk)
   alm            CE + ALM (binarised KL of aligned chunk likelihoods, tau 100)
   alm_tau1       CE + ALM with tau 1 (no outcome sharpening)
+  alm_x10        CE + 10 ALM (tokenkit balances the two by gradient magnitude; at tau 100 ALM's is small)
   same_tokenizer the reference: a student of the same shape on the teacher's tokenizer, forward KL
 Metric: the exact-likelihood estimate of KL(oracle || student) per symbol on 200 held-out oracle sequences
 (log p_oracle(x) by the forward algorithm, log q(tok(x)) of the student's canonical tokenization; an upper bound
@@ -30,7 +31,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
 ARMS = {"uld": {"loss": "uld"}, "gold_hybrid": {"loss": "gold_hybrid"}, "alm": {"loss": "alm"},
-        "alm_tau1": {"loss": "alm", "tau": 1.0}, "same_tokenizer": {"loss": "forward_kl"}}
+        "alm_tau1": {"loss": "alm", "tau": 1.0}, "alm_x10": {"loss": "alm", "kd_weight": 10.0},
+        "same_tokenizer": {"loss": "forward_kl"}}
 
 
 def make_student(directory: Path, seed: int) -> None:

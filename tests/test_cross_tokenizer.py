@@ -253,3 +253,29 @@ def test_a_cache_of_the_teachers_own_tokens_trains_the_student_the_live_teacher_
     assert difference < (1e-5 if loss == "alm" else 2e-4), difference
     rows = json.loads((tmp_path / "cached" / "results.json").read_text())["rows"]
     assert rows["teacher"]["nll_per_char"] > 0
+
+
+def test_a_served_teacher_with_another_tokenizer_is_asked_about_its_own_tokens(models, data, tmp_path, run_cli,
+                                                                               write_recipe):
+    """ALM against `distill serve` (the teacher's tokenizer checked against teacher.path) equals the live teacher;
+    ULD against it runs on its top-k."""
+    from safetensors.torch import load_file
+
+    from conftest import serving
+
+    live = {**recipe(models, data, tmp_path, loss="alm"), "output": str(tmp_path / "live")}
+    live["train"]["baseline"] = False
+    assert run_cli("run", str(write_recipe(live, "live.yaml"))).returncode == 0
+    with serving(models["bpe"]) as base:
+        served = {**live, "teacher": {"path": str(models["bpe"]), "url": f"{base}/v1", "top_k": 8},
+                  "output": str(tmp_path / "served")}
+        finished = run_cli("run", str(write_recipe(served, "served.yaml")))
+        assert finished.returncode == 0, finished.stderr
+        uld = {**served, "objective": {"loss": "uld", "ce_weight": 0.5}, "output": str(tmp_path / "uld")}
+        assert run_cli("run", str(write_recipe(uld, "uld.yaml"))).returncode == 0
+    first, second = load_file(str(tmp_path / "live/student/model.safetensors")), load_file(
+        str(tmp_path / "served/student/model.safetensors"))
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) < 1e-5
+    rows = json.loads((tmp_path / "served" / "results.json").read_text())["rows"]
+    live_rows = json.loads((tmp_path / "live" / "results.json").read_text())["rows"]
+    assert rows["teacher"]["nll_per_char"] == pytest.approx(live_rows["teacher"]["nll_per_char"], rel=1e-5)

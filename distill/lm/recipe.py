@@ -407,9 +407,15 @@ class LMRecipe(RunRecipe):
             if self.student.path is None:
                 raise FieldValueError("student.path", "a cross-tokenizer student has its own tokenizer: give "
                                       "student.path (a saved model and tokenizer), not student.config")
-            if self.data.packing or self.teacher.served:
-                raise FieldValueError("data.packing" if self.data.packing else "teacher.url",
-                                      "cross-tokenizer losses do not take packed data or a served teacher yet")
+            if self.data.packing:
+                raise FieldValueError("data.packing", "cross-tokenizer losses do not take packed data yet")
+            if self.teacher.served and self.teacher.path is None:
+                raise FieldValueError("teacher.path", "a served teacher with another tokenizer than the student's "
+                                      "needs its tokenizer here: teacher.path (a directory with it; no weights)")
+            if self.teacher.served and self.regime.kind not in ("off_policy", "on_policy"):
+                raise FieldValueError("regime.kind", "a served cross-tokenizer teacher scores off_policy and "
+                                      "on_policy rows so far (sequence: generate with the server, then train "
+                                      "off_policy on the text; cache: build it from the server)")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
             raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
                              f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")

@@ -118,8 +118,9 @@ class LMSetup:
                                    "teacher's log-probability of each token, which cross-tokenizer ALM reads",
                                    field="regime.path", fix="rebuild it with `distill cache <recipe>` into a new "
                                                             "directory")
-        elif need_teacher and spec.served:  # checked now: the server answers, with the student's tokenizer
-            self.served = ServedTeacher(connect(spec, self.tokenizer), spec.top_k, len(self.tokenizer), spec.sparse)
+        elif need_teacher and spec.served:  # checked now: the server answers, with the teacher's tokenizer
+            tokenizer = self.teacher_tokenizer
+            self.served = ServedTeacher(connect(spec, tokenizer), spec.top_k, len(tokenizer), spec.sparse)
         elif need_teacher:
             # Sharded runs read each process's rows of the teacher only (a teacher larger than one process's
             # memory fits across processes); sequence KD generates with the whole teacher first.
@@ -144,7 +145,7 @@ class LMSetup:
         With `row`, its per-token NLL and KL to the teacher and its first generations are kept for the report."""
         recipe = self.recipe
         per_token = {} if row is not None else None
-        if self.served is not None and self.eval_cache is None:  # the served teacher's top-k of the eval data, once
+        if self.served is not None and self.eval_cache is None and not self.cross:  # its top-k of the eval data
             self.eval_cache = self.served.table(self.eval_examples, recipe.eval.batch_size, self.pad_token_id)
         metrics = evaluate_model(model, task=self.scorer, tokenizer=self.tokenizer, eval_records=self.eval_records,
                                  eval_examples=self.eval_examples, vocab_size=self.vocab_size,
@@ -182,10 +183,17 @@ class LMSetup:
             return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True, row="teacher")
         if self.served is not None:
             recipe = self.recipe
-            row, answers = served_row(self.served, scorer=self.scorer, records=self.eval_records, examples=self.eval_examples,
-                             tokenizer=self.tokenizer, batch_size=recipe.eval.batch_size,
-                             generate_size=recipe.eval.generate_size, temperature=recipe.eval.sample_temperature,
-                             seed=recipe.data.seed, per_token=(per_token := {}))
+            # (cross-tokenizer: the teacher's own tokens of the eval rows, scored with its own tokenizer)
+            examples = [p.teacher for p in self.eval_pairs] if self.cross else self.eval_examples
+            scorer = ((self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer))
+                      if self.cross else self.scorer)
+            row, answers = served_row(self.served, scorer=scorer, records=self.eval_records, examples=examples,
+                                      tokenizer=self.teacher_tokenizer, batch_size=recipe.eval.batch_size,
+                                      generate_size=recipe.eval.generate_size,
+                                      temperature=recipe.eval.sample_temperature, seed=recipe.data.seed,
+                                      per_token=(per_token := {}))
+            if self.cross:
+                row["nll_per_char"] = nll_per_character(row["nll"], examples, self.eval_pairs)
             self.token_values["teacher"] = per_token
             if answers and isinstance(self.scorer, CompletionsScorer):
                 self.generations["teacher"] = answers
@@ -449,11 +457,12 @@ class LMJob(Job):
                                    teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
         pads = dict(student_pad=setup.pad_token_id, teacher_pad=setup.teacher_tokenizer.pad_token_id or 0)
         pairs = setup.train_pairs
-        if setup.cache is not None:  # ALM from the teacher's cached token log-probabilities
+        if setup.cache is not None:  # the teacher's cached log-probabilities of its tokens (and top-k)
             return CrossDistill(objective, CachedTokenLogprobs(setup.cache, setup.train_spans), pairs,
                                 **pads), setup.train_examples
+        teacher = setup.served or setup.teacher  # (served: its answers for the teacher's tokens of each row)
         if recipe.regime.kind == "on_policy":
-            return CrossOnPolicy(objective, setup.teacher, pairs, records=setup.train_records, sampling=self.sampling,
+            return CrossOnPolicy(objective, teacher, pairs, records=setup.train_records, sampling=self.sampling,
                                  student_tokenizer=setup.tokenizer, teacher_tokenizer=setup.teacher_tokenizer,
                                  max_length=recipe.data.max_length, **pads), setup.train_examples
         if recipe.regime.kind == "sequence":  # the teacher completes its own prompts once (resumable), as text
@@ -466,7 +475,7 @@ class LMJob(Job):
             pairs = teacher_text_pairs(pairs, setup.train_records, generated, setup.teacher_tokenizer, setup.tokenizer,
                                        max_length=recipe.data.max_length, eos_token_id=teacher_eos)
             return CrossDistill(objective, setup.teacher, pairs, **pads), [pair.student for pair in pairs]
-        return CrossDistill(objective, setup.teacher, pairs, **pads), setup.train_examples
+        return CrossDistill(objective, teacher, pairs, **pads), setup.train_examples
 
     def run(self, run_dir: RunDirectory) -> RunResult:
         recipe, setup, accelerator = self.recipe, self.setup, self.accelerator

@@ -159,7 +159,8 @@ class CrossDistill:
 
     def __init__(self, objective: CrossObjective, teacher, pairs: list[PairedExample], *,
                  student_pad: int, teacher_pad: int):
-        """`teacher`: a causal LM (under no_grad), or `CachedTokenLogprobs` (ALM only)."""
+        """`teacher`: a causal LM (under no_grad), `CachedTokenLogprobs`, or a served teacher
+        (distill/lm/teacher/served.py), asked about the teacher's own tokens of each row."""
         if isinstance(teacher, torch.nn.Module):
             teacher = teacher.eval().requires_grad_(False)
         self.objective, self.teacher, self.pairs = objective, teacher, pairs
@@ -184,6 +185,12 @@ class CrossDistill:
                 teacher_tokens = self.teacher.token_logprobs(batch).to(logits.device)
                 if self.objective.loss_spec.name != "alm":
                     teacher_topk = tuple(t.to(logits.device) for t in self.teacher.topk(batch))
+            elif hasattr(self.teacher, "topk_and_token_logprobs"):  # a served teacher, asked about its own tokens
+                side = {"input_ids": batch["teacher_input_ids"].cpu(), "example_index": batch["example_index"].cpu(),
+                        "attention_mask": batch["teacher_attention_mask"].cpu()}
+                ids, values, tokens = self.teacher.topk_and_token_logprobs(side)
+                teacher_tokens = tokens.to(logits.device)
+                teacher_topk = (ids.to(logits.device), values.to(logits.device))
             else:
                 teacher_logits = self.teacher(input_ids=batch["teacher_input_ids"],
                                               attention_mask=batch["teacher_attention_mask"], use_cache=False).logits

@@ -323,6 +323,22 @@ class ServedTeacher:
                                                         field=self.client.field)
         return values.to(batch["input_ids"].device)
 
+    @torch.no_grad()
+    def topk_and_token_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`topk`'s (ids, log-probs) and `token_logprobs` of one batch from one round of requests."""
+        batch_size, length = batch["input_ids"].shape
+        ids = torch.zeros(batch_size, length - 1, self.k, dtype=torch.long)
+        logprobs = torch.zeros(batch_size, length - 1, self.k)
+        tokens = torch.zeros(batch_size, length - 1)
+        for (row, start, end), sequence, entries in self._answers(batch):
+            where = self._where(batch, row)
+            top_ids, top_logprobs, _ = topk_tail(entries, sequence, self.k, self.vocab_size, where=where,
+                                                 field=self.client.field)
+            ids[row, start:end - 1], logprobs[row, start:end - 1] = top_ids, top_logprobs
+            tokens[row, start:end - 1] = token_logprobs(entries, sequence, where=where, field=self.client.field)
+            self.tokens += end - start - 1
+        return ids, logprobs, tokens
+
     def complete(self, prompts: list[list[int]], **sampling) -> list[list[int]]:
         return self.client.complete(prompts, **sampling)
 
