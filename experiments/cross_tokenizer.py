@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--out", default="runs/cross-tokenizer")
     parser.add_argument("--json")
+    parser.add_argument("--plot", help="Write a bar chart of the arms (mean and each seed) here.")
     args = parser.parse_args()
     out = Path(args.out)
     results: dict[str, list[float]] = {}
@@ -111,6 +112,28 @@ def main() -> None:
         print(f"{arm:16} {mean:22.4f} ± {half:.4f}  {', '.join(f'{v:.4f}' for v in values)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [arm for arm in ("teacher", "same_tokenizer", "alone", "alm", "alm_tau1", "alm_x10", "gold_hybrid", "uld")
+             if arm in results]
+    figure, axis = plt.subplots(figsize=(7.5, 3.6))
+    for x, arm in enumerate(order):
+        values = results[arm]
+        axis.bar(x, statistics.mean(values), color="#8fb3d9" if arm not in ("teacher", "same_tokenizer") else "#cccccc")
+        axis.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+    axis.set_xticks(range(len(order)), order, rotation=20)
+    axis.set_ylabel("KL(oracle || model) per symbol")
+    axis.set_title("two-tokenizer oracle: BPE student, one-token-per-symbol teacher (3 seeds)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
