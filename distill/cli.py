@@ -177,7 +177,11 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
                           lr: float = typer.Option(2e-3), train_size: int = typer.Option(50000, "--train-size"),
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
                           overwrite: bool = typer.Option(False, "--overwrite"),
-                          resume: bool = typer.Option(False, "--resume")):
+                          resume: bool = typer.Option(False, "--resume"),
+                          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="builtin:oracle: `bpe` "
+                                                                  "trains on the oracle's byte-level BPE instead of one "
+                                                                  "token per symbol (the two-tokenizer oracle's other "
+                                                                  "direction).")):
     """Train a built-in task's teacher with the same trainer as its family (plain cross-entropy)."""
     from distill.core.families import family_names, get_family
 
@@ -197,7 +201,10 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
         raise DistillError(f"`{task}` is not a built-in task with a teacher", field="TASK", fix=f"use one of: {known}")
     family = owners[0]
     given = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
-                 threads=threads, overwrite=overwrite, resume=resume)
+                 threads=threads, overwrite=overwrite, resume=resume, tokenizer=tokenizer)
+    if tokenizer is not None and "tokenizer" not in family.teacher_options:
+        raise DistillError(f"--tokenizer applies to builtin:oracle, not {task}", field="--tokenizer",
+                           fix="drop --tokenizer")
     options = {key: given[key] for key in family.teacher_options if given[key] is not None}
     metrics = family.train_teacher(name, out, **options)
     if metrics:

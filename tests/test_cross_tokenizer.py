@@ -109,11 +109,13 @@ def test_cross_tokenizer_settings_not_built_yet_are_refused(models, data, tmp_pa
     assert finished.returncode == 2 and "regime.kind" in finished.stderr
 
 
+@pytest.mark.parametrize("loss", ["alm", "uld", "gold_hybrid"])
 @pytest.mark.parametrize("kind", ["on_policy", "sequence"])
-def test_sampling_regimes_hand_the_teacher_text_not_token_ids(models, data, tmp_path, kind, run_cli, write_recipe):
+def test_sampling_regimes_hand_the_teacher_text_not_token_ids(models, data, tmp_path, kind, loss, run_cli,
+                                                              write_recipe):
     """on_policy: the student samples, the text is tokenized again by the teacher; sequence: the teacher
-    generates with its own tokenizer, the text is tokenized by the student."""
-    run = {**recipe(models, data, tmp_path, loss="alm"),
+    generates with its own tokenizer, the text is tokenized by the student. Every objective in both."""
+    run = {**recipe(models, data, tmp_path, loss=loss),
            "regime": {"kind": kind, "lmbda": 1.0, "max_new_tokens": 12, "sample_temperature": 1.0}}
     finished = run_cli("run", str(write_recipe(run)))
     assert finished.returncode == 0, finished.stderr
@@ -279,3 +281,29 @@ def test_a_served_teacher_with_another_tokenizer_is_asked_about_its_own_tokens(m
     rows = json.loads((tmp_path / "served" / "results.json").read_text())["rows"]
     live_rows = json.loads((tmp_path / "live" / "results.json").read_text())["rows"]
     assert rows["teacher"]["nll_per_char"] == pytest.approx(live_rows["teacher"]["nll_per_char"], rel=1e-5)
+
+
+def test_the_other_direction_a_bpe_teacher_for_a_student_that_reads_symbols(tmp_path, run_cli, write_recipe):
+    """`distill train-teacher builtin:oracle --tokenizer bpe` trains a teacher on the BPE; a student with one token
+    per symbol learns from it; both are scored per symbol (the student also per token, exactly)."""
+    from distill.lm.tasks.oracle import OracleTask
+
+    trained = run_cli("train-teacher", "builtin:oracle", "--tokenizer", "bpe", "--out", str(tmp_path / "teacher"),
+                      "--steps", "2", "--train-size", "64", "--threads", "1")
+    assert trained.returncode == 0, trained.stderr
+    card = json.loads((tmp_path / "teacher" / "teacher_card.json").read_text())
+    assert "--tokenizer bpe" in card["command"] and "oracle_kl_per_symbol" in card["metrics"]
+    OracleTask().make_bpe_student(tmp_path / "student", hidden_size=32, num_hidden_layers=1, symbols=True)
+    run = {"teacher": {"path": str(tmp_path / "teacher")}, "student": {"path": str(tmp_path / "student")},
+           "data": {"builtin": "oracle", "train_size": 16, "eval_size": 8},
+           "objective": {"loss": "alm", "ce_weight": 1.0},
+           "train": {"steps": 2, "batch_size": 4, "threads": 1, "checkpoint_every": 2},
+           "eval": {"every": 2, "batch_size": 8, "generate_size": 2, "throughput_tokens": 4},
+           "output": str(tmp_path / "run")}
+    finished = run_cli("run", str(write_recipe(run)))
+    assert finished.returncode == 0, finished.stderr
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert "oracle_forward_kl" not in rows["teacher"] and "oracle_forward_kl" in rows["distilled"]
+    assert all(row["oracle_kl_per_symbol"] > 0 for row in rows.values())
+    refused = run_cli("train-teacher", "builtin:arithmetic", "--tokenizer", "bpe", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--tokenizer" in refused.stderr

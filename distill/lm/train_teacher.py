@@ -26,10 +26,14 @@ from distill.lm.trainer import LMTrainer
 def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
                   train_size: int = 50000, eval_size: int = 200, seed: int = 0, warmup_steps: int = 100,
                   threads: int | None = None, overwrite: bool = False, resume: bool = False,
-                  model_overrides: dict | None = None) -> dict:
-    """Train the teacher of `builtin:<task>` into `out`; returns its final eval metrics."""
+                  model_overrides: dict | None = None, tokenizer: str | None = None) -> dict:
+    """Train the teacher of `builtin:<task>` into `out`; returns its final eval metrics. `tokenizer="bpe"`
+    (oracle only): on the oracle's byte-level BPE (`OracleTask.student_tokenizer`), scored per symbol."""
     quiet_transformers()
     task = get_task(task_name.removeprefix("builtin:"))
+    if tokenizer not in (None, "bpe") or (tokenizer == "bpe" and not hasattr(task, "student_tokenizer")):
+        raise DistillError(f"--tokenizer {tokenizer} is not available for builtin:{task.name}", field="--tokenizer",
+                           fix="use --tokenizer bpe with builtin:oracle, or leave it out")
     out = Path(out)
     if (out / "config.json").exists() and not overwrite:
         raise DistillError(f"`{out}` already holds a model", field="--out", fix="pass --overwrite or choose another --out")
@@ -37,7 +41,7 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
         torch.set_num_threads(threads)
     started = time.perf_counter()
     accelerator = make_accelerator()
-    tokenizer = task.tokenizer()
+    tokenizer_name, tokenizer = tokenizer, (task.student_tokenizer() if tokenizer == "bpe" else task.tokenizer())
     options = dict(max_length=256, too_long="refuse", completion_only=True, append_eos=task.append_eos)
     train_examples = tokenize(task.records(train_size, seed, "train"), tokenizer, field="data.train", **options)
     eval_records = task.records(eval_size, seed, "eval")
@@ -71,7 +75,8 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
         card = {"task": task.name, "metrics": metrics, "parameters": count_parameters(model),
                 "seconds": round(time.perf_counter() - started, 1),
                 "command": f"distill train-teacher builtin:{task.name} --out {out} --steps {steps} --batch-size "
-                           f"{batch_size} --lr {lr} --train-size {train_size} --seed {seed}"}
+                           f"{batch_size} --lr {lr} --train-size {train_size} --seed {seed}"
+                           + (f" --tokenizer {tokenizer_name}" if tokenizer_name else "")}
         atomic_write_json(out / "teacher_card.json", card)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -155,15 +155,17 @@ class OracleTask:
         return metrics
 
     def make_bpe_student(self, directory, *, vocab_size: int = 400, hidden_size: int = 64, num_hidden_layers: int = 2,
-                         seed: int = 0) -> None:
-        """Save a randomly initialised (seeded) Llama student that reads the oracle through `student_tokenizer`:
-        the shipped `builtin:oracle-bpe-student` is `make_bpe_student("distill/assets/oracle-bpe-student")`."""
+                         seed: int = 0, symbols: bool = False) -> None:
+        """Save a randomly initialised (seeded) Llama student that reads the oracle through `student_tokenizer`
+        (or, `symbols`, one token per symbol: the student of the other direction, against a BPE teacher from
+        `distill train-teacher builtin:oracle --tokenizer bpe`). The shipped `builtin:oracle-bpe-student` is
+        `make_bpe_student("distill/assets/oracle-bpe-student")`."""
         import json
         from pathlib import Path
 
         from distill.lm.tokenizer_zoo import tiny_causal_lm
 
-        tokenizer = self.student_tokenizer(vocab_size)
+        tokenizer = self.tokenizer() if symbols else self.student_tokenizer(vocab_size)
         model = tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, seed=seed)
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -171,7 +173,7 @@ class OracleTask:
                 "parameters": sum(p.numel() for p in model.parameters()), "tokens": len(tokenizer),
                 "command": f'python -c "from distill.lm.tasks.oracle import OracleTask; OracleTask().make_bpe_student('
                            f"'{directory}', vocab_size={vocab_size}, hidden_size={hidden_size}, "
-                           f'num_hidden_layers={num_hidden_layers}, seed={seed})"'}
+                           f'num_hidden_layers={num_hidden_layers}, seed={seed}, symbols={symbols})"'}
         (Path(directory) / "student_card.json").write_text(json.dumps(card, indent=1))
 
     def student_tokenizer(self, vocab_size: int = 400, *, size: int = 2000, seed: int = 0):
