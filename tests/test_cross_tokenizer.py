@@ -170,7 +170,8 @@ def test_the_two_tokenizer_oracle_scores_every_row_per_symbol(tiny_lm_dir, tmp_p
     run = {"teacher": {"path": str(tiny_lm_dir)}, "student": {"path": str(student_dir)},
            "data": {"builtin": "oracle", "train_size": 16, "eval_size": 8},
            "objective": {"loss": "alm", "ce_weight": 1.0},
-           "train": {"steps": 2, "batch_size": 4, "threads": 1, "checkpoint_every": 2},
+           "train": {"steps": 2, "batch_size": 4, "threads": 1, "checkpoint_every": 2,
+                     "same_tokenizer_reference": True},
            "eval": {"every": 2, "batch_size": 8, "generate_size": 2, "throughput_tokens": 4},
            "output": str(tmp_path / "run")}
     finished = run_cli("run", str(write_recipe(run)))
@@ -178,6 +179,11 @@ def test_the_two_tokenizer_oracle_scores_every_row_per_symbol(tiny_lm_dir, tmp_p
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = results["rows"]
     assert results["meta"]["primary_metric"] == "oracle_kl_per_symbol"
+    # the reference: a student of the same size on the teacher's tokenizer, forward KL (saved, scored both ways)
+    assert list(rows) == ["teacher", "same_tokenizer", "alone", "distilled"]
+    assert "teacher_top1_agreement" in rows["same_tokenizer"] and "oracle_forward_kl" in rows["same_tokenizer"]
+    assert rows["same_tokenizer"]["parameters"] < rows["teacher"]["parameters"]
+    assert (tmp_path / "run" / "same-tokenizer" / "config.json").is_file()
     for row in rows.values():
         assert row["oracle_kl_per_symbol"] > 0
         assert row["oracle_nll_per_symbol"] == pytest.approx(row["oracle_kl_per_symbol"]

@@ -39,6 +39,7 @@ def evaluate_saved(recipe: LMRecipe, models: dict[str, Path]) -> RunResult:
     rows = {} if lone else {"teacher": setup.teacher_row()}
     for row, path in models.items():
         model = load_causal_lm(str(path), "MODEL").eval().to(setup.accelerator.device)
-        rows[row] = setup.evaluate(model, final=True)
+        evaluate = setup.evaluate_on_teacher_tokens if row == "same_tokenizer" else setup.evaluate
+        rows[row] = evaluate(model, final=True)
     meta = {**setup.meta(rows), "world_size": 1, "seconds": time.perf_counter() - started}
     return RunResult(None, rows, meta)

@@ -312,6 +312,9 @@ class TrainSpec(StrictModel):
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     log_every: int = Field(10, gt=0, description="Steps between loss records.")
     baseline: bool = Field(True, description="Also train the student alone on hard labels (the 'alone' row).")
+    same_tokenizer_reference: bool = Field(
+        False, description="Cross-tokenizer runs: also train a student of the same size on the teacher's tokenizer "
+                           "with forward KL (the 'same_tokenizer' row): what a shared tokenizer would have given.")
     threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: torch's choice.")
     fused_loss: bool = Field(True, description="Chunked fused-linear loss: full-vocabulary logits never exist "
                                                "for all tokens at once (falls back to plain logits where a "
@@ -391,6 +394,9 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
+        if self.train.same_tokenizer_reference and not self.objective.cross_tokenizer:
+            raise FieldValueError("train.same_tokenizer_reference", "the same-tokenizer reference is a row of "
+                                  "cross-tokenizer runs (objective.loss uld | gold_hybrid | alm): remove it")
         if self.objective.cross_tokenizer:
             if self.regime.kind not in ("off_policy", "on_policy", "sequence", "cache"):
                 raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy, sequence "
@@ -409,6 +415,9 @@ class LMRecipe(RunRecipe):
                                       "student.path (a saved model and tokenizer), not student.config")
             if self.data.packing:
                 raise FieldValueError("data.packing", "cross-tokenizer losses do not take packed data yet")
+            if self.train.same_tokenizer_reference and (self.teacher.served or self.regime.kind == "cache"):
+                raise FieldValueError("train.same_tokenizer_reference", "the same-tokenizer reference row trains "
+                                      "against the teacher in memory: use teacher.path without a cache or a server")
             if self.teacher.served and self.teacher.path is None:
                 raise FieldValueError("teacher.path", "a served teacher with another tokenizer than the student's "
                                       "needs its tokenizer here: teacher.path (a directory with it; no weights)")

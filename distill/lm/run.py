@@ -27,9 +27,10 @@ from distill.lm.cross_tokenizer.regime import (CachedTokenLogprobs, CrossDistill
 from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
-                               load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model)
+                               load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model,
+                               transformers_model)
 from distill.lm.objective import TokenObjective
-from distill.lm.recipe import LMRecipe
+from distill.lm.recipe import LMRecipe, ObjectiveSpec
 from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
 from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
                                  on_device, shard_causal_lm, sharding_applies)
@@ -42,7 +43,7 @@ from distill.lm.teacher.served import ServedTeacher, connect, served_row
 from distill.lm.teacher.sequences import teacher_sequences
 from distill.lm.trainer import LMTrainer, check_precision, fsdp_param_dtype
 
-ROW_DIRS = {"alone": "alone", "distilled": "student"}  # where each trained row's model is saved
+ROW_DIRS = {"alone": "alone", "distilled": "student", "same_tokenizer": "same-tokenizer"}  # each trained row's model
 
 
 def sharded_run(recipe: LMRecipe, accelerator) -> bool:
@@ -160,6 +161,23 @@ class LMSetup:
             self.token_values[row] = per_token
             if getattr(self.scorer, "last_answers", None) and recipe.eval.generate_size:
                 self.generations[row] = list(self.scorer.last_answers)
+        return metrics
+
+    def evaluate_on_teacher_tokens(self, model, final: bool = False, row: str | None = None) -> dict:
+        """A model on the teacher's tokenizer (the same-tokenizer reference of a cross-tokenizer run): its metrics
+        on the teacher's tokens of the eval rows, with agreement and KL to the teacher, and nll_per_char."""
+        recipe, per_token = self.recipe, ({} if row is not None else None)
+        examples = [pair.teacher for pair in self.eval_pairs]
+        scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer)
+        metrics = evaluate_model(model, task=scorer, tokenizer=self.teacher_tokenizer, eval_records=self.eval_records,
+                                 eval_examples=examples, vocab_size=len(self.teacher_tokenizer),
+                                 batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
+                                 seed=recipe.data.seed, teacher=self.teacher,
+                                 throughput_tokens=recipe.eval.throughput_tokens if final else None,
+                                 per_token=per_token)
+        metrics["nll_per_char"] = nll_per_character(metrics["nll"], examples, self.eval_pairs)
+        if row is not None:
+            self.token_values[row] = per_token
         return metrics
 
     def teacher_row(self) -> dict:
@@ -404,6 +422,15 @@ class LMJob(Job):
             student = build_student(source, spec.config, spec.init_from_teacher_layers, recipe.train.seed, dtype)
         return apply_lora(student, spec.lora, recipe.train.seed) if spec.lora is not None else student
 
+    def reference_student(self):
+        """The same-tokenizer reference: the teacher's config (its vocabulary) at the cross student's sizes, seeded."""
+        sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "head_dim")
+        teacher_config, student_config = self.setup.teacher.config, transformers_model(self.student).config
+        overrides = {key: getattr(student_config, key) for key in sizes
+                     if hasattr(teacher_config, key) and getattr(student_config, key, None) is not None}
+        return build_student(self.setup.teacher, overrides, None, self.recipe.train.seed, DTYPES["float32"])
+
     def objective(self, spec=None) -> TokenObjective:
         return TokenObjective(spec, vocab_size=self.setup.vocab_size,
                               memory_budget_bytes=int(self.recipe.train.loss_memory_mb * 2**20))
@@ -486,6 +513,11 @@ class LMJob(Job):
         phases = [("distilled", *self.distill_regime(run_dir))]
         if recipe.train.baseline:
             phases.append(("alone", Distill(self.objective()), setup.train_examples))
+        if recipe.train.same_tokenizer_reference:  # a student of the same size on the teacher's tokenizer
+            objective = TokenObjective(ObjectiveSpec(loss="forward_kl"), vocab_size=len(setup.teacher_tokenizer),
+                                       memory_budget_bytes=int(recipe.train.loss_memory_mb * 2**20))
+            phases.append(("same_tokenizer", Distill(objective, LiveTeacher(setup.teacher)),
+                           [pair.teacher for pair in setup.train_pairs]))
         if self.sharded and setup.teacher is not None and not is_sharded(setup.teacher):  # frozen: no gradients,
             shard_causal_lm(setup.teacher, trainable=False, mixed_precision=None)        # no optimizer state
         teacher_reads = (setup.teacher,) if self.sharded and setup.teacher is not None else ()
@@ -496,11 +528,16 @@ class LMJob(Job):
             if run_dir.resume and (model_dir / "config.json").is_file():
                 model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
             else:
-                model = self.student if row == "distilled" else self.new_student()
+                reference = row == "same_tokenizer"  # the teacher's tokenizer, vocabulary and evaluation
+                model = (self.student if row == "distilled" else self.reference_student() if reference
+                         else self.new_student())
                 trainer = LMTrainer(accelerator=accelerator, student=model, regime=regime, phase=row, examples=examples,
-                                    pad_token_id=setup.pad_token_id, vocab_size=setup.vocab_size, spec=recipe.train,
-                                    eval_every=recipe.eval.every, evaluate=setup.evaluate, run_dir=run_dir,
-                                    eval_reads=teacher_reads)
+                                    pad_token_id=(setup.teacher_tokenizer.pad_token_id or 0) if reference
+                                    else setup.pad_token_id,
+                                    vocab_size=len(setup.teacher_tokenizer) if reference else setup.vocab_size,
+                                    spec=recipe.train, eval_every=recipe.eval.every,
+                                    evaluate=setup.evaluate_on_teacher_tokens if reference else setup.evaluate,
+                                    run_dir=run_dir, eval_reads=teacher_reads)
                 trainer.fit(resume=run_dir.resume)
                 model = trainer.model
                 full = None
@@ -510,16 +547,19 @@ class LMJob(Job):
                 else:  # every process holds the whole model: the same on every one (recorded)
                     weight_hashes[row] = gather_object([weights_sha256(model)])
                 if self.is_main:  # a LoRA student: its adapter, and the merged model from here on
-                    model = save_model(model, setup.tokenizer, model_dir, state_dict=full)
+                    model = save_model(model, setup.teacher_tokenizer if row == "same_tokenizer" else setup.tokenizer,
+                                       model_dir, state_dict=full)
                 accelerator.wait_for_everyone()
             with gathered_all((model, *teacher_reads)):  # sharded: every process gathers, the main evaluates
                 if self.is_main:
-                    rows[row] = setup.evaluate(on_device(model, accelerator.device).eval(), final=True, row=row)
+                    evaluate = setup.evaluate_on_teacher_tokens if row == "same_tokenizer" else setup.evaluate
+                    rows[row] = evaluate(on_device(model, accelerator.device).eval(), final=True, row=row)
         with gathered_all(teacher_reads):
             teacher_row = setup.teacher_row() if self.is_main else None
         if not self.is_main:
             return RunResult(run_dir.path, {}, {})
-        rows = {"teacher": teacher_row, **{row: rows[row] for row in ("alone", "distilled") if row in rows}}
+        rows = {"teacher": teacher_row, **{row: rows[row] for row in ("same_tokenizer", "alone", "distilled")
+                                           if row in rows}}
         meta = {**setup.meta(rows), "world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
                 "sharding": "fsdp" if self.sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
                 **({"parameter_share_per_rank": shares, "teacher_loaded_sharded": setup.teacher_loaded_sharded}
