@@ -11,7 +11,9 @@ import torch
 from distill.lm.cross_tokenizer.data import collate_pairs, pair_examples
 from distill.lm.tokenizer_zoo import build_tokenizer, default_corpus, tiny_causal_lm
 
-KINDS = {"bpe": ("bytelevel_bpe", 300), "wordpiece": ("wordpiece", 300), "unigram": ("unigram_metaspace", 300)}
+KINDS = {"bpe": ("bytelevel_bpe", 300), "bpe1000": ("bytelevel_bpe", 1000), "wordpiece": ("wordpiece", 300),
+         "unigram": ("unigram_metaspace", 300)}
+PAIRS = [("bpe1000", "bpe"), ("wordpiece", "bpe"), ("bpe", "unigram"), ("unigram", "wordpiece")]  # (teacher, student)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,8 @@ def test_paired_rows_align_the_same_completion_text(models):
     assert batch["chunk"].shape == batch["input_ids"].shape and batch["teacher_chunk"].max() >= 0
 
 
-@pytest.mark.parametrize("loss,teacher,student", [("alm", "bpe", "unigram"), ("uld", "wordpiece", "bpe"),
-                                                  ("gold_hybrid", "bpe", "unigram")])
+@pytest.mark.parametrize("loss", ["alm", "uld", "gold_hybrid"])
+@pytest.mark.parametrize("teacher,student", PAIRS, ids=[f"{t}-to-{s}" for t, s in PAIRS])
 def test_each_objective_trains_a_student_with_another_tokenizer(models, data, tmp_path, run_cli, write_recipe,
                                                                 loss, teacher, student):
     finished = run_cli("run", str(write_recipe(recipe(models, data, tmp_path, teacher, student, loss))))
