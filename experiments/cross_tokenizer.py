@@ -12,6 +12,7 @@ runs of several symbols), and starts from random weights (seeded). Arms, at equa
   alm            CE + ALM (binarised KL of aligned chunk likelihoods, tau 100)
   alm_tau1       CE + ALM with tau 1 (no outcome sharpening)
   alm_x10        CE + 10 ALM (tokenkit balances the two by gradient magnitude; at tau 100 ALM's is small)
+  alm_unbiased   CE + ALM with tokenkit's debiasing and chunk merging at boundary probability 0.1
   same_tokenizer the reference: a student of the same shape on the teacher's tokenizer, forward KL
 Metric: the exact-likelihood estimate of KL(oracle || student) per symbol on 200 held-out oracle sequences
 (log p_oracle(x) by the forward algorithm, log q(tok(x)) of the student's canonical tokenization; an upper bound
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
 ARMS = {"uld": {"loss": "uld"}, "gold_hybrid": {"loss": "gold_hybrid"}, "alm": {"loss": "alm"},
         "alm_tau1": {"loss": "alm", "tau": 1.0}, "alm_x10": {"loss": "alm", "kd_weight": 10.0},
+        "alm_unbiased": {"loss": "alm", "debias": True, "merge_threshold": 0.1},
         "same_tokenizer": {"loss": "forward_kl"}}
 
 
@@ -122,7 +124,8 @@ def plot(results: dict[str, list[float]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = [arm for arm in ("teacher", "same_tokenizer", "alone", "alm", "alm_tau1", "alm_x10", "gold_hybrid", "uld")
+    order = [arm for arm in ("teacher", "same_tokenizer", "alone", "alm", "alm_tau1", "alm_x10", "alm_unbiased",
+                             "gold_hybrid", "uld")
              if arm in results]
     figure, axis = plt.subplots(figsize=(7.5, 3.6))
     for x, arm in enumerate(order):

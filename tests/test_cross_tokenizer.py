@@ -315,3 +315,35 @@ def test_the_other_direction_a_bpe_teacher_for_a_student_that_reads_symbols(tmp_
     assert all(row["oracle_kl_per_symbol"] > 0 for row in rows.values())
     refused = run_cli("train-teacher", "builtin:arithmetic", "--tokenizer", "bpe", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "--tokenizer" in refused.stderr
+
+
+def test_alm_with_debiasing_and_merging_trains_end_to_end(models, data, tmp_path, run_cli, write_recipe):
+    run = recipe(models, data, tmp_path, loss="alm", debias=True, merge_threshold=0.1)
+    finished = run_cli("run", str(write_recipe(run)))
+    assert finished.returncode == 0, finished.stderr
+    losses = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert all(record["kd"] > 0 for record in losses if record["phase"] == "distilled")
+    cached = {**run, "regime": {"kind": "cache", "path": str(tmp_path / "cache")}, "output": str(tmp_path / "x")}
+    refused = run_cli("run", str(write_recipe(cached, "cached.yaml")))
+    assert refused.returncode == 2 and "objective.debias" in refused.stderr
+
+
+def test_boundary_tokens_of_each_tokenizer_family(models):
+    from transformers import AutoTokenizer
+
+    from distill.lm.cross_tokenizer.regime import boundary_mask
+    from distill.lm.tasks.oracle import OracleTask
+
+    for name in ("bpe", "wordpiece", "unigram"):
+        tokenizer = AutoTokenizer.from_pretrained(models[name])
+        mask = boundary_mask(tokenizer)
+        word = tokenizer("hello world", add_special_tokens=False).input_ids
+        pieces = tokenizer.convert_ids_to_tokens(word)
+        # the token that begins "world" (after the space) starts a unit; a token inside a word does not
+        starts = [mask[t].item() for t in word]
+        assert any(starts), (name, pieces)
+        assert all(mask[t] for t in tokenizer.all_special_ids)
+        if name == "wordpiece":
+            assert all(mask[t].item() == (not p.startswith("##")) for t, p in zip(word, pieces))
+    words = OracleTask().tokenizer()
+    assert boundary_mask(words).all()  # one token per word: every token starts one

@@ -169,3 +169,28 @@ def test_gold_hybrid_equals_trls_hybrid_loss(beta):
                                             torch.tensor([student_vocab[k] for k in shared]),
                                             torch.tensor([teacher_vocab[k] for k in shared]), beta=beta)
     assert total.item() == pytest.approx(float(theirs), rel=1e-9)
+
+
+def test_alm_merging_and_debiasing_against_a_naive_reference():
+    """Chunks merge into groups closed where the teacher's boundary probability passes the threshold; each group
+    then gains each side's boundary log-probability (tokenkit's merge_by_space_prob + append_space)."""
+    student = torch.tensor([[-0.5, -1.0, -2.0, -0.3]], dtype=torch.float64)
+    teacher = torch.tensor([[-0.4, -1.5, -1.0, -0.2]], dtype=torch.float64)
+    student_boundary = torch.log(torch.tensor([[0.2, 0.6, 0.3, 0.5]], dtype=torch.float64))
+    teacher_boundary = torch.log(torch.tensor([[0.05, 0.5, 0.02, 0.3]], dtype=torch.float64))
+    value = alm(student, teacher, tau=2.0, epsilon=0.0, debias=True, merge_threshold=0.1,
+                student_boundary=student_boundary, teacher_boundary=teacher_boundary)
+    naive = 0.0
+    for group in ([0, 1], [2, 3]):  # closed by chunk 1 (0.5 > 0.1) and chunk 3 (0.3 > 0.1)
+        s = sum(student[0, k].item() for k in group) + student_boundary[0, group[-1]].item()
+        t = sum(teacher[0, k].item() for k in group) + teacher_boundary[0, group[-1]].item()
+        ys, yt = math.exp(s / 2), math.exp(t / 2)
+        naive += yt * math.log(yt / ys) + (1 - yt) * math.log((1 - yt) / (1 - ys))
+    assert value.item() == pytest.approx(naive / 2, rel=1e-10)
+    # without merging, debias only: four chunks
+    plain = alm(student, teacher, tau=2.0, epsilon=0.0, debias=True, student_boundary=student_boundary,
+                teacher_boundary=teacher_boundary)
+    unbiased = alm(student + student_boundary, teacher + teacher_boundary, tau=2.0, epsilon=0.0)
+    assert plain.item() == pytest.approx(unbiased.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="boundary"):
+        alm(student, teacher, debias=True)

@@ -241,7 +241,8 @@ def _call(spec, **params):
         return spec.fn(randn(3, 5).softmax(-1), randn(3, 7).softmax(-1), torch.tensor([0, 2]), torch.tensor([1, 3]),
                        **params)
     if spec.name == "alm":
-        return spec.fn(-randn(6).abs(), -randn(6).abs(), **params)
+        return spec.fn(-randn(2, 3).abs(), -randn(2, 3).abs(), student_boundary=-randn(2, 3).abs(),
+                       teacher_boundary=-randn(2, 3).abs(), **params)
     raise AssertionError(f"no inputs for {spec.name}")
 
 

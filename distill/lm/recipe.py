@@ -402,6 +402,12 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.kind", f"cross-tokenizer losses train off_policy, on_policy, sequence "
                                       f"or from a cache so far; regime {self.regime.kind} with "
                                       f"`{self.objective.loss}` is not built yet")
+            params = self.objective.loss_params()
+            if ((params.get("debias") or params.get("merge_threshold", 0) > 0)
+                    and (self.regime.kind == "cache" or self.teacher.served)):
+                raise FieldValueError("objective.debias" if params.get("debias") else "objective.merge_threshold",
+                                      "ALM's debiasing and merging read the teacher's whole next-token distribution "
+                                      "after each chunk: use a teacher in memory (not a cache or a server)")
             if (self.regime.kind == "cache" and self.objective.temperature != 1
                     and self.objective.loss in ("alm", "gold_hybrid")):
                 raise FieldValueError("objective.temperature", f"from a cache, `{self.objective.loss}` reads the "

@@ -23,7 +23,7 @@ from distill.core.families import Job
 from distill.core.rundir import RunDirectory, RunResult
 from distill.lm.cross_tokenizer.data import nll_per_character, pair_examples
 from distill.lm.cross_tokenizer.regime import (CachedTokenLogprobs, CrossDistill, CrossObjective, CrossOnPolicy,
-                                               matched_vocabulary, teacher_text_pairs)
+                                               boundary_mask, matched_vocabulary, teacher_text_pairs)
 from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
@@ -480,8 +480,11 @@ class LMJob(Job):
         recipe, setup = self.recipe, self.setup
         matched = (matched_vocabulary(setup.tokenizer, setup.teacher_tokenizer)
                    if recipe.objective.loss == "gold_hybrid" else None)
+        params = recipe.objective.loss_params()
+        boundaries = ((boundary_mask(setup.tokenizer), boundary_mask(setup.teacher_tokenizer))
+                      if params.get("debias") or params.get("merge_threshold", 0) > 0 else None)
         objective = CrossObjective(recipe.objective, student_vocab=setup.vocab_size,
-                                   teacher_vocab=len(setup.teacher_tokenizer), matched=matched)
+                                   teacher_vocab=len(setup.teacher_tokenizer), matched=matched, boundaries=boundaries)
         pads = dict(student_pad=setup.pad_token_id, teacher_pad=setup.teacher_tokenizer.pad_token_id or 0)
         pairs = setup.train_pairs
         if setup.cache is not None:  # the teacher's cached log-probabilities of its tokens (and top-k)

@@ -165,21 +165,43 @@ def gold_hybrid(student_rows: Tensor, teacher_rows: Tensor, student_matched: Ten
           paper="Minixhofer, Vulic & Ponti 2025, Cross-Tokenizer Distillation via Approximate Likelihood Matching",
           params={"tau": Param(100.0, "float", low=0, low_open=True, doc="outcome temperature: chunk likelihoods "
                                                                          "are raised to 1/tau (tokenkit: 100)"),
+                  "debias": Param(False, "bool", doc="add each chunk's probability that the next token starts a new "
+                                                     "unit (whitespace or special), on each side (tokenkit's "
+                                                     "append_space)"),
+                  "merge_threshold": Param(0.0, "float", low=0, high=1, doc="merge consecutive chunks until the "
+                                           "teacher's probability of a unit boundary after one exceeds this "
+                                           "(tokenkit's merge_by_space_prob, 0.1); 0: no merging"),
                   "divergence": Param("binary_kl", "str", choices=("binary_kl", "binary_ce", "binary_reverse_kl"),
                                       doc="the binary f-divergence (binary_ce: tokenkit's value, binary_kl plus the "
                                           "teacher's binary entropy; the same gradient)")})
 def alm(student_chunk_logprobs: Tensor, teacher_chunk_logprobs: Tensor, mask: Tensor | None = None, *,
         tau: float = 100.0, divergence: str = "binary_kl", epsilon: float = 1e-6,
-        num_valid_chunks: int | Tensor | None = None) -> Tensor:
+        num_valid_chunks: int | Tensor | None = None, debias: bool = False, merge_threshold: float = 0.0,
+        student_boundary: Tensor | None = None, teacher_boundary: Tensor | None = None) -> Tensor:
     """ALM: with L = min(0, chunk log-likelihood) and y = exp(L / tau - epsilon) the probability of the binary
     outcome "the chunk comes next" on each side, the mean over valid chunks of
       binary_kl:         y_T log(y_T / y_S) + (1 - y_T) log((1 - y_T) / (1 - y_S))
       binary_reverse_kl: the same with the sides swapped
       binary_ce:         -(y_T log y_S + (1 - y_T) log(1 - y_S))  (= binary_kl + H(y_T))
-    `epsilon` keeps y below 1 so that log(1 - y) stays finite. Inputs [...] of chunk log-likelihoods (sums of
-    token log-probabilities, `chunk_logprobs`), `mask` [...] the chunks to use.
-    Source: Minixhofer et al. 2025 and tokenkit (`compute_alm_loss`: binary cross-entropy, tau = 100)."""
+    `epsilon` keeps y below 1 so that log(1 - y) stays finite. Inputs [B, K] of chunk log-likelihoods (sums of
+    token log-probabilities, `chunk_logprobs`) in order along K, `mask` [B, K] the chunks to use.
+    With `student_boundary` / `teacher_boundary` [B, K] (each side's log-probability that the token after the
+    chunk starts a new unit): `merge_threshold` > 0 first merges consecutive chunks into groups closed by a chunk
+    whose teacher boundary probability exceeds it (a group's likelihood is the sum of its chunks', its boundary its
+    last chunk's; a group is used if all its chunks are); `debias` then adds each side's boundary log-probability to
+    the likelihood (the chunk followed by a boundary, not a chunk that continues into a longer word).
+    Source: Minixhofer et al. 2025 and tokenkit (`compute_alm_loss`: binary cross-entropy, tau = 100; its
+    `append_space` and `merge_by_space_prob` for debias and merging)."""
     check_number("tau", tau, 0, None, low_open=True)
+    check_number("merge_threshold", merge_threshold, 0, 1)
+    if (debias or merge_threshold > 0) and (student_boundary is None or teacher_boundary is None):
+        raise ValueError("debias and merge_threshold need student_boundary and teacher_boundary")
+    if merge_threshold > 0:
+        student_chunk_logprobs, teacher_chunk_logprobs, mask, student_boundary, teacher_boundary = _merge(
+            student_chunk_logprobs, teacher_chunk_logprobs, mask, student_boundary, teacher_boundary, merge_threshold)
+    if debias:
+        student_chunk_logprobs = student_chunk_logprobs + student_boundary
+        teacher_chunk_logprobs = teacher_chunk_logprobs + teacher_boundary
     if divergence not in ("binary_kl", "binary_ce", "binary_reverse_kl"):
         raise ValueError(f"divergence must be binary_kl, binary_ce or binary_reverse_kl, got {divergence!r}")
     dtype = compute_dtype(student_chunk_logprobs, teacher_chunk_logprobs)
@@ -198,6 +220,30 @@ def alm(student_chunk_logprobs: Tensor, teacher_chunk_logprobs: Tensor, mask: Te
     count = mask.sum() if mask is not None else per_chunk.numel()
     denominator = count if num_valid_chunks is None else num_valid_chunks
     return per_chunk.sum() / torch.as_tensor(denominator, dtype=dtype, device=per_chunk.device).clamp(min=1)
+
+
+def _merge(student, teacher, mask, student_boundary, teacher_boundary, threshold):
+    """Chunks [B, K] merged into groups, each closed by a chunk whose teacher boundary probability exceeds
+    `threshold` (or by the row's last chunk): sums of likelihoods, the closing chunk's boundaries, all-valid masks."""
+    batch, count = student.shape
+    closes = teacher_boundary.exp() > threshold
+    group = torch.cumsum(closes.long(), 1) - closes.long()  # chunks up to and including a closing one share a group
+    index = (torch.arange(batch, device=student.device)[:, None] * count + group).reshape(-1)
+
+    def total(values):
+        return torch.zeros(batch * count, dtype=values.dtype, device=values.device).index_add(
+            0, index, values.reshape(-1)).reshape(batch, count)
+
+    valid = mask.bool() if mask is not None else torch.ones_like(student, dtype=torch.bool)
+    members = total(torch.ones_like(student))
+    all_valid = total(valid.to(student.dtype)) == members
+    # the group's boundary: its last chunk's (the largest index in the group)
+    last = torch.full((batch * count,), -1, dtype=torch.long, device=student.device).scatter_reduce(
+        0, index, torch.arange(count, device=student.device).repeat(batch), reduce="amax").reshape(batch, count)
+    present = (members > 0) & all_valid
+    pick = last.clamp(min=0)
+    return (total(student), total(teacher), present, student_boundary.gather(1, pick),
+            teacher_boundary.gather(1, pick))
 
 
 def _log1mexp(x: Tensor) -> Tensor:

@@ -46,18 +46,43 @@ def matched_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tens
                                                                                     dtype=torch.long)
 
 
+def boundary_mask(tokenizer) -> torch.Tensor:
+    """[len(tokenizer)] bool: the tokens that start a new unit and the special tokens: what may follow the end of a
+    word (ALM's debiasing and merging; tokenkit's space mask). A token starts a unit when its text begins with
+    whitespace or a space marker (BPE, Unigram), when it is not a `##` continuation (WordPiece), always for a
+    word-level vocabulary."""
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    kind = type(backend).__name__ if backend is not None else ""
+    mask = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in special or kind == "WordLevel":  # whole words: every token starts one
+            mask[token_id] = True
+        elif kind == "WordPiece":  # continuation pieces are marked `##`
+            mask[token_id] = not (isinstance(text, str) and text.startswith("##"))
+        else:  # BPE, Unigram: a leading space (or its marker) starts a word
+            decoded = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+            mask[token_id] = decoded[:1].isspace() or (isinstance(text, str) and text[:1] in ("Ġ", "▁", "Ċ", "ĉ"))
+    return mask
+
+
 class CrossObjective:
     """The objective section of a cross-tokenizer run, callable on a paired micro-batch."""
 
     fusable = False  # needs both sides' full logits
 
     def __init__(self, spec: ObjectiveSpec, *, student_vocab: int, teacher_vocab: int,
-                 matched: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 matched: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 boundaries: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`matched`: (student ids, teacher ids) of the shared vocabulary (gold_hybrid); `boundaries`: each side's
+        `boundary_mask` (alm with debias or merge_threshold)."""
         self.spec, self.student_vocab, self.teacher_vocab = spec, student_vocab, teacher_vocab
         self.loss_spec = get_spec(spec.loss, kind="cross_token")
         self.params = spec.loss_params()
         self.uses_teacher = spec.kd_weight > 0
-        self.matched = matched
+        self.matched, self.boundaries = matched, boundaries
+        self.needs_boundaries = bool(self.params.get("debias")) or self.params.get("merge_threshold", 0) > 0
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: dict,
              num_valid_tokens: int, teacher_tokens: torch.Tensor | None = None,
@@ -107,8 +132,15 @@ class CrossObjective:
             teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
         if name == "alm":
             present = chunk_logprobs(torch.ones_like(student_tokens), student_chunk, num_chunks) > 0
+            extra = {}
+            if self.needs_boundaries:  # the probability that a new unit follows each chunk, on each side
+                extra = {"student_boundary": _chunk_boundary(student_logprobs, self.boundaries[0], student_chunk,
+                                                             num_chunks),
+                         "teacher_boundary": _chunk_boundary(teacher_logprobs, self.boundaries[1], teacher_chunk,
+                                                             num_chunks)}
             return self.loss_spec.fn(chunk_logprobs(student_tokens, student_chunk, num_chunks),
-                                     chunk_logprobs(teacher_tokens, teacher_chunk, num_chunks), present, **self.params)
+                                     chunk_logprobs(teacher_tokens, teacher_chunk, num_chunks), present, **self.params,
+                                     **extra)
         student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
         teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens.clamp(min=-1e4), teacher_chunk, num_chunks)
         total, _, _ = gold_hybrid(student_rows[present].exp(), teacher_rows[present].exp(), *self.matched,
@@ -123,6 +155,24 @@ class CrossObjective:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def _chunk_boundary(logprobs: torch.Tensor, boundary: torch.Tensor, chunk: torch.Tensor,
+                    num_chunks: int) -> torch.Tensor:
+    """[B, K]: log of the probability that the token after each chunk's last token is a boundary token. logprobs
+    [B, L, V] row t predicts token t + 1, chunk [B, L] the chunk of the token each row predicts: the token after
+    chunk c's last token is predicted by the row after c's last row (none past the end: 0, the text ends there)."""
+    batch, length, _ = logprobs.shape
+    boundary_logprob = logprobs[..., boundary.to(logprobs.device)].logsumexp(-1)  # [B, L]
+    positions = torch.arange(length, device=chunk.device).expand(batch, length)
+    valid = chunk >= 0
+    flat = (torch.arange(batch, device=chunk.device)[:, None] * num_chunks + chunk.clamp(min=0))[valid]
+    last = torch.full((batch * num_chunks,), -1, dtype=torch.long, device=chunk.device).scatter_reduce(
+        0, flat, positions[valid], reduce="amax").reshape(batch, num_chunks)
+    following = last + 1
+    inside = (last >= 0) & (following < length)
+    values = boundary_logprob.gather(1, following.clamp(max=length - 1).clamp(min=0))
+    return torch.where(inside, values, torch.zeros_like(values))
 
 
 class CachedTokenLogprobs:
