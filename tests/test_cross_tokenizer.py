@@ -347,3 +347,43 @@ def test_boundary_tokens_of_each_tokenizer_family(models):
             assert all(mask[t].item() == (not p.startswith("##")) for t, p in zip(word, pieces))
     words = OracleTask().tokenizer()
     assert boundary_mask(words).all()  # one token per word: every token starts one
+
+
+def test_an_overlap_divergence_on_the_shared_vocabulary(models, data, tmp_path, run_cli, write_recipe):
+    """objective.overlap_loss: the divergence between aligned chunk rows over the entries both vocabularies share,
+    renormalised there; against a loop over the chunks, and end to end with ALM."""
+    from transformers import AutoTokenizer
+
+    from distill.core.recipe import load_recipe
+    from distill.losses import forward_kl
+    from distill.lm.cross_tokenizer.regime import CrossObjective, matched_vocabulary
+
+    student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(models[n]) for n in ("unigram", "bpe"))
+    rows = [{"prompt": "a b", "completion": " hello world, café"}, {"prompt": "x", "completion": " 12 apples"}]
+    pairs = pair_examples(rows, student_tokenizer, teacher_tokenizer, max_length=64, append_eos=True, field="x")
+    batch = collate_pairs(pairs, 0, 0)
+    spec = load_recipe(recipe(models, data, tmp_path, loss="alm", overlap_loss="forward_kl")).objective
+    matched = matched_vocabulary(student_tokenizer, teacher_tokenizer)
+    objective = CrossObjective(spec, student_vocab=len(student_tokenizer), teacher_vocab=len(teacher_tokenizer),
+                               matched=matched)
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, batch["input_ids"].shape[1] - 1, len(student_tokenizer), generator=generator)
+    teacher = torch.randn(2, batch["teacher_input_ids"].shape[1] - 1, len(teacher_tokenizer), generator=generator)
+    value = objective._overlap(student, teacher, batch)
+    expected, count = 0.0, 0
+    for b, pair in enumerate(pairs):
+        for c in range(pair.chunks):
+            rows_ = []
+            for logits, chunk, ids, ids_key in ((student, batch["chunk"], matched[0], "input_ids"),
+                                                (teacher, batch["teacher_chunk"], matched[1], "teacher_input_ids")):
+                positions = [t for t in range(chunk.shape[1] - 1) if chunk[b, t + 1] == c]
+                logprobs = torch.log_softmax(logits[b], -1)
+                prefix = sum(logprobs[t, batch[ids_key][b, t + 1]] for t in positions[:-1])
+                rows_.append((logprobs[positions[-1]] + prefix)[ids])
+            expected += forward_kl(rows_[0][None], rows_[1][None]).item()
+            count += 1
+    assert value.item() == pytest.approx(expected / count, rel=1e-5)
+    finished = run_cli("run", str(write_recipe(recipe(models, data, tmp_path, loss="alm", overlap_loss="forward_kl"))))
+    assert finished.returncode == 0, finished.stderr
+    losses = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert all(record.get("overlap", 0) > 0 for record in losses if record["phase"] == "distilled")

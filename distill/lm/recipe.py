@@ -178,6 +178,10 @@ class ObjectiveSpec(BaseModel):
                                           "those where the student is least sure relative to the teacher (TSD-KD).")
     taid: "TaidSpec | None" = Field(None, description="TAID's adaptive schedule of t (losses with schedule taid, "
                                                       "i.e. `taid`); default {} when the loss has no fixed t.")
+    overlap_loss: str | None = Field(None, description="Cross-tokenizer losses: also this token divergence (e.g. "
+                                     "forward_kl) between the aligned chunks' rows restricted to the vocabulary "
+                                     "entries both tokenizers share, renormalised there.")
+    overlap_weight: float = Field(1.0, ge=0, description="Weight of the overlap_loss term.")
 
     @model_validator(mode="after")
     def _known_loss_and_params(self) -> "ObjectiveSpec":
@@ -216,6 +220,18 @@ class ObjectiveSpec(BaseModel):
                 self.__dict__["taid"] = TaidSpec()
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        if self.overlap_loss is not None:
+            if spec.kind != "cross_token":
+                raise FieldValueError("overlap_loss", "overlap_loss adds a divergence on the shared vocabulary of a "
+                                      "cross-tokenizer loss (uld | gold_hybrid | alm): remove it, or use one of those")
+            try:
+                overlap = get_spec(self.overlap_loss, kind="token")
+            except LossParameterError as error:
+                raise FieldValueError("overlap_loss", str(error)) from None
+            if overlap.params or overlap.schedule:
+                raise FieldValueError("overlap_loss", f"`{overlap.name}` has parameters; overlap_loss takes a "
+                                      "parameter-free divergence (forward_kl, reverse_kl, tvd)")
+            self.__dict__["overlap_loss"] = overlap.name
         if spec.kind == "cross_token" and (self.entropy_weight != 0 or self.token_selection is not None):
             raise FieldValueError("entropy_weight" if self.entropy_weight != 0 else "token_selection",
                                   f"`{spec.name}` compares aligned chunks of two tokenizations; entropy_weight and "
@@ -403,6 +419,9 @@ class LMRecipe(RunRecipe):
                                       f"or from a cache so far; regime {self.regime.kind} with "
                                       f"`{self.objective.loss}` is not built yet")
             params = self.objective.loss_params()
+            if self.objective.overlap_loss is not None and (self.regime.kind == "cache" or self.teacher.served):
+                raise FieldValueError("objective.overlap_loss", "overlap_loss reads the teacher's whole next-token "
+                                      "distribution: use a teacher in memory (not a cache or a server)")
             if ((params.get("debias") or params.get("merge_threshold", 0) > 0)
                     and (self.regime.kind == "cache" or self.teacher.served)):
                 raise FieldValueError("objective.debias" if params.get("debias") else "objective.merge_threshold",

@@ -479,7 +479,7 @@ class LMJob(Job):
         """The distilled row's regime when teacher and student tokenize differently (distill/lm/cross_tokenizer/)."""
         recipe, setup = self.recipe, self.setup
         matched = (matched_vocabulary(setup.tokenizer, setup.teacher_tokenizer)
-                   if recipe.objective.loss == "gold_hybrid" else None)
+                   if recipe.objective.loss == "gold_hybrid" or recipe.objective.overlap_loss else None)
         params = recipe.objective.loss_params()
         boundaries = ((boundary_mask(setup.tokenizer), boundary_mask(setup.teacher_tokenizer))
                       if params.get("debias") or params.get("merge_threshold", 0) > 0 else None)

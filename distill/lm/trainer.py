@@ -215,8 +215,8 @@ class LMTrainer:
                 scaled = result.loss * world
                 accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
             teacher_seconds += result.teacher_seconds
-            for key, value in result.parts.items():
-                totals[key] += value
+            for key, value in result.parts.items():  # (a regime may log parts of its own, e.g. `overlap`)
+                totals[key] = totals.get(key, 0.0) + value
         totals = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "sum"))
                   for k, v in totals.items()}
         self.regime.objective.end_step(totals["kd"], progress=(step + 1) / spec.steps)

@@ -99,6 +99,9 @@ class CrossObjective:
         if self.uses_teacher:
             teacher = teacher_logits[:, :-1, :self.teacher_vocab].float() if teacher_logits is not None else None
             kd = self._divergence(logits, teacher, batch, teacher_tokens, teacher_topk) * share
+            if spec.overlap_loss is not None and teacher is not None:
+                overlap = self._overlap(logits, teacher, batch) * share
+                kd, parts["overlap"] = kd + spec.overlap_weight * overlap, overlap.item()
             loss, parts["kd"] = loss + spec.kd_weight * kd, kd.item()
         if spec.ce_weight > 0:
             ce = cross_entropy(logits, labels, mask, num_valid_tokens=num_valid_tokens)
@@ -146,6 +149,21 @@ class CrossObjective:
         total, _, _ = gold_hybrid(student_rows[present].exp(), teacher_rows[present].exp(), *self.matched,
                                   **self.params)
         return total
+
+    def _overlap(self, logits, teacher, batch) -> torch.Tensor:
+        """objective.overlap_loss between each aligned chunk's merged rows restricted to the shared vocabulary
+        entries and renormalised there (both sides' distributions over the strings they share)."""
+        student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
+        num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
+        student_logprobs = torch.log_softmax(logits / self.spec.temperature, -1)
+        teacher_logprobs = torch.log_softmax(teacher / self.spec.temperature, -1)
+        student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
+        student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
+        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens, teacher_chunk, num_chunks)
+        student_ids, teacher_ids = (ids.to(logits.device) for ids in self.matched)
+        divergence = get_spec(self.spec.overlap_loss, kind="token").fn
+        return divergence(student_rows[present][:, student_ids], teacher_rows[present][:, teacher_ids])
 
     def end_step(self, kd_total: float, progress: float) -> None:
         pass
