@@ -355,6 +355,8 @@ def main() -> None:
         errors.print("interrupted; continue with `distill run RECIPE --resume`")
         sys.exit(130)
     except Exception as error:  # click's usage errors (typer ships its own click) come here in non-standalone mode
+        if type(error).__name__ == "NoArgsIsHelpError":  # bare `distill`: the help, already printed, is the answer
+            sys.exit(0)
         show, exit_code = getattr(error, "show", None), getattr(error, "exit_code", None)
         if callable(show) and isinstance(exit_code, int):
             show()

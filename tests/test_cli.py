@@ -172,3 +172,21 @@ def test_train_teacher_goes_to_the_family_of_the_task(run_cli, tmp_path):
     unknown = run_cli("train-teacher", "builtin:nothing", "--out", tmp_path / "y")
     assert unknown.returncode == 2 and "builtin:oracle" in unknown.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("evaluate",), "Did you mean 'eval'?"), (("run",), "Missing argument"), (("run", "--bogus", "x.yaml"),
+                                                                              "No such option: --bogus"),
+    (("demo", "--seed", "abc"), "Invalid value for '--seed'"), (("losses", "extra"), "unexpected extra argument")])
+def test_usage_errors_answer_like_a_command_line(run_cli, args, message):
+    """Click's short usage message and exit 2, never a traceback (issue 18, item 0)."""
+    finished = run_cli(*args)
+    assert finished.returncode == 2
+    assert "Usage: " in finished.stderr and message in finished.stderr  # (the program name is argv[0])
+    assert "Traceback" not in finished.stderr + finished.stdout
+
+
+def test_bare_distill_prints_the_help_and_exits_0(run_cli):
+    finished = run_cli()
+    assert finished.returncode == 0, finished.stderr
+    assert "Usage" in finished.stdout + finished.stderr and "demo" in finished.stdout + finished.stderr
