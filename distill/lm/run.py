@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import os
@@ -163,12 +164,17 @@ class LMSetup:
                 self.generations[row] = list(self.scorer.last_answers)
         return metrics
 
+    @functools.cached_property
+    def teacher_scorer(self):
+        """What scores a model on the teacher's tokenizer (cross-tokenizer runs): the task, or the eval rows'
+        answers tokenized by the teacher."""
+        return self.task or CompletionsScorer.for_eval(self.recipe.eval, self.eval_records, self.teacher_tokenizer)
+
     def evaluate_on_teacher_tokens(self, model, final: bool = False, row: str | None = None) -> dict:
-        """A model on the teacher's tokenizer (the same-tokenizer reference of a cross-tokenizer run): its metrics
-        on the teacher's tokens of the eval rows, with agreement and KL to the teacher, and nll_per_char."""
-        recipe, per_token = self.recipe, ({} if row is not None else None)
+        """A model on the teacher's tokenizer (the teacher of a cross-tokenizer run, or its same-tokenizer reference):
+        its metrics on the teacher's tokens of the eval rows, with agreement and KL to the teacher, and nll_per_char."""
+        recipe, per_token, scorer = self.recipe, ({} if row is not None else None), self.teacher_scorer
         examples = [pair.teacher for pair in self.eval_pairs]
-        scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer)
         metrics = evaluate_model(model, task=scorer, tokenizer=self.teacher_tokenizer, eval_records=self.eval_records,
                                  eval_examples=examples, vocab_size=len(self.teacher_tokenizer),
                                  batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
@@ -178,33 +184,22 @@ class LMSetup:
         metrics["nll_per_char"] = nll_per_character(metrics["nll"], examples, self.eval_pairs)
         if row is not None:
             self.token_values[row] = per_token
+            if getattr(scorer, "last_answers", None) and recipe.eval.generate_size:
+                self.generations[row] = list(scorer.last_answers)
         return metrics
 
     def teacher_row(self) -> dict:
         """The teacher's row; from a cache, the evaluation made when the cache was built."""
         if self.teacher is not None and self.cross:  # on its own tokens, scored with its own tokenizer
-            recipe, per_token = self.recipe, {}
-            examples = [pair.teacher for pair in self.eval_pairs]
-            scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer)
-            metrics = evaluate_model(on_device(self.teacher, self.accelerator.device), task=scorer,
-                                     tokenizer=self.teacher_tokenizer, eval_records=self.eval_records,
-                                     eval_examples=examples, vocab_size=len(self.teacher_tokenizer),
-                                     batch_size=recipe.eval.batch_size, generate_size=recipe.eval.generate_size,
-                                     seed=recipe.data.seed, throughput_tokens=recipe.eval.throughput_tokens,
-                                     per_token=per_token)
-            metrics["nll_per_char"] = nll_per_character(metrics["nll"], examples, self.eval_pairs)
-            self.token_values["teacher"] = per_token
-            if getattr(scorer, "last_answers", None) and recipe.eval.generate_size:
-                self.generations["teacher"] = list(scorer.last_answers)
-            return metrics
+            return self.evaluate_on_teacher_tokens(on_device(self.teacher, self.accelerator.device), final=True,
+                                                   row="teacher")
         if self.teacher is not None:
             return self.evaluate(on_device(self.teacher, self.accelerator.device), final=True, row="teacher")
         if self.served is not None:
             recipe = self.recipe
             # (cross-tokenizer: the teacher's own tokens of the eval rows, scored with its own tokenizer)
             examples = [p.teacher for p in self.eval_pairs] if self.cross else self.eval_examples
-            scorer = ((self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.teacher_tokenizer))
-                      if self.cross else self.scorer)
+            scorer = self.teacher_scorer if self.cross else self.scorer
             row, answers = served_row(self.served, scorer=scorer, records=self.eval_records, examples=examples,
                                       tokenizer=self.teacher_tokenizer, batch_size=recipe.eval.batch_size,
                                       generate_size=recipe.eval.generate_size,

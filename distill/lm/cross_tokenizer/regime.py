@@ -98,9 +98,12 @@ class CrossObjective:
         loss = logits.new_zeros(())
         if self.uses_teacher:
             teacher = teacher_logits[:, :-1, :self.teacher_vocab].float() if teacher_logits is not None else None
-            kd = self._divergence(logits, teacher, batch, teacher_tokens, teacher_topk) * share
+            teacher = self._teacher_from_topk(teacher, teacher_topk)
+            view = None if self.loss_spec.name == "uld" and spec.overlap_loss is None else self._chunks(
+                logits, teacher, batch, teacher_tokens, from_cache=teacher_topk is not None)
+            kd = self._divergence(logits, teacher, batch, view) * share
             if spec.overlap_loss is not None and teacher is not None:
-                overlap = self._overlap(logits, teacher, batch) * share
+                overlap = self._overlap(view) * share
                 kd, parts["overlap"] = kd + spec.overlap_weight * overlap, overlap.item()
             loss, parts["kd"] = loss + spec.kd_weight * kd, kd.item()
         if spec.ce_weight > 0:
@@ -109,59 +112,74 @@ class CrossObjective:
         parts["loss"] = loss.item()
         return loss, parts
 
-    def _divergence(self, logits, teacher, batch, teacher_tokens=None, teacher_topk=None) -> torch.Tensor:
+    def _teacher_from_topk(self, teacher, teacher_topk):
+        """A cached or served teacher's top-k as its distribution: for ULD the top-k log-probs themselves
+        (renormalised over k by the loss's softmax), for GOLD placed in the teacher's vocabulary, the rest zero;
+        exact as k reaches the vocabulary. ALM needs none (the tokens' own log-probs)."""
+        if teacher is not None or teacher_topk is None or self.loss_spec.name == "alm":
+            return teacher
+        ids, values = teacher_topk
+        if self.loss_spec.name == "uld":
+            return values.float()
+        return torch.full((*ids.shape[:-1], self.teacher_vocab), float("-inf"), device=ids.device).scatter(
+            -1, ids, values.float())
+
+    def _chunks(self, logits, teacher, batch, teacher_tokens, *, from_cache: bool) -> dict:
+        """Both sides' log-distributions, their tokens' log-probs and chunk ids, at the positions that predict
+        (row t predicts token t + 1): what the chunk losses read, computed once per micro-batch."""
+        student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
+        student_logprobs = torch.log_softmax(logits / self.spec.temperature, -1)
+        teacher_logprobs = None
+        if teacher is not None:  # (from a cache or a server: already log-probabilities at temperature 1)
+            teacher_logprobs = teacher if from_cache else torch.log_softmax(teacher / self.spec.temperature, -1)
+        if teacher_tokens is None:
+            teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
+        return {"student_logprobs": student_logprobs, "teacher_logprobs": teacher_logprobs,
+                "student_tokens": student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1),
+                "teacher_tokens": teacher_tokens, "student_chunk": student_chunk, "teacher_chunk": teacher_chunk,
+                "num_chunks": int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1}
+
+    def _divergence(self, logits, teacher, batch, view) -> torch.Tensor:
         name, spec = self.loss_spec.name, self.spec
-        if teacher is None and teacher_topk is not None and name == "uld":
-            # the cached top-k as the teacher's distribution (renormalised over k: exact as k reaches the vocabulary)
-            teacher = teacher_topk[1].float()
-        elif teacher is None and teacher_topk is not None and name == "gold_hybrid":
-            # the cached top-k placed in the teacher's vocabulary, the rest zero (exact as k reaches it)
-            ids, values = teacher_topk
-            teacher = torch.full((*ids.shape[:-1], self.teacher_vocab), float("-inf"), device=ids.device)
-            teacher = teacher.scatter(-1, ids, values.float())
         if name == "uld":
             return self.loss_spec.fn(logits, teacher, batch["labels"][:, 1:] != IGNORE_INDEX,
                                      batch["teacher_labels"][:, 1:] != IGNORE_INDEX, temperature=spec.temperature,
                                      **self.params)
-        # chunk ids of the token each position predicts
-        student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
-        num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
-        student_logprobs = torch.log_softmax(logits / spec.temperature, -1)
-        student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-        teacher_logprobs = None
-        if teacher is not None:  # (from a cache: already log-probabilities at temperature 1)
-            teacher_logprobs = teacher if teacher_topk is not None else torch.log_softmax(teacher / spec.temperature, -1)
-        if teacher_tokens is None:
-            teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
+        v, num_chunks = view, view["num_chunks"]
         if name == "alm":
-            present = chunk_logprobs(torch.ones_like(student_tokens), student_chunk, num_chunks) > 0
+            present = chunk_logprobs(torch.ones_like(v["student_tokens"]), v["student_chunk"], num_chunks) > 0
             extra = {}
             if self.needs_boundaries:  # the probability that a new unit follows each chunk, on each side
-                extra = {"student_boundary": _chunk_boundary(student_logprobs, self.boundaries[0], student_chunk,
-                                                             num_chunks),
-                         "teacher_boundary": _chunk_boundary(teacher_logprobs, self.boundaries[1], teacher_chunk,
-                                                             num_chunks)}
-            return self.loss_spec.fn(chunk_logprobs(student_tokens, student_chunk, num_chunks),
-                                     chunk_logprobs(teacher_tokens, teacher_chunk, num_chunks), present, **self.params,
-                                     **extra)
-        student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
-        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens.clamp(min=-1e4), teacher_chunk, num_chunks)
+                extra = {"student_boundary": _chunk_boundary(v["student_logprobs"], self.boundaries[0],
+                                                             v["student_chunk"], num_chunks),
+                         "teacher_boundary": _chunk_boundary(v["teacher_logprobs"], self.boundaries[1],
+                                                             v["teacher_chunk"], num_chunks)}
+            return self.loss_spec.fn(chunk_logprobs(v["student_tokens"], v["student_chunk"], num_chunks),
+                                     chunk_logprobs(v["teacher_tokens"], v["teacher_chunk"], num_chunks), present,
+                                     **self.params, **extra)
+        student_rows, teacher_rows, present = self._rows(view)
         total, _, _ = gold_hybrid(student_rows[present].exp(), teacher_rows[present].exp(), *self.matched,
                                   **self.params)
         return total
 
-    def _overlap(self, logits, teacher, batch) -> torch.Tensor:
+    @staticmethod
+    def _rows(view) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each side's chain-rule merged row per chunk (log), and which chunks exist (kept in the view: GOLD and
+        the overlap term read the same rows)."""
+        if "rows" in view:
+            return view["rows"]
+        student_rows, present = chunk_rows(view["student_logprobs"], view["student_tokens"], view["student_chunk"],
+                                           view["num_chunks"])
+        teacher_rows, _ = chunk_rows(view["teacher_logprobs"], view["teacher_tokens"].clamp(min=-1e4),
+                                     view["teacher_chunk"], view["num_chunks"])
+        view["rows"] = student_rows, teacher_rows, present
+        return view["rows"]
+
+    def _overlap(self, view) -> torch.Tensor:
         """objective.overlap_loss between each aligned chunk's merged rows restricted to the shared vocabulary
         entries and renormalised there (both sides' distributions over the strings they share)."""
-        student_chunk, teacher_chunk = batch["chunk"][:, 1:], batch["teacher_chunk"][:, 1:]
-        num_chunks = int(max(student_chunk.max(), teacher_chunk.max()).clamp(min=0)) + 1
-        student_logprobs = torch.log_softmax(logits / self.spec.temperature, -1)
-        teacher_logprobs = torch.log_softmax(teacher / self.spec.temperature, -1)
-        student_tokens = student_logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-        teacher_tokens = teacher_logprobs.gather(-1, batch["teacher_input_ids"][:, 1:, None]).squeeze(-1)
-        student_rows, present = chunk_rows(student_logprobs, student_tokens, student_chunk, num_chunks)
-        teacher_rows, _ = chunk_rows(teacher_logprobs, teacher_tokens, teacher_chunk, num_chunks)
-        student_ids, teacher_ids = (ids.to(logits.device) for ids in self.matched)
+        student_rows, teacher_rows, present = self._rows(view)
+        student_ids, teacher_ids = (ids.to(student_rows.device) for ids in self.matched)
         divergence = get_spec(self.spec.overlap_loss, kind="token").fn
         return divergence(student_rows[present][:, student_ids], teacher_rows[present][:, teacher_ids])
 
@@ -210,12 +228,8 @@ class CachedTokenLogprobs:
     def token_logprobs(self, batch: dict) -> torch.Tensor:
         """[B, L_T - 1]: log p_T of the token each teacher position predicts, at the teacher's completion tokens."""
         mask = (batch["teacher_labels"][:, 1:] != IGNORE_INDEX).cpu()
-        out = torch.zeros(mask.shape, dtype=torch.float32)
-        for row, index in enumerate(batch["example_index"].tolist()):
-            offset, count = self.spans[index]
-            positions = mask[row].nonzero().squeeze(-1)
-            out[row, positions] = self.cache.token_logprobs[offset:offset + count].float()
-        return out
+        spans = [self.spans[i] for i in batch["example_index"].tolist()]
+        return self.cache.place(self.cache.token_logprobs.float(), spans, mask)
 
 
 class CrossDistill:
@@ -253,10 +267,10 @@ class CrossDistill:
                 teacher_tokens = self.teacher.token_logprobs(batch).to(logits.device)
                 if self.objective.loss_spec.name != "alm":
                     teacher_topk = tuple(t.to(logits.device) for t in self.teacher.topk(batch))
-            elif hasattr(self.teacher, "topk_and_token_logprobs"):  # a served teacher, asked about its own tokens
+            elif hasattr(self.teacher, "answers"):  # a served teacher, asked about its own tokens
                 side = {"input_ids": batch["teacher_input_ids"].cpu(), "example_index": batch["example_index"].cpu(),
                         "attention_mask": batch["teacher_attention_mask"].cpu()}
-                ids, values, tokens = self.teacher.topk_and_token_logprobs(side)
+                ids, values, _, tokens = self.teacher.answers(side)
                 teacher_tokens = tokens.to(logits.device)
                 teacher_topk = (ids.to(logits.device), values.to(logits.device))
             else:

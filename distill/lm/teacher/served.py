@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.core.errors import DistillError, InterruptedRun
-from distill.lm.data import IGNORE_INDEX
+from distill.lm.data import IGNORE_INDEX, collate
 from distill.lm.teacher.cache.store import TopkRows
 from distill.lm.teacher.serve import LOGPROB_FLOOR as TAIL_FLOOR  # the log of a mass too small to write
 from distill.losses.fused import TeacherSignal
@@ -284,20 +284,25 @@ class ServedTeacher:
         return f"training example {int(index[row])}" if index is not None else f"batch row {row}"
 
     @torch.no_grad()
-    def topk(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids [B, T-1, k], log-probs [B, T-1, k] and log tail mass [B, T-1] at every position that predicts a
-        token of its document (position t predicts token t + 1; zeros elsewhere)."""
+    def answers(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round of requests for the batch: ids [B, T-1, k], log-probs [B, T-1, k], log tail mass [B, T-1] and
+        the log-probability of the actual next token [B, T-1], at every position that predicts a token of its
+        document (position t predicts token t + 1; zeros elsewhere)."""
         batch_size, length = batch["input_ids"].shape
         ids = torch.zeros(batch_size, length - 1, self.k, dtype=torch.long)
         logprobs = torch.zeros(batch_size, length - 1, self.k)
-        tail = torch.zeros(batch_size, length - 1)
+        tail, tokens = torch.zeros(batch_size, length - 1), torch.zeros(batch_size, length - 1)
         for (row, start, end), sequence, entries in self._answers(batch):
-            top_ids, top_logprobs, top_tail = topk_tail(entries, sequence, self.k, self.vocab_size,
-                                                        where=self._where(batch, row), field=self.client.field)
-            ids[row, start:end - 1], logprobs[row, start:end - 1], tail[row, start:end - 1] = (
-                top_ids, top_logprobs, top_tail)
+            where = self._where(batch, row)
+            ids[row, start:end - 1], logprobs[row, start:end - 1], tail[row, start:end - 1] = topk_tail(
+                entries, sequence, self.k, self.vocab_size, where=where, field=self.client.field)
+            tokens[row, start:end - 1] = token_logprobs(entries, sequence, where=where, field=self.client.field)
             self.tokens += end - start - 1
-        return ids, logprobs, tail
+        return ids, logprobs, tail, tokens
+
+    def topk(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`answers`' ids, log-probs and tail."""
+        return self.answers(batch)[:3]
 
     def statistics(self) -> dict:
         """What went over the wire so far (results.json meta.served_teacher; benchmarks/served.py)."""
@@ -313,39 +318,15 @@ class ServedTeacher:
         ids, logprobs, tail = (t.to(device) for t in self.topk(batch))
         return TeacherSignal(topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail if self.sparse == "tail" else None)
 
-    @torch.no_grad()
     def token_logprobs(self, batch: dict) -> torch.Tensor:
         """[B, T-1]: the teacher's log-probability of each next token of the batch (0 where nothing is predicted)."""
-        batch_size, length = batch["input_ids"].shape
-        values = torch.zeros(batch_size, length - 1)
-        for (row, start, end), sequence, entries in self._answers(batch):
-            values[row, start:end - 1] = token_logprobs(entries, sequence, where=self._where(batch, row),
-                                                        field=self.client.field)
-        return values.to(batch["input_ids"].device)
-
-    @torch.no_grad()
-    def topk_and_token_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`topk`'s (ids, log-probs) and `token_logprobs` of one batch from one round of requests."""
-        batch_size, length = batch["input_ids"].shape
-        ids = torch.zeros(batch_size, length - 1, self.k, dtype=torch.long)
-        logprobs = torch.zeros(batch_size, length - 1, self.k)
-        tokens = torch.zeros(batch_size, length - 1)
-        for (row, start, end), sequence, entries in self._answers(batch):
-            where = self._where(batch, row)
-            top_ids, top_logprobs, _ = topk_tail(entries, sequence, self.k, self.vocab_size, where=where,
-                                                 field=self.client.field)
-            ids[row, start:end - 1], logprobs[row, start:end - 1] = top_ids, top_logprobs
-            tokens[row, start:end - 1] = token_logprobs(entries, sequence, where=where, field=self.client.field)
-            self.tokens += end - start - 1
-        return ids, logprobs, tokens
+        return self.answers(batch)[3].to(batch["input_ids"].device)
 
     def complete(self, prompts: list[list[int]], **sampling) -> list[list[int]]:
         return self.client.complete(prompts, **sampling)
 
     def table(self, examples: list, batch_size: int, pad_token_id: int) -> tuple["TopkRows", list[tuple[int, int]]]:
         """The top-k + tail of `examples`' loss tokens, held like a cache's rows (for evaluation), and their spans."""
-        from distill.lm.data import collate
-
         ids, logprobs, tails, spans, offset = [], [], [], [], 0
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size], pad_token_id)
@@ -406,7 +387,6 @@ def served_row(teacher: ServedTeacher, *, scorer, records: list, examples: list,
     of the server's generated answers (greedy, or sampled at `temperature` with `seed`). Agreement and KL with
     itself are 1 and 0 by definition. Returns (metrics, the first answers). A built-in task's own metrics that need the model's full distribution
     (the oracle's exact KLs) are not measurable over the API and are left out."""
-    from distill.lm.data import collate
     from distill.lm.evaluate import exact_match, rouge_l
     from distill.lm.tasks.completions import CompletionsScorer
 

@@ -136,9 +136,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         for batch_start in range(0, len(rows), batch_size):
             batch = collate(rows[batch_start:batch_start + batch_size], pad)
             labels = batch["labels"][:, 1:]
-            if served is not None:
-                ids_, logprobs_, tail_ = served.topk(batch)
-                target_ = served.token_logprobs(batch)
+            if served is not None:  # (one round of requests gives both)
+                ids_, logprobs_, tail_, target_ = served.answers(batch)
             else:
                 with torch.no_grad():
                     logits = teacher(**{k: v.to(accelerator.device) if v is not None else None

@@ -189,19 +189,20 @@ class TopkRows:
     def batch(self, spans: list[tuple[int, int]], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k ids [B, L, k], log-probs [B, L, k] and tail [B, L] placed at the True entries of
         `mask` [B, L] (row b's entries in order are its example's cached tokens)."""
-        batch_size, length = mask.shape
-        ids = torch.zeros(batch_size, length, self.k, dtype=torch.long)
-        logprobs = torch.zeros(batch_size, length, self.k, dtype=self.logprobs.dtype)
-        tail = torch.zeros(batch_size, length, dtype=self.tail.dtype)
+        return tuple(self.place(rows, spans, mask) for rows in (self.ids, self.logprobs, self.tail))
+
+    @staticmethod
+    def place(rows: torch.Tensor, spans: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
+        """`rows` [N, ...] of consecutive tokens placed at the True entries of `mask` [B, L]: row b of the batch
+        takes rows[offset:offset + count] of its span (zeros elsewhere)."""
+        out = torch.zeros(*mask.shape, *rows.shape[1:], dtype=rows.dtype)
         for row, (offset, count) in enumerate(spans):
             positions = mask[row].nonzero().squeeze(-1)
             if positions.numel() != count:
                 raise DistillError(f"a batch row has {positions.numel()} completion tokens but its cache entry "
                                    f"{count}", field=FIELD, fix="rebuild the cache for this data")
-            ids[row, positions] = self.ids[offset:offset + count]
-            logprobs[row, positions] = self.logprobs[offset:offset + count]
-            tail[row, positions] = self.tail[offset:offset + count]
-        return ids, logprobs, tail
+            out[row, positions] = rows[offset:offset + count]
+        return out
 
 
 class TeacherCache(TopkRows):
