@@ -114,11 +114,11 @@ def test_parse_recipe_rejects_non_mapping():
         parse_recipe(["teacher"])
 
 
-def test_empty_file_lists_the_required_sections(tmp_path):
+def test_empty_file_is_called_empty_and_lists_the_required_sections(tmp_path):
     with pytest.raises(DistillError) as raised:
         load_recipe(_source("", tmp_path))
-    for section in ("teacher", "student", "data"):
-        assert f"{section}: required field is missing" in str(raised.value)
+    assert "is empty" in str(raised.value) and "required field is missing" not in str(raised.value)
+    assert "sections teacher, student, data" in str(raised.value)
 
 
 # ---- through the CLI --------------------------------------------------------------------------

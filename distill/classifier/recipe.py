@@ -63,7 +63,7 @@ def term_loss(name: str):
 class TermSpec(BaseModel):
     """One weighted term of the objective. Extra keys are the loss's own parameters (e.g. temperature)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     loss: str = Field(description="A classifier (logit) term such as kd, dkd, bdkd or ce, or a feature term such "
                                   "as fitnets, cka or nd (`distill losses` lists them).")

@@ -22,9 +22,10 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the recipes shi
 
 
 class StrictModel(BaseModel):
-    """A recipe section: unknown keys are refused, assignments are validated."""
+    """A recipe section: unknown keys are refused, assignments are validated, and no float field takes NaN or
+    +-inf (no field gives them a meaning; `.inf` in YAML is a typo's likelier outcome than a wish)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LogSpec(StrictModel):
@@ -184,6 +185,11 @@ def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tu
             where += f" ({error.context} from line {context.line + 1}, column {context.column + 1})"
         raise DistillError(f"`{path}` is not valid YAML{where}: {getattr(error, 'problem', error)}",
                            fix="check indentation and `key: value` pairs there") from None
+    if data is None and not overrides:
+        required = [name for name, field in get_family(DEFAULT_TASK).recipe_class().model_fields.items()
+                    if field.is_required()]
+        raise DistillError(f"recipe file `{path}` is empty", fix=f"write a recipe there: an {DEFAULT_TASK} recipe "
+                           f"needs the sections {', '.join(required)}; recipes/oracle-jsd.yaml is a short example")
     return parse_recipe(data if data is not None else {}, overrides)
 
 

@@ -161,12 +161,19 @@ class TaidSpec(StrictModel):
     beta: float = Field(0.99, ge=0, le=1, description="Momentum of the relative loss change.")
     adaptive: bool = Field(True, description="False: t follows the linear ramp only.")
 
+    @model_validator(mode="after")
+    def _rising(self) -> "TaidSpec":
+        if self.t_start > self.t_end:
+            raise FieldValueError("t_start", f"t rises from t_start to t_end, so t_start ({self.t_start:g}) must not "
+                                             f"exceed t_end ({self.t_end:g}): e.g. t_start 0.4, t_end 1.0")
+        return self
+
 
 class ObjectiveSpec(BaseModel):
     """The distillation loss; extra keys are the loss's own parameters (e.g. `beta` for jsd). The loss and
     its parameters are checked against the loss registry (`distill losses`, table `objective.loss`)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
     loss: str = Field("forward_kl", description="A token divergence from `distill losses` (an alias becomes "
                                                 "its canonical name).")
     temperature: float = Field(1.0, gt=0, description="Divides both logits (no T^2 factor, as GKD/TRL).")

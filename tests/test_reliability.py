@@ -1,0 +1,74 @@
+"""Issue 18: bad input is answered before anything is written; unexpected failures leave a log and a
+resumable run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.core.errors import DistillError
+from distill.core.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# The objectives a new user tried on main: six crashed at the first training step with a traceback (after the
+# teacher evaluation, leaving an "unfinished run"), and an infinite temperature trained.
+REFUSED_OBJECTIVES = [
+    ({"loss": "jsd", "beta": 1.5}, "objective.beta", "[0, 1]"),
+    ({"loss": "jsd", "beta": -0.1}, "objective.beta", "[0, 1]"),
+    ({"loss": "skew_kl", "alpha": 2}, "objective.alpha", "[0, 1)"),
+    ({"loss": "adaptive_kl", "mu": 1.5}, "objective.mu", "[0, 1]"),
+    ({"loss": "sinkhorn", "epsilon": -1}, "objective.epsilon", "(0, inf)"),
+    ({"loss": "taid", "taid": {"t_start": 0.9, "t_end": 0.1}}, "objective.taid.t_start", "must not exceed t_end"),
+    ({"loss": "forward_kl", "temperature": float("inf")}, "objective.temperature", "finite"),
+    ({"loss": "forward_kl", "temperature": float("nan")}, "objective.temperature", "finite"),
+    ({"loss": "jsd", "beta": float("nan")}, "objective.beta", "finite"),
+]
+
+
+def _oracle_recipe(objective: dict, output) -> dict:
+    recipe = yaml.safe_load((RECIPES / "oracle-jsd.yaml").read_text())
+    return {**recipe, "objective": objective, "output": str(output)}
+
+
+@pytest.mark.parametrize("objective,field,allowed", REFUSED_OBJECTIVES)
+def test_out_of_range_objectives_are_refused_with_the_field_and_range(objective, field, allowed, tmp_path):
+    with pytest.raises(DistillError) as caught:
+        load_recipe(_oracle_recipe(objective, tmp_path / "run"))
+    text = caught.value.render()
+    assert f"{field}:" in text and allowed in text and "fix:" in text
+
+
+@pytest.mark.parametrize("source,sets,field", [
+    (str(RECIPES / "oracle-jsd.yaml"), ["train.lr=.inf"], "train.lr"),
+    (str(RECIPES / "oracle-jsd.yaml"), ["regime.kind=on_policy", "regime.top_p=.nan"], "regime.top_p"),
+    (str(RECIPES / "mnist5k-kd.yaml"), ["objective.terms=[{loss: kd, temperature: .inf}]"], "objective.terms.0.temperature"),
+    (str(RECIPES / "mnist5k-kd.yaml"), ["objective.terms=[{loss: kd, weight: .nan}]"], "objective.terms.0.weight"),
+    (str(RECIPES / "mnist5k-kd.yaml"), ["objective.terms=[{loss: dkd, alpha: -1}]"], "objective.terms.0.alpha"),
+    (str(RECIPES / "gmm2d-dmd.yaml"), ["train.sigma_max=.inf"], "train.sigma_max"),
+    (str(RECIPES / "gmm2d-consistency.yaml"), ["objective.ema_decay=1.5"], "objective.ema_decay"),
+    (str(RECIPES / "gmm2d-dmd.yaml"), ["objective.divergence=kl_forward"], "objective.divergence"),
+])
+def test_every_family_refuses_non_finite_and_out_of_range_numbers(source, sets, field):
+    with pytest.raises(DistillError) as caught:
+        load_recipe(source, sets)
+    assert f"{field}:" in caught.value.render()
+
+
+def test_refused_objective_through_the_cli_exits_2_and_writes_nothing(run_cli, write_recipe, tmp_path):
+    for objective, field, allowed in (REFUSED_OBJECTIVES[0], REFUSED_OBJECTIVES[5], REFUSED_OBJECTIVES[6]):
+        output = tmp_path / "run"
+        finished = run_cli("run", write_recipe(_oracle_recipe(objective, output)))
+        assert finished.returncode == 2, finished.stderr
+        assert field in finished.stderr and allowed in finished.stderr
+        assert "Traceback" not in finished.stderr
+        assert not output.exists()
+
+
+def test_an_empty_recipe_file_is_called_empty(run_cli, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n# nothing yet\n")
+    finished = run_cli("run", empty)
+    assert finished.returncode == 2
+    assert "is empty" in finished.stderr and "required field" not in finished.stderr
