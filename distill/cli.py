@@ -6,6 +6,7 @@ no traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
     if checked.task != "lm":
         raise DistillError(f"a teacher cache holds a causal LM's top-k tokens; this recipe is task {checked.task}",
                            field="task", fix="give a task: lm recipe")
+    if k is not None and k < 1:
+        raise DistillError(f"--k must be at least 1, got {k}", field="--k", fix="e.g. --k 64 (or leave it out: "
+                                                                           "the recipe's regime.k)")
     for name, value, allowed in (("--ids", ids, ("rice", "packed")), ("--values", values, ("int8", "float16"))):
         if value is not None and value not in allowed:
             raise DistillError(f"{name} must be one of {', '.join(allowed)}, got `{value}`", field=name,
@@ -200,6 +204,11 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
         known = ", ".join(dict.fromkeys(f"builtin:{t}" for f in families for t in f.teacher_tasks))
         raise DistillError(f"`{task}` is not a built-in task with a teacher", field="TASK", fix=f"use one of: {known}")
     family = owners[0]
+    for option, value, low in (("--steps", steps, 1), ("--epochs", epochs, 0), ("--batch-size", batch_size, 1),
+                               ("--lr", lr, 0), ("--train-size", train_size, 1), ("--threads", threads, 1)):
+        if value is not None and not (math.isfinite(value) and (value >= low if low else value > 0)):
+            raise DistillError(f"{option} must be {'at least 1' if low else 'a finite number above 0'}, got {value}",
+                               field=option, fix=f"e.g. {option} {4 if low else 1e-3 if option == '--lr' else 1}")
     given = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
                  threads=threads, overwrite=overwrite, resume=resume, tokenizer=tokenizer)
     if tokenizer is not None and "tokenizer" not in family.teacher_options:
@@ -344,7 +353,76 @@ def _leave_process_group() -> None:
         os._exit(0)
 
 
+DEBUG_ENV = "DISTILL_DEBUG"  # set, or `distill --debug`: a failure prints its traceback too
+LOG_FILE = "error.log"
+_debug: list[bool] = [False]
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="On an unexpected failure, print the traceback "
+                                                                "(it is always written to a log file).")):
+    """Distill a large teacher model into a small, fast student."""
+    _debug[0] = debug
+
+
+def _write_log(text: str) -> Path:
+    """The traceback into `error.log` of the directory the command was writing, else a file under the temp
+    directory (also when that directory cannot take it, e.g. a full disk)."""
+    import datetime
+    import tempfile
+
+    from distill.core.errors import output_directory
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    record = f"--- {stamp} distill {' '.join(sys.argv[1:])}\n{text}\n"
+    candidates = [output_directory() / LOG_FILE] if output_directory() is not None else []
+    candidates.append(Path(tempfile.gettempdir()) / "distill-logs" / f"distill-{stamp}-{os.getpid()}.log")
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(record)
+            return path
+        except OSError:
+            continue
+    return candidates[-1]
+
+
+def _report_failure(error: BaseException) -> int:
+    """One clear line (what failed, where the traceback is, how to continue) for an exception that is not a
+    DistillError; the exit code."""
+    import traceback
+
+    from distill.core.errors import disk_full, output_directory
+
+    text = "".join(traceback.format_exception(error))
+    log = _write_log(text)
+    directory = output_directory()
+    summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if len(summary) > 300:
+        summary = summary[:300] + "..."
+    if disk_full(error):
+        where = directory or Path(getattr(error, "filename", None) or ".").parent
+        head = (f"the disk holding `{where}` is full (or a file-size limit was reached): {summary}. What was "
+                "written before is intact (checkpoints are swapped in only when complete)")
+    else:
+        head = f"unexpected failure: {summary}"
+    debug = _debug[0] or bool(os.environ.get(DEBUG_ENV))
+    lines = [head, f"traceback: {log}" + ("" if debug else " (or run with `distill --debug`)")]
+    if directory is not None and (directory / "recipe.yaml").is_file():
+        lines.append(f"the run directory `{directory}` keeps its checkpoints: `distill run RECIPE --resume` "
+                     "continues it, `--overwrite` starts again")
+    if debug:
+        errors.print(escape(text), highlight=False, soft_wrap=True)
+    errors.print("[bold red]error[/bold red] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
+    return 1
+
+
 def main() -> None:
+    from distill.core.errors import note_output_directory
+
+    note_output_directory(None)
+    _debug[0] = False
     try:
         app(standalone_mode=False)
         _leave_process_group()
@@ -363,7 +441,7 @@ def main() -> None:
             sys.exit(exit_code)
         if type(error).__name__ == "Abort":
             sys.exit(130)
-        raise
+        sys.exit(_report_failure(error))
 
 
 if __name__ == "__main__":

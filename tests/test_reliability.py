@@ -72,3 +72,43 @@ def test_an_empty_recipe_file_is_called_empty(run_cli, tmp_path):
     finished = run_cli("run", empty)
     assert finished.returncode == 2
     assert "is empty" in finished.stderr and "required field" not in finished.stderr
+
+
+def test_an_unexpected_failure_is_one_line_and_a_log_and_the_run_resumes(tiny_recipe, write_recipe, run_cli,
+                                                                         tmp_path):
+    """An exception that is not a DistillError: exit 1, one line naming it, the traceback in <run>/error.log
+    (and on stderr with --debug); --resume finishes the run as if nothing happened."""
+    recipe = write_recipe(tiny_recipe)
+    crash = {"DISTILL_CRASH_AFTER_STEP": "2", "DISTILL_CRASH_KIND": "exception"}
+    failed = run_cli("run", recipe, env=crash)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    log = run_dir / "error.log"
+    assert "unexpected failure: RuntimeError: DISTILL_CRASH_AFTER_STEP=2" in failed.stderr
+    assert str(log) in failed.stderr and "--resume" in failed.stderr and "Traceback" not in failed.stderr
+    assert "Traceback (most recent call last)" in log.read_text() and "simulate_crash_after" in log.read_text()
+    debug = run_cli("--debug", "run", recipe, "--overwrite", env=crash)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    resumed = run_cli("run", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "results.json").is_file()
+
+
+@pytest.mark.parametrize("args", [
+    ("cache", "{recipe}", "--k", "0", "--out", "cache"),
+    ("cache", "{recipe}", "--set", "teacher.path=missing", "--out", "cache"),
+    ("cache", "{recipe}", "--values", "int4", "--out", "cache"),
+    ("eval", "missing", "--output", "out/rows.json"),
+    ("compare", "a", "b", "--output", "compared"),
+    ("train-teacher", "builtin:oracle", "--out", "teacher", "--lr", "-1"),
+    ("train-teacher", "builtin:digits", "--out", "teacher", "--epochs", "nan"),
+    ("serve", "missing", "--port", "1"),
+], ids=["cache-k0", "cache-teacher", "cache-values", "eval", "compare", "train-teacher-lr", "train-teacher-epochs",
+        "serve"])
+def test_every_command_refuses_bad_input_before_writing_anything(args, run_cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((RECIPES / "oracle-cache.yaml").read_text())
+    finished = run_cli(*[a.format(recipe=recipe) for a in args], cwd=tmp_path)
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    assert "Traceback" not in finished.stderr and "fix:" in finished.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

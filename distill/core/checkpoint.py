@@ -24,6 +24,8 @@ from distill.core.io import recover_directory, staged_directory
 STATE_FILE = "state.json"
 # Testing aid: stop as if killed right after the checkpoint of this step (every family's trainer).
 CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
+# With DISTILL_CRASH_KIND=exception the crash is an unexpected RuntimeError instead (the CLI's failure path).
+CRASH_KIND_ENV = "DISTILL_CRASH_KIND"
 
 
 # ---- state trees (optimizer / scheduler / RNG state) <-> tensors + JSON -------------------------------
@@ -132,7 +134,10 @@ def load_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module
 
 
 def simulate_crash_after(step: int) -> None:
-    """Testing aid: raise SystemExit as if killed, when `step` is the one named in DISTILL_CRASH_AFTER_STEP.
-    Trainers call it right after writing a checkpoint."""
+    """Testing aid: raise SystemExit as if killed, when `step` is the one named in DISTILL_CRASH_AFTER_STEP
+    (a RuntimeError, an unexpected failure, with DISTILL_CRASH_KIND=exception). Trainers call it right after
+    writing a checkpoint."""
     if step == int(os.environ.get(CRASH_AFTER_STEP_ENV, "0") or 0):
+        if os.environ.get(CRASH_KIND_ENV) == "exception":
+            raise RuntimeError(f"{CRASH_AFTER_STEP_ENV}={step}: simulated failure after the checkpoint")
         raise SystemExit(f"{CRASH_AFTER_STEP_ENV}={step}: simulated crash after the checkpoint")

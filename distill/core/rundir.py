@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.core.errors import DistillError
+from distill.core.errors import DistillError, note_output_directory
 from distill.core.io import append_jsonl, atomic_write_text, read_jsonl
 from distill.core.trackers import ExperimentTrackers
 
@@ -128,6 +128,7 @@ class RunDirectory:
         if self.overwrite and self.holds_run():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        note_output_directory(self.path)
         saved = self.path / RECIPE_FILE
         if self.resume and saved.is_file():
             self.recipe_changes = recipe_differences(saved.read_text(), recipe.to_yaml())

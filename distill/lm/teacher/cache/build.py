@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill.core.errors import DistillError
+from distill.core.errors import DistillError, note_output_directory
 from distill.core.io import atomic_write_json
 from distill.core.recipe import load_recipe
 from distill.lm.data import IGNORE_INDEX, check_packing, collate, load_data, model_inputs
@@ -110,6 +110,7 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
     # A served teacher is checked (it answers, with this tokenizer) before anything is written.
     served = ServedTeacher(connect(spec, tokenizer), options["k"], vocab_size) if spec.served else None
     directory.mkdir(parents=True, exist_ok=True)
+    note_output_directory(directory)  # a failure's traceback goes to <cache>/error.log
     finished = _finished_shards(directory, identity)
     plan = _plan(examples, options["shard_examples"])
     mine = [index for index in range(len(plan)) if index % world == rank and index not in finished]
