@@ -112,3 +112,61 @@ def test_every_command_refuses_bad_input_before_writing_anything(args, run_cli, 
     assert finished.returncode == 2, finished.stderr[-2000:]
     assert "Traceback" not in finished.stderr and "fix:" in finished.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_continues(tiny_recipe, write_recipe, run_cli,
+                                                                          tmp_path):
+    """Checkpoints are checksummed and the one before is kept: a resume that finds the newest damaged warns,
+    continues from the previous one and ends with the same student, history and rows as a straight run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    recipe = write_recipe({**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 6}})
+    straight = run_cli("run", recipe, "--set", f"output={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    crashed = run_cli("run", recipe, env={"DISTILL_CRASH_AFTER_STEP": "4"})
+    assert crashed.returncode != 0
+    checkpoints = run_dir / "checkpoints"
+    assert json.loads((checkpoints / "distilled" / "state.json").read_text())["step"] == 4
+    assert json.loads((checkpoints / "distilled.previous" / "state.json").read_text())["step"] == 2
+    _flip_a_byte(checkpoints / "distilled" / "model.safetensors")
+    resumed = run_cli("run", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "model.safetensors does not match its checksum" in resumed.stderr and "(step 2)" in resumed.stderr
+    assert (checkpoints / "distilled.damaged" / "model.safetensors").is_file()
+    for name in ("metrics.jsonl",):
+        assert (run_dir / name).read_text() == (tmp_path / "straight" / name).read_text()
+    first = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
+    second = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert all(torch_equal(first[key], second[key]) for key in first)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_both_checkpoints_damaged_is_refused_with_the_fix(tmp_path):
+    import torch
+
+    from distill.core.checkpoint import find_checkpoint, save_checkpoint
+
+    directory = tmp_path / "checkpoints" / "distilled"
+    model = torch.nn.Linear(3, 2)
+    for step in (2, 4):
+        save_checkpoint(directory, modules={"model": model}, state={"step": step})
+    assert find_checkpoint(directory) == directory  # whole: no warning, no move
+    _flip_a_byte(directory / "model.safetensors")
+    _flip_a_byte(directory.with_name("distilled.previous") / "state.json")
+    with pytest.raises(DistillError) as caught:
+        find_checkpoint(directory)
+    assert "--overwrite" in caught.value.render() and "state.json does not match" in caught.value.render()

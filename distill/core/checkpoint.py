@@ -3,15 +3,20 @@
 A checkpoint directory holds one `<name>.safetensors` per module (`model.safetensors` for the
 trained model), `trainer.safetensors` + `trainer.json` (optimizers, schedulers, random generators
 and the global RNG states: their tensors, and a JSON skeleton that says where each tensor goes) and
-`state.json` (step, data position, anything the trainer adds). The directory is staged and swapped
-in by renames (`core.io.staged_directory`), so the previous good checkpoint survives until the new
-one is complete, and loading never runs code from the file (no `torch.load`, no pickle).
+`checksums.json` (the SHA-256 of every other file) and `state.json` (step, data position, anything the
+trainer adds; written last, it marks the checkpoint complete). The directory is staged and swapped in
+by renames (`core.io.staged_directory`), and the checkpoint it replaces is kept as `<phase>.previous`:
+a resume verifies the checksums and, if the newest checkpoint is damaged, sets it aside as
+`<phase>.damaged` and continues from the previous one with a warning. Loading never runs code from the
+file (no `torch.load`, no pickle).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.core.errors import DistillError
-from distill.core.io import recover_directory, staged_directory
+from distill.core.io import previous_version, recover_directory, sha256_file, staged_directory
 
 STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
 # Testing aid: stop as if killed right after the checkpoint of this step (every family's trainer).
 CRASH_AFTER_STEP_ENV = "DISTILL_CRASH_AFTER_STEP"
 # With DISTILL_CRASH_KIND=exception the crash is an unexpected RuntimeError instead (the CLI's failure path).
@@ -97,23 +103,70 @@ def save_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module
                "schedulers": {k: _encode(v.state_dict(), tensors) for k, v in (schedulers or {}).items()},
                "generators": {k: _encode(v.get_state(), tensors) for k, v in (generators or {}).items()},
                "rng": _encode(rng_states(), tensors)}
-    with staged_directory(directory) as staging:
+    with staged_directory(directory, keep_previous=True) as staging:
         for name, module in modules.items():
             # safetensors refuses shared storage (tied weights): store independent contiguous copies.
             weights = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
             save_file(weights, str(staging / f"{name}.safetensors"))
         save_file(tensors, str(staging / "trainer.safetensors"))
         (staging / "trainer.json").write_text(json.dumps(trainer))
-        (staging / STATE_FILE).write_text(json.dumps(state or {}, indent=1))  # last: marks it complete
+        (staging / STATE_FILE).write_text(json.dumps(state or {}, indent=1))
+        sums = {file.name: sha256_file(file) for file in sorted(staging.iterdir())}
+        (staging / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1))  # the swap follows: a complete checkpoint
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """What is wrong with a checkpoint directory (a missing file, a checksum that differs), None if it is whole."""
+    directory = Path(directory)
+    if not (directory / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    sums_file = directory / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        return None  # written before checkpoints had checksums: nothing to verify against
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"{CHECKSUMS_FILE} is not valid JSON"
+    if not isinstance(sums, dict) or STATE_FILE not in sums:
+        return f"{CHECKSUMS_FILE} does not list the checkpoint's files"
+    for name, expected in sums.items():
+        file = directory / name
+        if Path(name).name != name or not file.is_file():
+            return f"{name} is missing"
+        if sha256_file(file) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def find_checkpoint(directory: str | Path) -> Path | None:
-    """The last complete checkpoint in `directory`, recovering from a crash between the two renames."""
+    """The last good checkpoint in `directory` (None if there is none yet): recovered from a crash between the
+    two renames, and verified; a damaged one is set aside as `<name>.damaged` (with a warning) and the
+    previous one, if whole, takes its place."""
+    directory = Path(directory)
     found = recover_directory(directory, STATE_FILE)
     if found is not None and (found / "trainer.pt").exists():
         raise DistillError(f"`{found}` was written by an earlier distill (pickled trainer state), which this "
                            "version does not load", field="--resume", fix="run again with --overwrite")
-    return found
+    if found is None:
+        return None
+    problem = checkpoint_problem(found)
+    if problem is None:
+        return found
+    previous = previous_version(directory)
+    fallback = checkpoint_problem(previous) if previous.is_dir() else "there is none"
+    if fallback is not None:
+        raise DistillError(f"the checkpoint `{found}` is damaged ({problem}) and the previous one is not usable "
+                           f"either ({fallback})", field="--resume",
+                           fix="start the run again with --overwrite (the damaged checkpoint stays for inspection "
+                               "until then)")
+    damaged = directory.with_name(directory.name + ".damaged")
+    shutil.rmtree(damaged, ignore_errors=True)
+    os.replace(directory, damaged)
+    os.replace(previous, directory)
+    step = json.loads((directory / STATE_FILE).read_text()).get("step")
+    warnings.warn(f"the newest checkpoint in `{directory}` is damaged ({problem}); it is kept as `{damaged}` and "
+                  f"the run continues from the previous checkpoint (step {step})", stacklevel=2)
+    return directory
 
 
 def load_checkpoint(directory: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: dict | None = None,

@@ -41,13 +41,15 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 
 @contextmanager
-def staged_directory(directory: str | Path) -> Iterator[Path]:
+def staged_directory(directory: str | Path, *, keep_previous: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory next to `directory`; when the block ends without error, every
     file in it is fsynced and it replaces `directory` (the previous version stays whole until then, as
-    `<name>.old` for an instant: `recover_directory` puts it back if a crash falls between the renames)."""
+    `<name>.previous`: `recover_directory` puts it back if a crash falls between the renames). With
+    `keep_previous` the previous version stays there afterwards too (checkpoints: a damaged newest one
+    falls back to it); otherwise it is deleted once the new one is in place."""
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".tmp")
-    previous = directory.with_name(directory.name + ".old")
+    previous = previous_version(directory)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     yield staging
@@ -60,20 +62,29 @@ def staged_directory(directory: str | Path) -> Iterator[Path]:
         os.replace(directory, previous)
     os.replace(staging, directory)
     fsync_path(directory.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    if not keep_previous:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def previous_version(directory: str | Path) -> Path:
+    """Where `staged_directory` keeps the version it replaced."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".previous")
 
 
 def recover_directory(directory: str | Path, complete_marker: str) -> Path | None:
-    """`directory` if it holds `complete_marker`; else its `.old` version put back (a crash between the two
+    """`directory` if it holds `complete_marker`; else its previous version put back (a crash between the two
     renames of `staged_directory`); else None."""
     directory = Path(directory)
     if (directory / complete_marker).is_file():
         return directory
-    previous = directory.with_name(directory.name + ".old")
-    if (previous / complete_marker).is_file():
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(previous, directory)
-        return directory
+    previous = previous_version(directory)
+    legacy = directory.with_name(directory.name + ".old")  # the name before keep_previous existed
+    for candidate in (previous, legacy):
+        if (candidate / complete_marker).is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(candidate, directory)
+            return directory
     return None
 
 
