@@ -1,0 +1,315 @@
+"""Kill -9 soak: `distill run` (every family) and `distill cache`, killed with SIGKILL at random moments and
+resumed with `--resume`, must end exactly where an uninterrupted run ends.
+
+    python tests/soak.py --kills 12 --seed 0 --work /tmp/soak [--json soak.json] [--scenarios lm,cache]
+
+Per scenario: one uninterrupted reference run (its wall time T), then chains: start the command, SIGKILL it
+at a moment drawn uniformly from (S, T) after its start (S: when the reference's output directory
+appeared, i.e. imports and loading were done; `--early 0` draws from (0, T)) (a process that finishes first is not killed), start
+it again with --resume, ... and after the chain's kills let the last --resume finish. The finished run must
+equal the reference: every weight file (bit for bit), metrics.jsonl and results.json's rows (timings left
+out); a cache must equal the reference cache file by file. Kills are spread over the scenarios round-robin,
+`--kills-per-chain` per chain. Where each kill landed is read from the run's output (the last progress line:
+teacher evaluation, a training phase, the alone phase, generation, final evaluation, report) and from the run
+directory (a checkpoint being staged). Exit status 1 if any scenario differs.
+
+The short form runs in the suite (tests/test_soak.py); the long form (`--kills 200`) is documented with its
+last result in docs/reliability.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+TIMING = ("second", "time", "latency", "throughput", "elapsed", "wall")  # keys left out of the comparison
+
+
+def _tiny_lm(output: Path) -> dict:
+    """The oracle teacher, a 1-layer student, both phases (distilled and alone), evaluations on the way."""
+    return {"name": "soak-lm", "task": "lm", "teacher": {"path": "builtin:oracle-teacher"},
+            "student": {"config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 32}},
+            "data": {"builtin": "oracle", "train_size": 64, "eval_size": 16},
+            "objective": {"loss": "jsd", "beta": 0.5},
+            "train": {"steps": 12, "batch_size": 8, "threads": 1, "checkpoint_every": 2, "log_every": 1, "seed": 0},
+            "eval": {"every": 4, "batch_size": 16, "generate_size": 4, "throughput_tokens": 4},
+            "output": str(output)}
+
+
+def _tiny_sequence(output: Path) -> dict:
+    """Sequence KD on arithmetic: the teacher generates the completions first (greedy), then training."""
+    return {"name": "soak-sequence", "task": "lm", "teacher": {"path": "builtin:arithmetic-teacher"},
+            "student": {"config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 32}},
+            "data": {"builtin": "arithmetic", "train_size": 48, "eval_size": 8},
+            "objective": {"loss": "forward_kl", "ce_weight": 0.5},
+            "regime": {"kind": "sequence", "sample_temperature": 0.0},
+            "train": {"steps": 6, "batch_size": 8, "threads": 1, "checkpoint_every": 2, "log_every": 1,
+                      "baseline": False, "seed": 0},
+            "eval": {"every": 3, "batch_size": 8, "generate_size": 4, "throughput_tokens": 4},
+            "output": str(output)}
+
+
+def _tiny_cache(output: Path) -> dict:
+    """`distill cache` of the oracle teacher, 8 shards (the unit of resume)."""
+    recipe = _tiny_lm(output.with_name(output.name + "-run"))
+    recipe["data"] = {"builtin": "oracle", "train_size": 256, "eval_size": 16}
+    recipe["regime"] = {"kind": "cache", "path": str(output), "k": 8, "shard_examples": 32}
+    return recipe
+
+
+def _tiny_classifier(output: Path) -> dict:
+    return {"name": "soak-classifier", "task": "classifier", "teacher": {"path": "builtin:digits-teacher"},
+            "student": {"arch": "mlp", "options": {"hidden": [16]}},
+            "data": {"builtin": "digits", "eval_size": 200, "seed": 0},
+            "objective": {"terms": [{"loss": "ce"}, {"loss": "kd", "temperature": 4}]},
+            "train": {"epochs": 2, "batch_size": 128, "lr": 0.003, "seed": 0, "threads": 1, "checkpoint_every": 3,
+                      "log_every": 2},
+            "eval": {"every_epochs": 1},
+            "output": str(output)}
+
+
+def _tiny_diffusion(output: Path) -> dict:
+    return {"name": "soak-diffusion", "task": "diffusion", "teacher": {"path": "builtin:gmm2d-teacher"},
+            "student": {"method": "dmd", "eval_steps": [1]},
+            "data": {"builtin": "gmm2d", "modes": 8},
+            "objective": {"divergence": "js", "fake_updates": 2},
+            "train": {"steps": 24, "batch_size": 64, "checkpoint_every": 4, "log_every": 4, "threads": 1, "seed": 0},
+            "eval": {"samples": 256, "teacher_steps": [1, 2], "every": 8, "curve_samples": 128},
+            "output": str(output)}
+
+
+# name -> (recipe maker, is a cache build)
+SCENARIOS = {"lm": (_tiny_lm, False), "sequence": (_tiny_sequence, False), "cache": (_tiny_cache, True),
+             "classifier": (_tiny_classifier, False), "diffusion": (_tiny_diffusion, False)}
+
+
+# ---- running and killing -------------------------------------------------------------------------------
+
+def _command(recipe_file: Path, cache: bool, resume: bool) -> list[str]:
+    if cache:  # a cache build resumes by itself: the shards already written are kept
+        return [sys.executable, "-m", "distill", "cache", str(recipe_file)]
+    return [sys.executable, "-m", "distill", "run", str(recipe_file), *(["--resume"] if resume else [])]
+
+
+def _environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    handle = open(log, "ab")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(),
+                            start_new_session=True)
+
+
+def _where(log: Path, output: Path, cache: bool) -> str:
+    """Which part of the run a kill landed in, from the run directory (a checkpoint or a final file being
+    staged) and the last progress line of the run's output."""
+    if not output.exists():
+        return "start-up (imports, loading)"
+    if (output / "results.json").exists() or (cache and (output / "manifest.json").exists()):
+        return "exit (everything written)"
+    if not cache and any(output.glob("checkpoints/*.tmp")):
+        return "checkpoint writing"
+    if not cache and (any(output.glob("*.tmp")) or any(output.glob("*/*.tmp"))):
+        return "final files (student, report)"
+    text = log.read_bytes()[-4000:].decode("utf-8", "replace").replace("\r", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and ":" in line]
+    if not lines:
+        return "cache: teacher loading" if cache else "teacher evaluation (before training)"
+    last = lines[-1]
+    label = last.split(":")[0].strip()
+    if "100%" in last:
+        return f"evaluation after {label}" if not cache else "cache: closing"
+    if label.startswith("teacher generations"):
+        return "generation (sequence regime)"
+    if label.startswith("caching"):
+        return "cache build"
+    return f"training: {label}"
+
+
+def run_chain(scenario: str, recipe_file: Path, output: Path, kills: int, window: tuple[float, float],
+              rng: random.Random, log: Path, timeout: float) -> list[dict]:
+    """One chain: up to `kills` SIGKILLs at random moments, then a --resume that finishes. The kill records."""
+    cache = SCENARIOS[scenario][1]
+    records = []
+    resume = False
+    begins, ends = window
+    done = 0.0  # working time the killed processes got through (roughly: work since a checkpoint is redone)
+    while True:
+        process = _start(_command(recipe_file, cache, resume), log)
+        if len(records) < kills:
+            delay = rng.uniform(begins, max(begins + 0.5, ends - done))  # within what is left of the run
+            done += max(0.0, delay - begins)
+            try:
+                process.wait(timeout=delay)
+                finished = True
+            except subprocess.TimeoutExpired:
+                finished = False
+            if not finished:
+                where = _where(log, output, cache)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                records.append({"scenario": scenario, "after_seconds": round(delay, 2), "where": where})
+                resume = True
+                continue
+        else:
+            process.wait(timeout=timeout)
+        if process.returncode != 0:
+            raise RuntimeError(f"{scenario}: `{' '.join(_command(recipe_file, cache, resume))}` exited "
+                               f"{process.returncode}; see {log}")
+        return records
+
+
+# ---- comparing -----------------------------------------------------------------------------------------
+
+def _no_timing(value):
+    if isinstance(value, dict):
+        return {k: _no_timing(v) for k, v in value.items() if not any(t in k.lower() for t in TIMING)}
+    if isinstance(value, list):
+        return [_no_timing(v) for v in value]
+    return value
+
+
+def _weight_files(directory: Path) -> dict[str, bytes]:
+    skip = ("checkpoints", "trackers")
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*.safetensors"))
+            if p.relative_to(directory).parts[0] not in skip}
+
+
+def differences(reference: Path, resumed: Path, cache: bool) -> list[str]:
+    """What differs between the reference run (or cache) and the resumed one; [] when they are equal."""
+    if cache:
+        def files(d):
+            return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+                    if p.is_file() and not p.name.startswith("progress") and p.name != "error.log"}
+        ref, got = files(reference), files(resumed)
+        problems = [f"{name}: missing" for name in ref if name not in got]
+        problems += [f"{name}: extra" for name in got if name not in ref]
+        problems += [f"{name}: differs" for name in ref if name in got and ref[name] != got[name]
+                     and name != "manifest.json"]
+        if "manifest.json" in ref and "manifest.json" in got:
+            a, b = (_no_timing(json.loads(x["manifest.json"])) for x in (ref, got))
+            a.pop("path", None), b.pop("path", None)
+            if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+                problems.append("manifest.json: differs")
+        return problems
+    problems = []
+    ref_weights, got_weights = _weight_files(reference), _weight_files(resumed)
+    if set(ref_weights) != set(got_weights):
+        problems.append(f"weight files: {sorted(ref_weights)} vs {sorted(got_weights)}")
+    problems += [f"{name}: weights differ" for name in ref_weights
+                 if name in got_weights and ref_weights[name] != got_weights[name]]
+
+    def metrics(d):
+        return [_no_timing(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+    if metrics(reference) != metrics(resumed):
+        problems.append("metrics.jsonl differs")
+    rows = [_no_timing(json.loads((d / "results.json").read_text())["rows"]) for d in (reference, resumed)]
+    if rows[0] != rows[1]:
+        problems.append("results.json rows differ")
+    return problems
+
+
+# ---- the soak ------------------------------------------------------------------------------------------
+
+def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chain: int = 3,
+         timeout: float = 600, early: float = 1.0) -> dict:
+    """`early` < 1 lets kills land before the work starts (imports and loading: early * that time onwards);
+    1 (default) draws every kill from the reference run's working time, where the files are written."""
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {name: 0 for name in scenarios}
+    for index in range(kills):  # round-robin
+        plan[scenarios[index % len(scenarios)]] += 1
+    summary = {"seed": seed, "kills_asked": kills, "scenarios": {}}
+    for name in scenarios:
+        maker, cache = SCENARIOS[name]
+        base = work / name
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        reference = base / "reference"
+        reference_recipe = base / "reference.yaml"
+        reference_recipe.write_text(yaml.safe_dump(maker(reference)))
+        started = time.perf_counter()
+        process = _start(_command(reference_recipe, cache, False), base / "reference.log")
+        begins = None  # when the output directory appears: the imports and loading are done
+        while process.poll() is None:
+            if begins is None and reference.exists():
+                begins = time.perf_counter() - started
+            time.sleep(0.02)
+            if time.perf_counter() - started > timeout:
+                process.kill()
+                raise RuntimeError(f"{name}: the reference run took over {timeout} s")
+        seconds = time.perf_counter() - started
+        begins = min(begins if begins is not None else 0.0, seconds)
+        if process.returncode != 0:
+            raise RuntimeError(f"{name}: the reference run failed; see {base / 'reference.log'}")
+        records, problems, chain = [], [], 0
+        while len(records) < plan[name]:
+            output = base / f"chain{chain}"
+            recipe_file = base / f"chain{chain}.yaml"
+            recipe_file.write_text(yaml.safe_dump(maker(output)))
+            window = (begins * early, seconds)
+            got = run_chain(name, recipe_file, output, min(kills_per_chain, plan[name] - len(records)), window,
+                            rng, base / f"chain{chain}.log", timeout)
+            problems += [f"chain{chain}: {p}" for p in differences(reference, output, cache)]
+            records += got
+            chain += 1
+            if chain > 4 * plan[name] + 4:  # the runs keep finishing before the kill: stop trying
+                break
+        where = {}
+        for record in records:
+            where[record["where"]] = where.get(record["where"], 0) + 1
+        summary["scenarios"][name] = {"kills": len(records), "chains": chain, "reference_seconds": round(seconds, 1),
+                                      "work_starts_at": round(begins, 1),
+                                      "where": where, "equal": not problems, "problems": problems}
+        print(f"{name}: {len(records)} kills in {chain} chains, reference {seconds:.1f} s, "
+              f"{'equal to the uninterrupted run' if not problems else 'DIFFERS: ' + '; '.join(problems)}; "
+              f"kills landed in: {where}", flush=True)
+    summary["kills"] = sum(s["kills"] for s in summary["scenarios"].values())
+    summary["equal"] = all(s["equal"] for s in summary["scenarios"].values())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all (spread round-robin).")
+    parser.add_argument("--kills-per-chain", type=int, default=3, help="Kills of one run before it may finish.")
+    parser.add_argument("--seed", type=int, default=None, help="Kill moments' seed (default: random, printed).")
+    parser.add_argument("--work", type=Path, default=Path("soak-work"), help="Working directory (replaced).")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"Some of: {', '.join(SCENARIOS)}.")
+    parser.add_argument("--early", type=float, default=1.0, help="Kill moments start at this fraction of the "
+                        "reference's start-up time (0: kills during imports and loading too).")
+    parser.add_argument("--json", type=Path, default=None, help="Write the summary as JSON here.")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    print(f"soak: {args.kills} kills, seed {seed}, scenarios {', '.join(names)}", flush=True)
+    started = time.perf_counter()
+    summary = soak(args.kills, seed, args.work, names, args.kills_per_chain, early=args.early)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"{summary['kills']} kills; every resumed run equal to the uninterrupted one: {summary['equal']} "
+          f"({summary['seconds']} s)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0 if summary["equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
