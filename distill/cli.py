@@ -209,6 +209,10 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
         if value is not None and not (math.isfinite(value) and (value >= low if low else value > 0)):
             raise DistillError(f"{option} must be {'at least 1' if low else 'a finite number above 0'}, got {value}",
                                field=option, fix=f"e.g. {option} {4 if low else 1e-3 if option == '--lr' else 1}")
+    from distill.core.io import writable_problem
+
+    if (problem := writable_problem(out)) is not None:
+        raise DistillError(f"`{out}` cannot be written: {problem}", field="--out", fix="choose a writable --out")
     given = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
                  threads=threads, overwrite=overwrite, resume=resume, tokenizer=tokenizer)
     if tokenizer is not None and "tokenizer" not in family.teacher_options:
@@ -384,6 +388,8 @@ def _write_log(text: str) -> Path:
                 handle.write(record)
             return path
         except OSError:
+            if path.is_file() and path.stat().st_size == 0:
+                path.unlink(missing_ok=True)  # created, but the disk took nothing
             continue
     return candidates[-1]
 

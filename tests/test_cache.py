@@ -266,3 +266,43 @@ def test_newer_or_unfinished_caches_give_clear_errors(built, tiny_recipe, write_
     other = write_recipe({**recipe, "regime": {**recipe["regime"], "path": str(tmp_path / "partial"), "k": 4}}, "o.yaml")
     refused = run_cli("cache", other)
     assert refused.returncode == 2 and "unfinished cache" in refused.stderr
+
+
+@pytest.mark.parametrize("crafted", ["parent", "absolute", "symlink", "not-a-list", "progress-parent"])
+def test_a_crafted_manifest_cannot_make_distill_read_or_write_outside_the_cache(built, run_cli, tmp_path, crafted):
+    """Shard names are plain `<split>-<5 digits>.safetensors` files of the cache directory: a manifest or a
+    progress record naming another path (relative, absolute, through a link) is refused, naming the file."""
+    recipe, path = built
+    cache = tmp_path / "cache"
+    manifest_file = cache / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((cache / manifest["shards"][0]["file"]).read_bytes())
+    if crafted == "parent":
+        manifest["shards"][0]["file"] = "../outside.safetensors"
+    elif crafted == "absolute":
+        manifest["shards"][0]["file"] = str(outside)
+    elif crafted == "symlink":
+        (cache / manifest["shards"][0]["file"]).unlink()
+        (cache / manifest["shards"][0]["file"]).symlink_to(outside)
+    elif crafted == "not-a-list":
+        manifest["shards"] = {"file": "../outside.safetensors"}
+    if crafted == "progress-parent":  # an unfinished build whose progress record points outside
+        manifest_file.unlink()
+        progress = cache / "progress-rank0.json"
+        record = json.loads(progress.read_text())
+        first = next(iter(record["shards"]))
+        record["shards"][first]["file"] = "../outside.safetensors"
+        progress.write_text(json.dumps(record))
+    else:
+        manifest_file.write_text(json.dumps(manifest))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    command = ("cache", path) if crafted == "progress-parent" else ("run", path)
+    refused = run_cli(*command)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "regime.path" in refused.stderr and ("manifest" in refused.stderr or "progress" in refused.stderr)
+    assert "Traceback" not in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run directory, nothing written outside
+    if crafted != "not-a-list":
+        verified = run_cli("cache", "--verify", cache) if crafted != "progress-parent" else None
+        assert verified is None or (verified.returncode == 2 and "outside the cache" in verified.stderr)

@@ -170,3 +170,117 @@ def test_both_checkpoints_damaged_is_refused_with_the_fix(tmp_path):
     with pytest.raises(DistillError) as caught:
         find_checkpoint(directory)
     assert "--overwrite" in caught.value.render() and "state.json does not match" in caught.value.render()
+
+
+# ---- full disks and read-only directories ------------------------------------------------------------------
+
+def _mount_tmpfs(where, options: str) -> bool:
+    """A tmpfs at `where` (root in a container can; elsewhere the test that needs it is skipped)."""
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(where) -> None:
+    import subprocess
+
+    done = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:  # still busy: detach it now, the kernel frees it when the last user goes
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _distill_process(*args, limit_bytes: int | None = None, cwd=None):
+    """`python -m distill ARGS` in a process of its own, optionally under a file-size limit (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a write past it fails with EFBIG, as on a full disk)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        if limit_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, env=env, cwd=cwd, timeout=300)
+
+
+def test_a_run_that_hits_a_file_size_limit_stops_clearly_and_resumes(tiny_recipe, write_recipe, tmp_path):
+    """Under RLIMIT_FSIZE 100 kB the checkpoints (48 kB files) fit and the report (~180 kB) does not: the run
+    stops naming its directory, its checkpoints verify, and --resume without the limit finishes it."""
+    import json
+
+    from distill.core.checkpoint import checkpoint_problem
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tiny_recipe)
+    failed = _distill_process("run", recipe, limit_bytes=100_000)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"the disk holding `{run_dir}` is full" in failed.stderr and "Traceback" not in failed.stderr
+    assert "--resume" in failed.stderr and not (run_dir / "results.json").exists()
+    for phase in ("distilled", "alone"):
+        checkpoint = run_dir / "checkpoints" / phase
+        assert checkpoint_problem(checkpoint) is None
+        assert json.loads((checkpoint / "state.json").read_text())["step"] == tiny_recipe["train"]["steps"]
+    resumed = _distill_process("run", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "results.json").is_file() and (run_dir / "report.html").stat().st_size > 100_000
+
+
+def test_a_run_on_a_full_file_system_keeps_its_last_checkpoint(tiny_recipe, write_recipe, tmp_path):
+    """A real ENOSPC: the run directory on a 600 kB tmpfs (a tiny run writes ~800 kB). The run stops with the
+    directory named; after the file system grows (remount), --resume finishes with the student a run that
+    never stopped gets."""
+    from safetensors.torch import load_file
+
+    mount = tmp_path / "small"
+    if not _mount_tmpfs(mount, "size=600k"):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        run_dir = mount / "run"
+        recipe = write_recipe({**tiny_recipe, "output": str(run_dir)})
+        failed = _distill_process("run", recipe)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert f"the disk holding `{run_dir}` is full" in failed.stderr and "Traceback" not in failed.stderr
+        assert (run_dir / "checkpoints").is_dir() and not (run_dir / "results.json").exists()
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
+        resumed = _distill_process("run", recipe, "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        straight = _distill_process("run", recipe, "--set", f"output={tmp_path / 'straight'}")
+        assert straight.returncode == 0, straight.stderr[-3000:]
+        first = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
+        second = load_file(str(run_dir / "student" / "model.safetensors"))
+        assert all(torch_equal(first[k], second[k]) for k in first)
+        assert (run_dir / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+    finally:
+        _umount(mount)
+
+
+def test_a_read_only_output_directory_is_refused_before_anything_runs(tiny_recipe, write_recipe, run_cli, tmp_path):
+    import os
+
+    mount = tmp_path / "readonly"
+    if not _mount_tmpfs(mount, "ro,size=1m"):
+        if os.geteuid() == 0:
+            pytest.skip("root ignores permissions and mounting a read-only tmpfs is not permitted here")
+        mount.mkdir(exist_ok=True)
+        mount.chmod(0o555)
+    try:
+        for args in (("run", write_recipe({**tiny_recipe, "output": str(mount / "run")})),
+                     ("cache", write_recipe({**tiny_recipe, "regime": {"kind": "cache", "path": str(mount / "c")}},
+                                            "cache.yaml")),
+                     ("train-teacher", "builtin:oracle", "--out", mount / "teacher", "--steps", "2")):
+            finished = run_cli(*args)
+            assert finished.returncode == 2, finished.stderr[-2000:]
+            assert "cannot be written" in finished.stderr and ("Read-only" in finished.stderr
+                                                               or "Permission" in finished.stderr)
+        assert list(mount.iterdir()) == []
+    finally:
+        _umount(mount)

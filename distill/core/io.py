@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -88,6 +89,25 @@ def recover_directory(directory: str | Path, complete_marker: str) -> Path | Non
     return None
 
 
+def writable_problem(path: str | Path) -> str | None:
+    """Why nothing can be written at `path` (a directory that may not exist yet), None if a file can be: a
+    probe file is created and removed in `path`, or in its nearest existing parent (read-only file systems,
+    permissions, a file in the way, a full disk)."""
+    path = Path(path).absolute()
+    probe_in = path
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        return f"`{probe_in}` is a file, not a directory"
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=".distill-probe-", dir=probe_in)
+        os.close(descriptor)
+        os.unlink(name)
+    except OSError as error:
+        return f"cannot write in `{probe_in}`: {error.strerror or error}"
+    return None
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -97,11 +117,29 @@ def sha256_file(path: str | Path) -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a jsonl file ([] if it does not exist)."""
+    """The records of a jsonl file ([] if it does not exist); an unterminated last line (a write cut short by a
+    full disk) is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def repair_jsonl(path: str | Path) -> bool:
+    """Cut an unterminated last line (a write cut short by a full disk or a kill) off a jsonl file, so that the
+    next append starts a line of its own; whether anything was cut."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+    return True
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

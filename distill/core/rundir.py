@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.core.errors import DistillError, note_output_directory
-from distill.core.io import append_jsonl, atomic_write_text, read_jsonl
+from distill.core.io import append_jsonl, atomic_write_text, read_jsonl, repair_jsonl, writable_problem
 from distill.core.trackers import ExperimentTrackers
 
 RECIPE_FILE = "recipe.yaml"
@@ -96,8 +96,13 @@ class RunDirectory:
         return (self.path / RECIPE_FILE).is_file()
 
     def check(self) -> None:
-        """Refuse what would overwrite something silently. Writes nothing."""
+        """Refuse what would overwrite something silently, or could not be written. Writes nothing (a probe
+        file is created and removed to learn whether the directory takes files)."""
         path = self.path
+        problem = writable_problem(path)
+        if problem is not None:
+            raise DistillError(f"the run directory `{path}` cannot be written: {problem}", field="output",
+                               fix="choose a writable output directory (output: or --set output=DIR)")
         if not path.exists() or not any(path.iterdir()):
             return
         if not path.is_dir():
@@ -130,6 +135,9 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         note_output_directory(self.path)
         saved = self.path / RECIPE_FILE
+        if self.resume:
+            for file in (self.metrics_file, self.losses_file):
+                repair_jsonl(file)
         if self.resume and saved.is_file():
             self.recipe_changes = recipe_differences(saved.read_text(), recipe.to_yaml())
             if self.recipe_changes:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.core.errors import DistillError, note_output_directory
-from distill.core.io import atomic_write_json
+from distill.core.io import atomic_write_json, writable_problem
 from distill.core.recipe import load_recipe
 from distill.lm.data import IGNORE_INDEX, check_packing, collate, load_data, model_inputs
 from distill.lm.evaluate import evaluate_model
@@ -25,7 +25,7 @@ from distill.lm.tasks.completions import CompletionsScorer
 from distill.lm.teacher.cache.codec import encode_topk
 from distill.lm.teacher.cache.store import (FORMAT, FORMAT_VERSION, MANIFEST, dataset_fingerprint, example_hash,
                                             identity_differences, read_manifest, recipe_teacher_identity,
-                                            tokenizer_sha256, write_shard)
+                                            shard_path, tokenizer_sha256, write_shard)
 from distill.lm.teacher.served import ServedTeacher, connect, served_row
 
 # Testing aid: stop as if killed after this many shards were written (tests/test_cache.py).
@@ -107,6 +107,10 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
             print(f"cache at {directory} is complete ({manifest['num_tokens']:,} tokens); nothing to do")
         return directory
 
+    problem = writable_problem(directory)
+    if problem is not None:
+        raise DistillError(f"the cache directory `{directory}` cannot be written: {problem}", field="regime.path",
+                           fix="choose a writable directory (--out DIR)")
     # A served teacher is checked (it answers, with this tokenizer) before anything is written.
     served = ServedTeacher(connect(spec, tokenizer), options["k"], vocab_size) if spec.served else None
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,14 +223,23 @@ def _finished_shards(directory: Path, identity: dict) -> dict[int, dict]:
     A progress file from a build with another teacher, tokenizer, data or options is refused."""
     finished = {}
     for progress in sorted(directory.glob("progress-rank*.json")):
-        record = json.loads(progress.read_text())
+        try:
+            record = json.loads(progress.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("shards"), dict):
+            raise DistillError(f"`{progress}` is not a progress record of a cache build", field="regime.path",
+                               fix="remove it to rebuild those shards, or choose another directory")
         differences = identity_differences(record.get("identity", {}), identity)
         if differences:
             raise DistillError(f"`{directory}` holds an unfinished cache built with other {', '.join(differences)}",
                                field="regime.path",
                                fix="finish it with its own recipe, or choose another directory (nothing was changed)")
         for index, shard in record["shards"].items():
-            path = directory / shard["file"]
+            path = shard_path(directory, shard, "regime.path", progress.name)
+            if not str(index).isdigit() or not isinstance(shard.get("bytes"), int):
+                raise DistillError(f"`{progress}` holds a malformed shard record {index!r}", field="regime.path",
+                                   fix="remove it to rebuild those shards, or choose another directory")
             if path.is_file() and path.stat().st_size == shard["bytes"]:
                 finished[int(index)] = shard
     return finished

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FIELD = "regime.path"
+SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-[0-9]{5}\.safetensors")  # what the build names them: <split>-<index>.safetensors
 
 
 # ---- identities: what a cache was built from -------------------------------------------------
@@ -119,6 +121,37 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> di
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def shard_path(directory: Path, shard: object, field: str = FIELD, where: str = MANIFEST) -> Path:
+    """The file of a shard entry of a manifest or progress record, refused unless it is a plain shard file name
+    inside `directory` (no path parts, no link): a crafted manifest cannot make distill read elsewhere."""
+    name = shard.get("file") if isinstance(shard, dict) else None
+    path = Path(directory) / name if isinstance(name, str) else None
+    if path is None or not SHARD_NAME.fullmatch(name) or path.is_symlink():
+        raise DistillError(f"`{Path(directory) / where}` names a shard {name!r} that is not a shard file of this "
+                           "directory (<split>-<5 digits>.safetensors, no path, no link); distill reads nothing "
+                           "outside the cache directory", field=field,
+                           fix="rebuild the cache with `distill cache` into a new directory")
+    return path
+
+
+def _check_manifest(manifest: object, file: Path, field: str) -> None:
+    """The manifest's shape: what the readers index, with its types, before any of it is used."""
+    def refuse(problem: str) -> DistillError:
+        return DistillError(f"`{file}` is not a valid cache manifest: {problem}", field=field,
+                            fix="rebuild the cache with `distill cache` into a new directory")
+    if not isinstance(manifest, dict):
+        raise refuse("it is not a JSON object")
+    for key, kind in (("k", int), ("vocab_size", int), ("ids", str), ("values", str), ("shards", list),
+                      ("num_tokens", int), ("identity", dict), ("bytes_per_token", (int, float))):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise refuse(f"`{key}` is missing or of the wrong type")
+    for index, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or not all(isinstance(shard.get(key), kind) for key, kind in
+                                                  (("file", str), ("sha256", str), ("bytes", int), ("split", str))):
+            raise refuse(f"shards[{index}] needs file, sha256, bytes and split")
+        shard_path(file.parent, shard, field)
+
+
 def read_manifest(directory: Path, field: str = FIELD) -> dict:
     file = directory / MANIFEST
     if not file.is_file():
@@ -127,15 +160,16 @@ def read_manifest(directory: Path, field: str = FIELD) -> dict:
                            field=field, fix=f"run `distill cache <recipe>` to {'finish' if partial else 'build'} it")
     try:
         manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise DistillError(f"`{file}` is not JSON ({error.msg})", field=field,
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DistillError(f"`{file}` is not JSON ({getattr(error, 'msg', error)})", field=field,
                            fix="rebuild the cache with `distill cache`") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DistillError(f"`{file}` is not a distill teacher cache manifest", field=field,
                            fix="point regime.path at a directory written by `distill cache`")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+    if not isinstance(manifest.get("version", 0), int) or int(manifest.get("version", 0)) > FORMAT_VERSION:
         raise DistillError(f"`{file}` has cache format version {manifest['version']}, newer than this distill "
                            f"reads ({FORMAT_VERSION})", field=field, fix="upgrade distill, or rebuild the cache")
+    _check_manifest(manifest, file, field)
     return manifest
 
 
@@ -144,7 +178,7 @@ def verify_cache(directory: Path) -> list[str]:
     manifest = read_manifest(directory, field="cache")
     problems = []
     for shard in manifest["shards"]:
-        path = directory / shard["file"]
+        path = shard_path(directory, shard, "cache")
         if not path.is_file():
             problems.append(f"{shard['file']}: missing")
         elif path.stat().st_size != shard["bytes"]:
@@ -159,7 +193,7 @@ def load_shard(directory: Path, shard: dict, manifest: dict) -> tuple[dict, np.n
     """(metadata, ids [T, k], logprobs [T, k], tail [T]) of one shard, its checksum verified."""
     from safetensors.numpy import load
 
-    path = directory / shard["file"]
+    path = shard_path(directory, shard)
     if not path.is_file():
         raise DistillError(f"cache shard `{path}` is missing", field=FIELD,
                            fix=f"run `distill cache --verify {directory}`, then rebuild the cache")
