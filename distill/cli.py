@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -379,7 +381,9 @@ def _write_log(text: str) -> Path:
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     record = f"--- {stamp} distill {' '.join(sys.argv[1:])}\n{text}\n"
-    candidates = [output_directory() / LOG_FILE] if output_directory() is not None else []
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+    name = LOG_FILE if rank == "0" else LOG_FILE.replace(".log", f"-rank{rank}.log")
+    candidates = [output_directory() / name] if output_directory() is not None else []
     candidates.append(Path(tempfile.gettempdir()) / "distill-logs" / f"distill-{stamp}-{os.getpid()}.log")
     for path in candidates:
         try:
@@ -407,6 +411,18 @@ def _report_failure(error: BaseException) -> int:
     summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     if len(summary) > 300:
         summary = summary[:300] + "..."
+    rank, world = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and _collective_failure(error):
+        head = (f"rank {rank}: another process of this run stopped, so the collective operation this one waited "
+                f"on failed ({summary[:160]}). Its own error, if it had one, is in its output above")
+        lines = [head, f"traceback: {log}"]
+        if directory is not None:
+            lines.append(f"the run directory `{directory}` keeps its last checkpoint: launch the same command "
+                         "again with --resume to continue")
+        if debug := (_debug[0] or bool(os.environ.get(DEBUG_ENV))):
+            errors.print(escape(text), highlight=False, soft_wrap=True)
+        errors.print("[bold red]error[/bold red] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
+        return 1
     if disk_full(error):
         where = directory or Path(getattr(error, "filename", None) or ".").parent
         head = (f"the disk holding `{where}` is full (or a file-size limit was reached): {summary}. What was "
@@ -424,11 +440,37 @@ def _report_failure(error: BaseException) -> int:
     return 1
 
 
+def _collective_failure(error: BaseException) -> bool:
+    """Whether a multi-process run's error is a collective that failed because a peer went away (gloo / NCCL
+    connection errors, c10d's DistBackendError, a collective timeout)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(marker in text for marker in ("DistBackendError", "DistNetworkError", "gloo", "NCCL", "c10d",
+                                             "Connection reset by peer", "Connection closed by peer",
+                                             "Broken pipe", "timed out"))
+
+
+def _on_sigterm(signum, frame) -> None:
+    """A launcher (torchrun / accelerate launch) stops the other processes of a run when one fails: end like an
+    interrupt, so that trackers close and the message says what is kept."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     from distill.core.errors import note_output_directory
 
     note_output_directory(None)
     _debug[0] = False
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
         _leave_process_group()
@@ -436,7 +478,7 @@ def main() -> None:
         errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        errors.print("interrupted; continue with `distill run RECIPE --resume`")
+        errors.print("interrupted; what was checkpointed is kept: continue with `distill run RECIPE --resume`")
         sys.exit(130)
     except Exception as error:  # click's usage errors (typer ships its own click) come here in non-standalone mode
         if type(error).__name__ == "NoArgsIsHelpError":  # bare `distill`: the help, already printed, is the answer

@@ -284,3 +284,94 @@ def test_a_read_only_output_directory_is_refused_before_anything_runs(tiny_recip
         assert list(mount.iterdir()) == []
     finally:
         _umount(mount)
+
+
+# ---- multi-process faults -------------------------------------------------------------------------------------
+
+def _process_of_rank(rank: int, launcher_pid: int) -> int | None:
+    """The pid of the `distill` worker with RANK=rank started by the launcher (read from /proc)."""
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "(comm)": state, ppid, ...
+        if b"distill" in cmd and b"accelerate" not in cmd and f"RANK={rank}".encode() in env \
+                and int(fields[1]) == launcher_pid and fields[0] != "Z":
+            return int(pid)
+    return None
+
+
+def test_a_killed_rank_stops_the_other_at_once_with_a_clear_message_and_resume_continues(tiny_recipe, write_recipe,
+                                                                                         tmp_path):
+    """2 processes (gloo): rank 0, the one that writes, is SIGKILLed after the first checkpoint. Rank 1 says that
+    another process stopped (no hang: the launcher returns within a minute), the run directory keeps the
+    checkpoint, and relaunching with --resume finishes the run."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import launch_two_processes
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe({**tiny_recipe, "data": {**tiny_recipe["data"], "train_size": 256},
+                           "train": {**tiny_recipe["train"], "steps": 400, "baseline": False}})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "distill",
+         "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "distilled" / "state.json").exists():
+            assert launcher.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        victim = _process_of_rank(0, launcher.pid)
+        assert victim is not None
+        killed_at = time.time()
+        os.kill(victim, signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=60)  # no hang: TimeoutExpired fails the test
+        took = time.time() - killed_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0 and took < 60
+    assert "rank 1: another process of this run stopped" in output, output[-3000:]
+    # the only traceback is the launcher's own report (torch elastic's ChildFailedError), none from distill
+    assert "--resume" in output and output.count("Traceback (most recent call last)") <= 1
+    assert (run_dir / "error-rank1.log").is_file()
+    step = json.loads((run_dir / "checkpoints" / "distilled" / "state.json").read_text())["step"]
+    assert 0 < step < 400
+    resumed = launch_two_processes("run", str(recipe), "--resume", "--set", "train.steps=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
+    assert (run_dir / "results.json").is_file()
+
+
+def test_no_pickle_anywhere_in_the_package_and_no_remote_code_by_default():
+    """Trainer state is safetensors + JSON (core.checkpoint); nothing in the package unpickles (torch.load only
+    with weights_only=True), and trust_remote_code is on only where a recipe field says so."""
+    import re
+
+    from distill.lm.recipe import StudentSpec, TeacherSpec
+
+    package = Path(__file__).resolve().parents[1] / "distill"
+    for file in package.rglob("*.py"):
+        text = file.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)", text, re.M), file
+        assert "pickle.load" not in text and "joblib.load" not in text, file
+        for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call.group(1), f"{file}: {call.group(0)}"
+        assert "trust_remote_code=True" not in text.replace(" ", ""), file
+    assert TeacherSpec.model_fields["trust_remote_code"].default is False
+    assert StudentSpec.model_fields["trust_remote_code"].default is False

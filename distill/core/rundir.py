@@ -128,12 +128,12 @@ class RunDirectory:
         run keeps the one it started with; a changed recipe is warned about and recorded in `meta`), then
         open the recipe's `log.trackers`."""
         self.is_main = is_main
+        note_output_directory(self.path)  # every process: a failure's log goes there (error-rank<r>.log)
         if not is_main:
             return
         if self.overwrite and self.holds_run():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        note_output_directory(self.path)
         saved = self.path / RECIPE_FILE
         if self.resume:
             for file in (self.metrics_file, self.losses_file):

@@ -3,6 +3,7 @@ student from the teacher's config with overrides; check that both speak the same
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -15,13 +16,24 @@ from distill.core.io import staged_directory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Seconds a process of a multi-process run waits in a collective for a peer before failing (default: torch's,
+# 30 minutes). A peer that dies is noticed at once (its connections close); this bounds a peer that hangs.
+COLLECTIVE_TIMEOUT_ENV = "DISTILL_COLLECTIVE_TIMEOUT"
+
+
 def make_accelerator():
     """The accelerate Accelerator runs use. Without a GPU, plain Accelerator() under `accelerate launch
     --multi_gpu` gives independent world-size-1 processes (measured); cpu=True joins them into one gloo
     process group."""
-    from accelerate import Accelerator
+    import datetime
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    handlers = []
+    if os.environ.get(COLLECTIVE_TIMEOUT_ENV):  # a hung (not dead) peer: the others give up after this long
+        seconds = float(os.environ[COLLECTIVE_TIMEOUT_ENV])
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds)))
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 def quiet_transformers() -> None:
