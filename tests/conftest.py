@@ -23,8 +23,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Property and fuzz tests (hypothesis): in CI (CI set) a fixed seed, so a run is reproducible and a failure
+# points at a change, not at luck; locally random, so each run explores new inputs (and replays the failures
+# kept in .hypothesis/). A test's own @settings (example counts, derandomize) take precedence.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("local", deadline=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "local")
 
 # Sizes of the tiny teacher in `tiny_lm_dir` (tests that rebuild it in memory use the same).
 TINY_TEACHER_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

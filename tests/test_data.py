@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill.lm.data import IGNORE_INDEX, BatchOrder, Example, collate, read_records, tokenize
+from distill.lm.data import IGNORE_INDEX, BatchOrder, Example, collate, tokenize
+from distill.lm.records import read_records
 from distill.core.errors import DistillError
 from distill.lm.tasks.vocab import word_level_tokenizer
 
@@ -117,7 +118,7 @@ def test_rows_with_unknown_keys_name_the_row_and_the_expected_keys(tokenizer):
 
 
 def test_row_that_is_not_an_object(tokenizer):
-    with pytest.raises(DistillError, match="row 0 is a list"):
+    with pytest.raises(DistillError, match="row 0: the row is a list"):
         tok([["the", "cat"]], tokenizer)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import distill
 from distill.core.errors import DistillError
-from distill.lm.data import read_records
+from distill.lm.records import read_records
 
 
 def _rows(count: int, offset: int = 0) -> list[dict]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.core.errors import FieldValueError
-from distill.core.recipe import RunRecipe, StrictModel
+from distill.core.recipe import RunRecipe, Seed, StrictModel
 
 CE_TERM = "ce"  # the hard-label term: what the `alone` row trains with
 
@@ -110,7 +110,7 @@ class ClassifierDataSpec(StrictModel):
                                                              "5,000 28x28 MNIST digits).")
     eval_size: int = Field(300, gt=0, description="Held-out examples (stratified, seeded).")
     train_size: int | None = Field(None, gt=0, description="Training examples (default: all that remain).")
-    seed: int = Field(0, description="Seed of the train/eval split.")
+    seed: Seed = Field(0, description="Seed of the train/eval split.")
     exclude_classes: list[int] = Field(default_factory=list, description="Classes left out of the distilled "
                                        "student's transfer set (Hinton's omitted-class experiment); eval keeps them.")
 
@@ -138,9 +138,9 @@ class ClassifierTrainSpec(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     schedule: Literal["cosine", "constant"] = "cosine"
-    seed: int = Field(0, description="Student init and data order.")
+    seed: Seed = Field(0, description="Student init and data order.")
     baseline: bool = Field(True, description="Also train the student alone on labels (the 'alone' row).")
-    threads: int | None = Field(1, gt=0, description="torch.set_num_threads (tiny models: 1 is fastest).")
+    threads: int | None = Field(1, gt=0, le=4096, description="torch.set_num_threads (tiny models: 1 is fastest).")
     log_every: int = Field(20, gt=0, description="Steps between loss records.")
     checkpoint_every: int = Field(200, gt=0, description="Steps between resumable checkpoints (--resume).")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,10 @@ from distill.core.errors import DistillError, FieldValueError
 from distill.core.families import DEFAULT_TASK, family_names, get_family
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the recipes shipped inside the package
+
+# A seed: numpy's generators refuse negative seeds and torch's refuse ones past 64 bits, so both ends are
+# checked with the recipe rather than when the first generator is made.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class StrictModel(BaseModel):
@@ -63,6 +67,16 @@ class RunRecipe(StrictModel):
     output: str | None = Field(None, description="Run directory; default runs/<name>.")
     log: LogSpec = Field(default_factory=LogSpec, description="Experiment trackers (tensorboard, trackio, wandb).")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # runs/<name> is the default run directory: a name must not leave runs/ nor be empty
+        parts = Path(name).parts
+        if not name.strip() or Path(name).is_absolute() or ".." in parts:
+            raise ValueError(f"name {name!r} must be a non-empty relative name without `..` (the default run "
+                             "directory is runs/<name>); set `output` for a directory elsewhere")
+        return name
+
     @property
     def output_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}")
@@ -85,8 +99,8 @@ def apply_override(data: dict, assignment: str) -> None:
         raise DistillError(f"`{assignment}` names no field", field="--set", fix="write e.g. --set train.steps=50")
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError:
-        value = raw_value
+    except (yaml.YAMLError, RecursionError, ValueError):  # not YAML (or past the parser's depth, a date such as
+        value = raw_value                                 # 2024-13-01, an int past 4300 digits): the text itself
     node = data
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -124,7 +138,7 @@ def readable_error(error: ValidationError, model: type[BaseModel], prefix: str =
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, FieldValueError):
             loc += tuple(cause.field.split("."))
-        field = prefix + (".".join(str(p) for p in loc) or "recipe")
+        field = prefix + (".".join(_key_text(p) for p in loc) or "recipe")
         kind, message = item["type"], item["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
@@ -134,10 +148,28 @@ def readable_error(error: ValidationError, model: type[BaseModel], prefix: str =
         elif kind == "missing":
             message = "required field is missing"
         elif "input" in item and kind not in ("value_error", "assertion_error"):
-            message += f" (got {item['input']!r})"
+            message += f" (got {shown(item['input'])})"
         lines.append(f"{field}: {message}")
     fix = "edit the recipe or override with --set FIELD=VALUE; `distill run --help` lists the options"
     return DistillError("invalid recipe\n  " + "\n  ".join(lines), fix=fix)
+
+
+def _key_text(key: Any) -> str:
+    """A key in a field path: as written when plain, else quoted (`''`, `' a'`, `'a.b'`, a number key as 3)."""
+    if isinstance(key, str) and key and key.isprintable() and not any(c in key for c in ".: "):
+        return key
+    return shown(key)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value) for a message, cut to about `limit` characters (a 400-digit number or a pasted file is not
+    worth repeating); never fails (Python refuses to print an int of over 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        name = type(value).__name__
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name} too large to print"
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def validate_section(model: type[BaseModel], data: Any, prefix: str = ""):
@@ -155,15 +187,70 @@ def parse_recipe(data: Any, overrides: list[str] | tuple[str, ...] = ()) -> RunR
     if not isinstance(data, dict):
         raise DistillError(f"a recipe is a mapping of sections, got {type(data).__name__}",
                            fix="start from recipes/oracle-demo.yaml")
+    _refuse_unwritable(data)
     data = copy.deepcopy(data)  # overrides must not change the caller's dict
     for assignment in overrides:
         apply_override(data, assignment)
+    if overrides:
+        _refuse_unwritable(data)
     task = data.get("task", DEFAULT_TASK)
     if task not in family_names():
-        close = difflib.get_close_matches(str(task), family_names(), n=1)
-        raise DistillError(f"unknown task `{task}`" + (f"; did you mean `{close[0]}`?" if close else ""),
+        named = task if isinstance(task, str) and len(task) <= 80 else shown(task)
+        close = difflib.get_close_matches(named, family_names(), n=1)
+        raise DistillError(f"unknown task `{named}`" + (f"; did you mean `{close[0]}`?" if close else ""),
                            field="task", fix=f"use one of: {', '.join(family_names())}")
     return validate_section(get_family(task).recipe_class(), data)
+
+
+_MAX_DEPTH = 100  # no recipe nests this deep; copying and validating recurse, and Python stops a few hundred down
+_DEPTH_FIX = "a recipe is a few levels of `section: {key: value}`; recipes/oracle-jsd.yaml is a short example"
+
+
+def _refuse_unwritable(data: Any) -> None:
+    """A DistillError naming the place of what no field takes and the resolved recipe.yaml could not hold: nesting
+    more than _MAX_DEPTH deep, a container inside itself (a YAML alias inside its own anchor, `a: &x [*x]`), or
+    text that is not Unicode (a lone surrogate: a non-UTF-8 byte in a --set argument, or a `"\\ud800"` escape).
+    Iterative, and a container shared by aliases is walked once."""
+    done, open_ = set(), set()  # containers walked / being walked (on the current path)
+    stack = [(data, (), False)]
+    while stack:
+        node, path, leaving = stack.pop()
+        if leaving:
+            open_.discard(id(node))
+            done.add(id(node))
+            continue
+        if isinstance(node, (dict, list)) and id(node) in done:
+            continue
+        deep = isinstance(node, (dict, list)) and len(path) > _MAX_DEPTH
+        problem = None
+        if isinstance(node, str) and not encodable(node):
+            problem = f"{shown(node)} is not valid text (a lone surrogate)"
+        elif isinstance(node, dict) and not all(encodable(key) for key in node if isinstance(key, str)):
+            problem = "a key here is not valid text (a lone surrogate)"
+        elif isinstance(node, (dict, list)) and id(node) in open_:
+            problem = "holds itself (a YAML alias inside its own anchor)"
+        elif deep:
+            problem = f"nests more than {_MAX_DEPTH} levels deep"
+        if problem is not None:
+            field = ".".join(map(_key_text, path[:3] if deep else path)) + ("..." if deep else "")
+            fix = "write it as UTF-8 text" if "surrogate" in problem else _DEPTH_FIX
+            raise DistillError(problem, field=field or "recipe", fix=fix)
+        if not isinstance(node, (dict, list)):
+            continue
+        open_.add(id(node))
+        stack.append((node, path, True))
+        stack.extend((child, (*path, key), False)
+                     for key, child in (node.items() if isinstance(node, dict) else enumerate(node)))
+
+
+def encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: no lone surrogates (what Python makes of a non-UTF-8 byte in a
+    command-line argument, and JSON and YAML of a `"\\ud800"` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
@@ -176,8 +263,20 @@ def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tu
     if not path.is_file():
         raise DistillError(f"recipe file `{path}` not found", fix="give the path of a YAML recipe, "
                            "e.g. recipes/oracle-jsd.yaml")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DistillError(f"`{path}` is not UTF-8 text (byte {raw[error.start]:#04x} at line {line}, "
+                           f"offset {error.start})", fix="save the recipe as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise DistillError(f"`{path}` nests more levels than the YAML reader can follow", fix=_DEPTH_FIX) from None
+    except ValueError as error:  # PyYAML builds dates and ints itself: 2024-13-01, an int past 4300 digits
+        raise DistillError(f"`{path}` has a value YAML cannot read: {str(error).split(';')[0]}",
+                           fix="quote the value if it is text (e.g. name: \"2024-13-01\")") from None
     except yaml.YAMLError as error:
         mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -190,6 +289,9 @@ def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tu
                     if field.is_required()]
         raise DistillError(f"recipe file `{path}` is empty", fix=f"write a recipe there: an {DEFAULT_TASK} recipe "
                            f"needs the sections {', '.join(required)}; recipes/oracle-jsd.yaml is a short example")
+    if data is not None and not isinstance(data, dict):
+        raise DistillError(f"`{path}` holds a {type(data).__name__}, not a recipe (a mapping of sections such as "
+                           "teacher:, student:, data:)", fix="start from recipes/oracle-jsd.yaml")
     return parse_recipe(data if data is not None else {}, overrides)
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.core.errors import FieldValueError
-from distill.core.recipe import RunRecipe, StrictModel
+from distill.core.recipe import RunRecipe, Seed, StrictModel
 
 
 class DiffusionTeacherSpec(StrictModel):
@@ -55,7 +55,7 @@ class DiffusionDataSpec(StrictModel):
     imbalance: float = Field(10.0, ge=1, description="gmm2d: weight of the commonest mode / the rarest.")
     radius: float = Field(2.0, gt=0)
     std: float = Field(0.05, gt=0, description="gmm2d: each mode's standard deviation.")
-    seed: int = Field(0, description="Seed of the evaluation samples and (digits) the held-out split.")
+    seed: Seed = Field(0, description="Seed of the evaluation samples and (digits) the held-out split.")
 
 
 def f_divergence_names() -> list[str]:
@@ -103,8 +103,8 @@ class DiffusionTrainSpec(StrictModel):
     fake_lr: float = Field(5e-4, gt=0, description="dmd: the fake score's (and discriminator's) lr.")
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(40.0, gt=0)
-    seed: int = 0
-    threads: int | None = Field(1, gt=0)
+    seed: Seed = 0
+    threads: int | None = Field(1, gt=0, le=4096)
     log_every: int = Field(50, gt=0, description="Steps between loss records (losses.jsonl).")
     checkpoint_every: int = Field(500, gt=0, description="Steps between resumable checkpoints (progressive: "
                                                          "counted over all rounds; every round's end has one too).")

@@ -1,16 +1,15 @@
-"""Examples in, token tensors out: jsonl/parquet records (prompt+completion, text, or chat
-messages), tokenization with completion-only labels, padding, and a resumable batch order."""
+"""Examples in, token tensors out: records (prompt+completion, text, or chat messages; from your files through
+distill.lm.records), tokenization with completion-only labels, packing, padding, and a resumable batch order."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from distill.core.errors import DistillError
+from distill.lm.records import RowOrigin, read_rows, row_fix, row_problem
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -23,137 +22,20 @@ class Example:
     positions: list[int] | None = None  # position ids of a packed block (restarting per document); None: 0..n-1
 
 
-FIELD_NAMES = ("prompt", "completion", "text", "messages", "id")  # the row fields data.fields may map
-DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (DatasetDict / Dataset)
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def read_records(path: str, field: str, split: str | None = None, fields: dict[str, str] | None = None,
-                 split_field: str = "data.split") -> list[dict]:
-    """Rows as dicts, from a .jsonl / .json (list) / .parquet file or a Hugging Face dataset (a
-    `save_to_disk` directory, a local dataset script or data directory, other data files, or a hub id)
-    taken at `split`; `fields` maps our field names to the data's columns (e.g. {prompt: instruction})."""
-    file = Path(path).expanduser()
-    if file.is_file() and file.suffix in FILE_SUFFIXES:
-        rows = _read_file(path, field)
-    else:
-        rows = _read_dataset(path, field, split, split_field)
-    return _map_fields(rows, fields, path) if fields else rows
-
-
-def _read_dataset(path: str, field: str, split: str | None, split_field: str) -> list[dict]:
-    """A Hugging Face dataset's split as a list of dicts (datasets' own loaders, no conversion script)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DistillError("reading a Hugging Face dataset needs `datasets`", field=field,
-                           fix="pip install datasets") from None
-    location = Path(path).expanduser()
-    try:
-        if location.is_dir() and any((location / marker).is_file() for marker in DATASET_MARKERS):
-            loaded = datasets.load_from_disk(str(location))
-        elif location.is_file():  # csv, tsv, arrow, txt...: data files by their suffix
-            kind = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow"}.get(location.suffix)
-            if kind is None:
-                raise DistillError(f"`{path}` is not a data file distill reads ({location.suffix or 'no suffix'})",
-                                   field=field, fix="use .jsonl, .json, .parquet, .csv, or a Hugging Face dataset")
-            loaded = datasets.load_dataset(kind, data_files=str(location), **({"delimiter": "\t"} if
-                                                                               location.suffix == ".tsv" else {}))
-        elif location.is_dir() or (not path.startswith((".", "/", "~")) and path.count("/") <= 1):
-            loaded = datasets.load_dataset(str(location) if location.is_dir() else path)  # script, files, hub id
-        else:
-            raise DistillError(f"no data file or dataset at `{path}`", field=field,
-                               fix="check the path (relative to the current directory)")
-    except DistillError:
-        raise
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise DistillError(f"`{path}` is not a dataset distill can read: {str(error).splitlines()[0]}", field=field,
-                           fix="give a directory written by save_to_disk, a dataset script or data directory, "
-                               "data files, or a hub id reachable from here (this machine may be offline)") from None
-    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        splits = list(loaded)
-        chosen = split or ("train" if "train" in splits else None)
-        if chosen not in splits:
-            raise DistillError(f"`{path}` has no split `{chosen}`; its splits: {', '.join(splits)}",
-                               field=split_field, fix=f"set {split_field} to one of: {', '.join(splits)}")
-        loaded = loaded[chosen]
-    return list(loaded.to_list()) if hasattr(loaded, "to_list") else [dict(row) for row in loaded]
-
-
-def _map_fields(rows: list[dict], fields: dict[str, str], path: str) -> list[dict]:
-    """Rows with the data's columns renamed to our field names (`data.fields`: ours -> theirs)."""
-    columns = sorted({key for row in rows[:1000] if isinstance(row, dict) for key in row})
-    missing = {ours: theirs for ours, theirs in fields.items() if theirs not in columns}
-    if missing:
-        wrong = ", ".join(f"{ours}: {theirs}" for ours, theirs in missing.items())
-        raise DistillError(f"`{path}` has no column for {wrong}; its columns: {', '.join(columns)}",
-                           field="data.fields", fix="map each field to one of the columns that exist")
-    renamed = {theirs: ours for ours, theirs in fields.items()}
-
-    def mapped(row):  # a column already named like a mapped field gives way to the mapped one
-        if not isinstance(row, dict):
-            return row
-        return {renamed.get(key, key): value for key, value in row.items() if key in renamed or key not in fields}
-    return [mapped(row) for row in rows]
-
-
-def _read_file(path: str, field: str) -> list[dict]:
-    """Rows of a .jsonl / .json (list) / .parquet file as dicts."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DistillError(f"no data file at `{path}`", field=field, fix="check the path (relative to the current directory)")
-    if file.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DistillError("reading parquet needs pyarrow", field=field, fix="pip install pyarrow") from None
-        try:
-            return pq.read_table(file).to_pylist()
-        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            raise DistillError(f"`{path}` is not a readable parquet file: {str(error).splitlines()[0]}",
-                               field=field, fix="write it with pyarrow/pandas `to_parquet`") from None
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DistillError(f"`{path}` is not UTF-8 text ({error.reason} at byte {error.start})", field=field,
-                           fix="use .parquet for binary data, or save the file as UTF-8") from None
-    if file.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DistillError(f"`{path}` is not JSON: {error.msg} at line {error.lineno}, column {error.colno}",
-                               field=field, fix="use a JSON list of objects, or jsonl (one object per line)") from None
-        if not isinstance(rows, list):
-            raise DistillError(f"`{path}` holds a {type(rows).__name__}, not a list of rows", field=field,
-                               fix="use a JSON list of objects, or jsonl (one object per line)")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DistillError(f"`{path}` line {number} is not JSON: {error.msg}", field=field,
-                                   fix="write one JSON object per line") from None
-    return rows
-
-
-def _prompt_and_completion(record: dict, tokenizer, index: int, field: str) -> tuple[list[int], list[int]]:
+def _prompt_and_completion(record: dict, tokenizer, index: int, field: str,
+                           origin: RowOrigin | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the part without loss (prompt) and the part with loss (completion)."""
-    if not isinstance(record, dict):
-        raise DistillError(f"row {index} is a {type(record).__name__}, not an object", field=field,
-                           fix="each row is an object with `prompt`+`completion`, `text`, or `messages`")
+    where = origin.row(index) if origin is not None else f"row {index}"
+    problem = row_problem(record)
+    if problem is not None:
+        raise DistillError(f"{where}: {problem}", field=field, fix=row_fix(problem))
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-            raise DistillError(f"row {index}: `messages` must be a non-empty list of {{role, content}}",
-                               field=field, fix='e.g. [{"role": "user", "content": "hi"}, {"role": "assistant", ...}]')
         if getattr(tokenizer, "chat_template", None):
             prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
             full = tokenizer.apply_chat_template(messages, tokenize=False)
             if not full.startswith(prompt):
-                raise DistillError(f"row {index}: the chat template does not extend the prompt", field=field,
+                raise DistillError(f"{where}: the chat template does not extend the prompt", field=field,
                                    fix="use prompt/completion rows for this tokenizer")
             # The template writes its own special tokens.
             return (tokenizer(prompt, add_special_tokens=False).input_ids,
@@ -164,10 +46,7 @@ def _prompt_and_completion(record: dict, tokenizer, index: int, field: str) -> t
     if "prompt" in record and "completion" in record:
         return (tokenizer(str(record["prompt"])).input_ids,
                 tokenizer(str(record["completion"]), add_special_tokens=False).input_ids)
-    if "text" in record:
-        return [], tokenizer(str(record["text"])).input_ids
-    raise DistillError(f"row {index} has keys {sorted(record)}; expected `prompt`+`completion`, `text`, or "
-                       "`messages`", field=field, fix="rename the columns of your data")
+    return [], tokenizer(str(record["text"])).input_ids  # a `text` row (row_problem allows no other)
 
 
 def prompt_and_reference(record, tokenizer, index: int) -> tuple[list[int], str, str] | None:
@@ -185,13 +64,15 @@ def prompt_and_reference(record, tokenizer, index: int) -> tuple[list[int], str,
 
 
 def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, completion_only: bool,
-             append_eos: bool, field: str) -> list[Example]:
-    """Examples with labels masked on the prompt (if completion_only) and an EOS appended."""
+             append_eos: bool, field: str, origin: RowOrigin | None = None) -> list[Example]:
+    """Examples with labels masked on the prompt (if completion_only) and an EOS appended. `origin`: the
+    file the records came from, which errors name with the row's line."""
+    source = f" of `{origin.path}`" if origin is not None else ""
     if not records:
-        raise DistillError("the dataset is empty", field=field, fix="give a file with at least one row")
+        raise DistillError(f"the dataset{source} is empty", field=field, fix="give a file with at least one row")
     examples, truncated = [], 0
     for index, record in enumerate(records):
-        prompt_ids, completion_ids = _prompt_and_completion(record, tokenizer, index, field)
+        prompt_ids, completion_ids = _prompt_and_completion(record, tokenizer, index, field, origin)
         templated = "messages" in record and bool(getattr(tokenizer, "chat_template", None))
         if append_eos and tokenizer.eos_token_id is not None and not (
                 templated and tokenizer.eos_token_id in completion_ids):  # the template ended the turn itself
@@ -200,7 +81,8 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, 
         labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids
         if len(input_ids) > max_length:
             if too_long == "refuse":
-                raise DistillError(f"row {index} has {len(input_ids)} tokens, over max_length={max_length}",
+                where = origin.row(index) if origin is not None else f"row {index}"
+                raise DistillError(f"{where} has {len(input_ids)} tokens, over max_length={max_length}",
                                    field="data.max_length", fix="raise data.max_length, or set data.too_long=truncate")
             input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
         examples.append(Example(input_ids, labels, str(record.get("id", index))))
@@ -208,7 +90,7 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int, too_long: str, 
         warnings.warn(f"{field}: {truncated} of {len(records)} examples cut to data.max_length={max_length} tokens "
                       "(set data.too_long=refuse to stop instead)", stacklevel=2)
     if sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples) == 0:
-        raise DistillError("no example has a token to learn (all labels masked)", field=field,
+        raise DistillError(f"no example{source} has a token to learn (all labels masked)", field=field,
                            fix="check completions are non-empty and fit in data.max_length")
     return examples
 
@@ -328,26 +210,32 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
     """(train_records, eval_records, train_examples, eval_examples) of a recipe's `data` section: the
     built-in `task`'s seeded records, or the train/eval files (eval: the last `eval_size` train rows
     when no eval file is given)."""
+    train_origin = eval_origin = None
     if task is not None:
         train_records = task.records(spec.train_size, spec.seed, "train")
         eval_records = task.records(spec.eval_size, spec.seed, "eval")
         append_eos = task.append_eos
     else:
         fields = spec.fields
-        train_records = read_records(spec.train, "data.train", spec.split, fields)
+        train_records, train_origin = read_rows(spec.train, "data.train", spec.split, fields)
         if spec.eval is not None:
-            eval_records = read_records(spec.eval, "data.eval", spec.eval_split, fields, "data.eval_split")
+            eval_records, eval_origin = read_rows(spec.eval, "data.eval", spec.eval_split, fields, "data.eval_split")
         elif spec.eval_split is not None:  # another split of the training dataset
-            eval_records = read_records(spec.train, "data.train", spec.eval_split, fields, "data.eval_split")
+            eval_records, eval_origin = read_rows(spec.train, "data.train", spec.eval_split, fields,
+                                                  "data.eval_split")
         else:
             if len(train_records) <= spec.eval_size:
-                raise DistillError(f"{len(train_records)} rows cannot spare eval_size={spec.eval_size} for eval",
-                                   field="data.eval_size", fix="give data.eval, or lower data.eval_size")
-            train_records, eval_records = train_records[:-spec.eval_size], train_records[-spec.eval_size:]
+                raise DistillError(f"`{spec.train}` has {len(train_records)} rows, which cannot spare "
+                                   f"eval_size={spec.eval_size} for eval", field="data.eval_size",
+                                   fix="give data.eval, or lower data.eval_size")
+            kept = len(train_records) - spec.eval_size
+            train_records, eval_records = train_records[:kept], train_records[kept:]
+            eval_origin = train_origin.after(kept)
         append_eos = True
     options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
                    append_eos=append_eos)
-    train_examples = tokenize(train_records, tokenizer, field="data.train", **options)
+    train_examples = tokenize(train_records, tokenizer, field="data.train", origin=train_origin, **options)
     if spec.packing:  # training blocks only: eval scores each example on its own
         train_examples = pack(train_examples, spec.max_length)
-    return train_records, eval_records, train_examples, tokenize(eval_records, tokenizer, field="data.eval", **options)
+    eval_examples = tokenize(eval_records, tokenizer, field="data.eval", origin=eval_origin, **options)
+    return train_records, eval_records, train_examples, eval_examples

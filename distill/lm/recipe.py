@@ -4,12 +4,13 @@ problem as a `DistillError` naming the field path and a fix, before any model lo
 """
 from __future__ import annotations
 
+import string
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.core.errors import FieldValueError
-from distill.core.recipe import RunRecipe, StrictModel
+from distill.core.recipe import RunRecipe, Seed, StrictModel
 
 
 class TeacherSpec(StrictModel):
@@ -120,7 +121,7 @@ class DataSpec(StrictModel):
                           "or {messages: conversations}; fields: prompt, completion, text, messages, id.")
     train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task.")
     eval_size: int = Field(200, gt=0, description="Eval examples (built-in) or held-out rows (files).")
-    seed: int = Field(0, description="Seed of the built-in task's sampled data.")
+    seed: Seed = Field(0, description="Seed of the built-in task's sampled data.")
     max_length: int = Field(256, gt=1, description="Tokens per example, prompt included.")
     too_long: Literal["truncate", "refuse"] = Field(
         "truncate", description="Examples over max_length: cut with a warning, or refuse the run.")
@@ -307,6 +308,23 @@ class RegimeSpec(StrictModel):
         "tail", description="cache: compare over top-k + one tail bucket (proper distributions), or renormalise "
                             "the teacher's top-k to 1.")
 
+    @field_validator("privileged_template")
+    @classmethod
+    def _fills_in(cls, template: str) -> str:
+        # Checked here, not when the self regime formats each row after the models have loaded.
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            unknown = sorted(names - {"privileged", "prompt"})
+            if not unknown:
+                template.format(privileged="privileged", prompt="prompt")
+        except (ValueError, IndexError, KeyError) as error:
+            raise ValueError(f"`{template}` is not a format string with {{privileged}} and {{prompt}} ({error}); "
+                             "write literal braces as {{ and }}") from None
+        if unknown:
+            raise ValueError(f"`{template}` names {', '.join(f'{{{n}}}' for n in unknown)}; the template has "
+                             "{privileged} (the row's privileged_field) and {prompt} only")
+        return template
+
     @model_validator(mode="after")
     def _available(self) -> "RegimeSpec":
         if self.kind == "self" and "lmbda" not in self.model_fields_set:
@@ -331,14 +349,14 @@ class TrainSpec(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients; null to disable.")
-    seed: int = Field(0, description="Student init and data order.")
+    seed: Seed = Field(0, description="Student init and data order.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     log_every: int = Field(10, gt=0, description="Steps between loss records.")
     baseline: bool = Field(True, description="Also train the student alone on hard labels (the 'alone' row).")
     same_tokenizer_reference: bool = Field(
         False, description="Cross-tokenizer runs: also train a student of the same size on the teacher's tokenizer "
                            "with forward KL (the 'same_tokenizer' row): what a shared tokenizer would have given.")
-    threads: int | None = Field(None, gt=0, description="torch.set_num_threads; default: torch's choice.")
+    threads: int | None = Field(None, gt=0, le=4096, description="torch.set_num_threads; default: torch's choice.")
     fused_loss: bool = Field(True, description="Chunked fused-linear loss: full-vocabulary logits never exist "
                                                "for all tokens at once (falls back to plain logits where a "
                                                "model or loss does not allow it).")
@@ -399,8 +417,8 @@ class LMRecipe(RunRecipe):
             raise FieldValueError("train.sharding", "LoRA students are not sharded yet: use train.sharding ddp "
                                   "with student.lora (the adapters are small; the teacher is what needs sharding)")
         if self.student.dtype == "bfloat16" and self.train.precision == "fp16":
-            raise ValueError("student.dtype bfloat16 with train.precision fp16 mixes two half precisions: use "
-                             "train.precision bf16 (or fp32) with a bfloat16 student")
+            raise FieldValueError("train.precision", "student.dtype bfloat16 with train.precision fp16 mixes two "
+                                  "half precisions: use train.precision bf16 (or fp32) with a bfloat16 student")
         if self.eval.metric is not None and self.data.builtin is not None:
             raise FieldValueError("eval.metric", f"the built-in task {self.data.builtin} scores with its own metric: "
                                                  "remove eval.metric")
@@ -458,6 +476,7 @@ class LMRecipe(RunRecipe):
                                       "on_policy rows so far (sequence: generate with the server, then train "
                                       "off_policy on the text; cache: build it from the server)")
         if self.regime.kind == "opd" and self.train.batch_size % self.regime.group_size:
-            raise ValueError(f"regime.group_size={self.regime.group_size} must divide train.batch_size="
-                             f"{self.train.batch_size} (the batch counts samples: batch_size / group_size prompts)")
+            raise FieldValueError("regime.group_size", f"regime.group_size={self.regime.group_size} must divide "
+                                  f"train.batch_size={self.train.batch_size} (the batch counts samples: batch_size / "
+                                  "group_size prompts)")
         return self

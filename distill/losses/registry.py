@@ -83,7 +83,10 @@ def check_number(name: str, value: object, low: float | None = None, high: float
     where = interval(low, high, low_open=low_open, high_open=high_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise refuse(f"be {kind} in {where}, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        raise refuse(f"be in {where}, got an integer of {value.bit_length()} bits") from None
     if math.isnan(number) or (math.isinf(number) and not allow_inf):
         raise refuse(f"be {kind} in {where} (finite), got {number}")
     low_ok = low is None or (number > low if low_open else number >= low)
@@ -326,11 +329,12 @@ def check_params(name: str, params: Mapping[str, Any], *, kind: str | None = Non
     for key, value in params.items():
         field_name = f"{field_prefix}.{key}" if field_prefix else str(key)
         if key not in spec.params:
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)  # e.g. a key "\n"
             close = difflib.get_close_matches(str(key), list(spec.params), n=1)
             hint = f"did you mean `{close[0]}`? " if close else ""
             raise LossParameterError(
-                f"`{key}` is not a parameter of loss `{spec.name}`; {hint}its parameters: {spec.describe_params()}",
-                field=field_name, fix=f"remove `{key}`" + (f" or use one of {', '.join(spec.params)}" if spec.params
-                                                           else f": `{spec.name}` takes no parameters"))
+                f"`{shown}` is not a parameter of loss `{spec.name}`; {hint}its parameters: {spec.describe_params()}",
+                field=field_name, fix=f"remove `{shown}`" + (f" or use one of {', '.join(spec.params)}" if spec.params
+                                                             else f": `{spec.name}` takes no parameters"))
         checked[key] = spec.params[key].check(value, field=field_name)
     return checked
