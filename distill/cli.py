@@ -360,7 +360,6 @@ def _leave_process_group() -> None:
 
 
 DEBUG_ENV = "DISTILL_DEBUG"  # set, or `distill --debug`: a failure prints its traceback too
-LOG_FILE = "error.log"
 _debug: list[bool] = [False]
 
 
@@ -371,82 +370,17 @@ def options(debug: bool = typer.Option(False, "--debug", help="On an unexpected 
     _debug[0] = debug
 
 
-def _write_log(text: str) -> Path:
-    """The traceback into `error.log` of the directory the command was writing, else a file under the temp
-    directory (also when that directory cannot take it, e.g. a full disk)."""
-    import datetime
-    import tempfile
-
-    from distill.core.errors import output_directory
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = f"--- {stamp} distill {' '.join(sys.argv[1:])}\n{text}\n"
-    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
-    name = LOG_FILE if rank == "0" else LOG_FILE.replace(".log", f"-rank{rank}.log")
-    candidates = [output_directory() / name] if output_directory() is not None else []
-    candidates.append(Path(tempfile.gettempdir()) / "distill-logs" / f"distill-{stamp}-{os.getpid()}.log")
-    for path in candidates:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
-                handle.write(record)
-            return path
-        except OSError:
-            if path.is_file() and path.stat().st_size == 0:
-                path.unlink(missing_ok=True)  # created, but the disk took nothing
-            continue
-    return candidates[-1]
-
-
 def _report_failure(error: BaseException) -> int:
     """One clear line (what failed, where the traceback is, how to continue) for an exception that is not a
-    DistillError; the exit code."""
-    import traceback
+    DistillError (core.failures); the exit code."""
+    from distill.core.failures import describe_failure
 
-    from distill.core.errors import disk_full, output_directory
-
-    text = "".join(traceback.format_exception(error))
-    log = _write_log(text)
-    directory = output_directory()
-    summary = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if len(summary) > 300:
-        summary = summary[:300] + "..."
-    rank, world = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and _collective_failure(error):
-        head = (f"rank {rank}: another process of this run stopped, so the collective operation this one waited "
-                f"on failed ({summary[:160]}). Its own error, if it had one, is in its output above")
-        lines = [head, f"traceback: {log}"]
-        if directory is not None:
-            lines.append(f"the run directory `{directory}` keeps its last checkpoint: launch the same command "
-                         "again with --resume to continue")
-        if debug := (_debug[0] or bool(os.environ.get(DEBUG_ENV))):
-            errors.print(escape(text), highlight=False, soft_wrap=True)
-        errors.print("[bold red]error[/bold red] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
-        return 1
-    if disk_full(error):
-        where = directory or Path(getattr(error, "filename", None) or ".").parent
-        head = (f"the disk holding `{where}` is full (or a file-size limit was reached): {summary}. What was "
-                "written before is intact (checkpoints are swapped in only when complete)")
-    else:
-        head = f"unexpected failure: {summary}"
     debug = _debug[0] or bool(os.environ.get(DEBUG_ENV))
-    lines = [head, f"traceback: {log}" + ("" if debug else " (or run with `distill --debug`)")]
-    if directory is not None and (directory / "recipe.yaml").is_file():
-        lines.append(f"the run directory `{directory}` keeps its checkpoints: `distill run RECIPE --resume` "
-                     "continues it, `--overwrite` starts again")
+    lines, text = describe_failure(error, debug=debug)
     if debug:
         errors.print(escape(text), highlight=False, soft_wrap=True)
     errors.print("[bold red]error[/bold red] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
     return 1
-
-
-def _collective_failure(error: BaseException) -> bool:
-    """Whether a multi-process run's error is a collective that failed because a peer went away (gloo / NCCL
-    connection errors, c10d's DistBackendError, a collective timeout)."""
-    text = f"{type(error).__name__}: {error}"
-    return any(marker in text for marker in ("DistBackendError", "DistNetworkError", "gloo", "NCCL", "c10d",
-                                             "Connection reset by peer", "Connection closed by peer",
-                                             "Broken pipe", "timed out"))
 
 
 def _on_sigterm(signum, frame) -> None:
