@@ -3,10 +3,14 @@ resumed with `--resume`, must end exactly where an uninterrupted run ends.
 
     python tests/soak.py --kills 12 --seed 0 --work /tmp/soak [--json soak.json] [--scenarios lm,cache]
 
-Per scenario: one uninterrupted reference run (its wall time T), then chains: start the command, SIGKILL it
-at a moment drawn uniformly from (S, T) after its start (S: when the reference's output directory
-appeared, i.e. imports and loading were done; `--early 0` draws from (0, T)) (a process that finishes first is not killed), start
-it again with --resume, ... and after the chain's kills let the last --resume finish. The finished run must
+Per scenario: one uninterrupted reference run, watched for the phases it goes through (teacher evaluation,
+each training phase, checkpoint writing, evaluation between phases, generation, the cache build, final
+files) and timed (S: its output directory appears, i.e. imports and loading are done; E: its results are
+written). Then chains: start the command and SIGKILL it, start it again with --resume, ... and after the
+chain's kills (`--kills-per-chain`) let the last --resume finish. Two kills in three aim at the reference's
+phases in turn, from a random one on (killed as soon as the run is seen in it, polling every 5 ms); the third
+lands at a random moment drawn uniformly from (S, E) minus the work the chain already got through (`--early
+0` draws from (0, E)). A process that finishes before its kill ends the chain. The finished run must
 equal the reference: every weight file (bit for bit), metrics.jsonl and results.json's rows (timings left
 out); a cache must equal the reference cache file by file. Kills are spread over the scenarios round-robin,
 `--kills-per-chain` per chain. Where each kill landed is read from the run's output (the last progress line:
@@ -139,9 +143,31 @@ def _where(log: Path, output: Path, cache: bool) -> str:
     return f"training: {label}"
 
 
-def run_chain(scenario: str, recipe_file: Path, output: Path, kills: int, window: tuple[float, float],
+def _watch(process: subprocess.Popen, log: Path, output: Path, cache: bool, *, delay: float | None = None,
+           target: str | None = None, timeout: float = 600, poll: float = 0.005) -> tuple[bool, str, float]:
+    """Wait for `process`; SIGKILL it `delay` seconds after its start, or as soon as the run is in `target`
+    (a `_where` label). (killed, where it was, seconds since its start)."""
+    started = time.perf_counter()
+    while process.poll() is None:
+        elapsed = time.perf_counter() - started
+        where = _where(log, output, cache) if target is not None or delay is not None and elapsed >= delay else ""
+        if (delay is not None and elapsed >= delay) or (target is not None and where == target):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return True, where, elapsed
+        if elapsed > timeout:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"`{' '.join(process.args)}` ran over {timeout} s; see {log}")
+        time.sleep(poll)
+    return False, "", time.perf_counter() - started
+
+
+def run_chain(scenario: str, recipe_file: Path, output: Path, aims: list[str | None], window: tuple[float, float],
               rng: random.Random, log: Path, timeout: float) -> list[dict]:
-    """One chain: up to `kills` SIGKILLs at random moments, then a --resume that finishes. The kill records."""
+    """One chain: a SIGKILL per entry of `aims` (a phase of the reference run to kill in, or None: a random
+    moment within what is left of the run, `window` being the reference's working time), each followed by a
+    --resume, the last of which finishes. The chain stops killing when a process finishes first (its phase was
+    not reached). The kill records."""
     cache = SCENARIOS[scenario][1]
     records = []
     resume = False
@@ -149,19 +175,14 @@ def run_chain(scenario: str, recipe_file: Path, output: Path, kills: int, window
     done = 0.0  # working time the killed processes got through (roughly: work since a checkpoint is redone)
     while True:
         process = _start(_command(recipe_file, cache, resume), log)
-        if len(records) < kills:
-            delay = rng.uniform(begins, max(begins + 0.5, ends - done))  # within what is left of the run
-            done += max(0.0, delay - begins)
-            try:
-                process.wait(timeout=delay)
-                finished = True
-            except subprocess.TimeoutExpired:
-                finished = False
-            if not finished:
-                where = _where(log, output, cache)
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                records.append({"scenario": scenario, "after_seconds": round(delay, 2), "where": where})
+        if len(records) < len(aims):
+            aim = aims[len(records)]
+            delay = None if aim else rng.uniform(begins, max(begins + 0.5, ends - done))
+            killed, where, elapsed = _watch(process, log, output, cache, delay=delay, target=aim, timeout=timeout)
+            if killed:
+                done += max(0.0, elapsed - begins)
+                records.append({"scenario": scenario, "after_seconds": round(elapsed, 2), "where": where,
+                                "aimed_at": aim or "a random moment"})
                 resume = True
                 continue
         else:
@@ -245,26 +266,39 @@ def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chai
         reference_recipe.write_text(yaml.safe_dump(maker(reference)))
         started = time.perf_counter()
         process = _start(_command(reference_recipe, cache, False), base / "reference.log")
-        begins = None  # when the output directory appears: the imports and loading are done
+        begins, finishes = None, None  # output directory there (imports, loading done); results written
+        phases: list[str] = []  # the phases the run went through, in order: what targeted kills aim at
         while process.poll() is None:
+            elapsed = time.perf_counter() - started
+            where = _where(base / "reference.log", reference, cache)
             if begins is None and reference.exists():
-                begins = time.perf_counter() - started
-            time.sleep(0.02)
-            if time.perf_counter() - started > timeout:
+                begins = elapsed
+            if finishes is None and where.startswith("exit"):
+                finishes = elapsed
+            if not where.startswith(("start-up", "exit")) and where not in phases:
+                phases.append(where)
+            time.sleep(0.005)
+            if elapsed > timeout:
                 process.kill()
                 raise RuntimeError(f"{name}: the reference run took over {timeout} s")
         seconds = time.perf_counter() - started
         begins = min(begins if begins is not None else 0.0, seconds)
+        finishes = finishes if finishes is not None else seconds
         if process.returncode != 0:
             raise RuntimeError(f"{name}: the reference run failed; see {base / 'reference.log'}")
-        records, problems, chain = [], [], 0
+        records, problems, chain, index = [], [], 0, 0
+        offset = rng.randrange(max(1, len(phases)))
+
+        def aim(k: int) -> str | None:  # two kills in three aim at the reference's phases in turn, one is random
+            return phases[(offset + k - k // 3) % len(phases)] if phases and k % 3 != 2 else None
         while len(records) < plan[name]:
             output = base / f"chain{chain}"
             recipe_file = base / f"chain{chain}.yaml"
             recipe_file.write_text(yaml.safe_dump(maker(output)))
-            window = (begins * early, seconds)
-            got = run_chain(name, recipe_file, output, min(kills_per_chain, plan[name] - len(records)), window,
-                            rng, base / f"chain{chain}.log", timeout)
+            window = (begins * early, finishes)
+            aims = [aim(index + i) for i in range(min(kills_per_chain, plan[name] - len(records)))]
+            got = run_chain(name, recipe_file, output, aims, window, rng, base / f"chain{chain}.log", timeout)
+            index += len(got) + (len(got) < len(aims))  # an aim the run never reached: on to the next
             problems += [f"chain{chain}: {p}" for p in differences(reference, output, cache)]
             records += got
             chain += 1
@@ -274,9 +308,9 @@ def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chai
         for record in records:
             where[record["where"]] = where.get(record["where"], 0) + 1
         summary["scenarios"][name] = {"kills": len(records), "chains": chain, "reference_seconds": round(seconds, 1),
-                                      "work_starts_at": round(begins, 1),
+                                      "work_starts_at": round(begins, 1), "phases": phases,
                                       "where": where, "equal": not problems, "problems": problems}
-        print(f"{name}: {len(records)} kills in {chain} chains, reference {seconds:.1f} s, "
+        print(f"{name}: {len(records)} kills in {chain} chains, reference {seconds:.1f} s through {phases}, "
               f"{'equal to the uninterrupted run' if not problems else 'DIFFERS: ' + '; '.join(problems)}; "
               f"kills landed in: {where}", flush=True)
     summary["kills"] = sum(s["kills"] for s in summary["scenarios"].values())
