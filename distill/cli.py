@@ -383,10 +383,13 @@ def _report_failure(error: BaseException) -> int:
     return 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: ends the command like an interrupt (trackers close, the message says what is kept)."""
+
+
 def _on_sigterm(signum, frame) -> None:
-    """A launcher (torchrun / accelerate launch) stops the other processes of a run when one fails: end like an
-    interrupt, so that trackers close and the message says what is kept."""
-    raise KeyboardInterrupt
+    """A launcher (torchrun / accelerate launch) stops the other processes of a run when one fails."""
+    raise Terminated
 
 
 def main() -> None:
@@ -411,7 +414,12 @@ def _main() -> None:
     except DistillError as error:
         errors.print(f"[bold red]error[/bold red] {escape(error.render())}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+        if isinstance(interrupt, Terminated) and rank is not None:
+            errors.print(f"rank {rank}: stopped by its launcher (SIGTERM), as happens when another process of this "
+                         "run failed; what was checkpointed is kept: launch the same command again with --resume")
+            sys.exit(143)
         errors.print("interrupted; what was checkpointed is kept: continue with `distill run RECIPE --resume`")
         sys.exit(130)
     except Exception as error:  # click's usage errors (typer ships its own click) come here in non-standalone mode
