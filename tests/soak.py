@@ -188,9 +188,19 @@ def run_chain(scenario: str, recipe_file: Path, output: Path, aims: list[str | N
         else:
             process.wait(timeout=timeout)
         if process.returncode != 0:
-            raise RuntimeError(f"{scenario}: `{' '.join(_command(recipe_file, cache, resume))}` exited "
-                               f"{process.returncode}; see {log}")
+            text = log.read_bytes()[-3000:].decode("utf-8", "replace").replace("\r", "\n")
+            said = [line.strip() for line in text.splitlines() if line.strip().startswith("error")]
+            raise ChainFailed(f"`{' '.join(_command(recipe_file, cache, resume)[2:])}` exited {process.returncode} "
+                              f"after {len(records)} kill(s) ({said[-1] if said else 'see ' + str(log)})", records)
         return records
+
+
+class ChainFailed(RuntimeError):
+    """A chain's process failed (a kill left something a resume cannot continue): what it said, the kills."""
+
+    def __init__(self, message: str, records: list[dict]):
+        super().__init__(message)
+        self.records = records
 
 
 # ---- comparing -----------------------------------------------------------------------------------------
@@ -297,9 +307,14 @@ def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chai
             recipe_file.write_text(yaml.safe_dump(maker(output)))
             window = (begins * early, finishes)
             aims = [aim(index + i) for i in range(min(kills_per_chain, plan[name] - len(records)))]
-            got = run_chain(name, recipe_file, output, aims, window, rng, base / f"chain{chain}.log", timeout)
+            try:
+                got = run_chain(name, recipe_file, output, aims, window, rng, base / f"chain{chain}.log", timeout)
+            except ChainFailed as failure:  # a resume that did not finish: a finding, recorded; on to the next
+                got = failure.records
+                problems.append(f"chain{chain}: {failure}")
+            else:
+                problems += [f"chain{chain}: {p}" for p in differences(reference, output, cache)]
             index += len(got) + (len(got) < len(aims))  # an aim the run never reached: on to the next
-            problems += [f"chain{chain}: {p}" for p in differences(reference, output, cache)]
             records += got
             chain += 1
             if chain > 4 * plan[name] + 4:  # the runs keep finishing before the kill: stop trying

@@ -65,3 +65,19 @@ def test_refusals_come_before_any_write(tiny_recipe, tmp_path):
     with pytest.raises(DistillError, match="not a distill run"):
         distill.run({**recipe, "output": str(stranger)}, overwrite=True)
     assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_killed_while_writing_its_recipe_starts_afresh(tiny_recipe, tmp_path):
+    """Found by the kill -9 soak: a kill between the staging and the rename of recipe.yaml left a directory
+    holding only recipe.yaml.tmp, which --resume called "no run to resume" and a plain run "not empty"."""
+    recipe = _recipes(tiny_recipe, tmp_path)["classifier"]
+    output = tmp_path / "classifier"
+    for resume in (True, False):
+        output.mkdir(exist_ok=True)
+        (output / "recipe.yaml.tmp").write_text("task: classi")  # cut short
+        result = distill.run(recipe, resume=resume)
+        assert (output / "results.json").is_file() and not (output / "recipe.yaml.tmp").exists()
+        assert result.rows
+        import shutil
+
+        shutil.rmtree(output)

@@ -103,7 +103,7 @@ class RunDirectory:
         if problem is not None:
             raise DistillError(f"the run directory `{path}` cannot be written: {problem}", field="output",
                                fix="choose a writable output directory (output: or --set output=DIR)")
-        if not path.exists() or not any(path.iterdir()):
+        if not path.exists() or not any(path.iterdir()) or self._only_leftovers():
             return
         if not path.is_dir():
             raise DistillError(f"`{path}` is a file", field="output", fix="choose a directory")
@@ -123,6 +123,11 @@ class RunDirectory:
                            field="output", fix="pass --resume to continue it, --overwrite to start again, "
                                                "or choose another output directory")
 
+    def _only_leftovers(self) -> bool:
+        """The directory holds nothing but a staged recipe.yaml.tmp: a run killed while writing its recipe, which
+        starts afresh (with or without --resume)."""
+        return self.path.is_dir() and all(p.name == RECIPE_FILE + ".tmp" for p in self.path.iterdir())
+
     def start(self, recipe, *, is_main: bool = True) -> None:
         """After every check: clear an overwritten run, create the directory, write recipe.yaml (a resumed
         run keeps the one it started with; a changed recipe is warned about and recorded in `meta`), then
@@ -133,6 +138,8 @@ class RunDirectory:
             return
         if self.overwrite and self.holds_run():
             shutil.rmtree(self.path)
+        if self._only_leftovers():
+            (self.path / (RECIPE_FILE + ".tmp")).unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         saved = self.path / RECIPE_FILE
         if self.resume:
