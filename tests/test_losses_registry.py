@@ -243,6 +243,16 @@ def _call(spec, **params):
     if spec.name == "alm":
         return spec.fn(-randn(2, 3).abs(), -randn(2, 3).abs(), student_boundary=-randn(2, 3).abs(),
                        teacher_boundary=-randn(2, 3).abs(), **params)
+    if spec.kind == "preference" and spec.inputs == "sequence":
+        first, second = -randn(3).abs(), -randn(3).abs()
+        if spec.name == "redi":
+            return spec.fn(first, torch.tensor([1, 2, 3]), second, torch.tensor([2, 2, 1]), **params)
+        return spec.fn(first, second, -randn(3).abs(), -randn(3).abs(), **params)
+    if spec.name == "dckd":
+        mask = torch.ones(2, 3, dtype=torch.bool)
+        return spec.fn(randn(2, 3, 5), randn(2, 3, 5), mask, randn(2, 3, 5), randn(2, 3, 5), mask, **params)
+    if spec.name == "adpa":
+        return spec.fn(randn(2, 3, 5), randn(2, 3, 5), randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool), **params)
     raise AssertionError(f"no inputs for {spec.name}")
 
 

@@ -38,7 +38,7 @@ from distill.losses.family import (
     student_entropy,
     taid,
 )
-from distill.losses import classic, ensemble, features, diffusion, cross_tokenizer  # noqa: F401  (they register their losses)
+from distill.losses import classic, ensemble, features, diffusion, cross_tokenizer, preference  # noqa: F401  (they register their losses)
 
 __all__ = [
     "IGNORE_INDEX", "KINDS", "LossParameterError", "LossSpec", "Param", "TaidSchedule", "ab_divergence",

@@ -38,7 +38,9 @@ __all__ = [
 # f_divergence: the weighting h(r) of DMD's gradient for one f-divergence (.f_divergence, an FDivergence);
 # cross_token:  a teacher and student with different tokenizers, over aligned positions or chunks (.cross_tokenizer;
 #               each function documents its inputs).
-KINDS = ("token", "classifier", "feature", "diffusion", "f_divergence", "cross_token")
+# preference:   pairs of completions (chosen, rejected) of one prompt (.preference): LossSpec.inputs says whether
+#               the function takes summed sequence log-probs [B] ("sequence") or logits [B, L, V] ("distribution").
+KINDS = ("token", "classifier", "feature", "diffusion", "f_divergence", "cross_token", "preference")
 
 
 class LossParameterError(ValueError):
@@ -215,6 +217,8 @@ class LossSpec:
     min_examples: int = 1
     # False for registered pieces that are not objectives themselves (a weight, a regression target).
     is_objective: bool = True
+    # Preference losses: "sequence" (summed log-probs per completion) or "distribution" (logits per position).
+    inputs: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
