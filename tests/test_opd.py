@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from conftest import assert_same_student, run_interrupted_and_resumed
 from distill.losses.policy import group_advantages, opd_loss, opd_token_rewards
@@ -108,3 +109,99 @@ def test_the_installed_command_imports_a_reward_from_the_current_directory(write
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr
     assert "returned" in done.stderr and "Traceback" not in done.stderr  # imported, then refused for its shape
+
+
+# ---- issue 19: estimators, clipping, baseline, quality gate, reference, ratio clip ----------------------------
+
+def test_kl_estimators_by_hand_and_as_rewards():
+    from distill.losses.policy import kl_estimate
+
+    student, teacher = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0])  # log r = lp_T - lp_S = (-1, 1)
+    torch.testing.assert_close(kl_estimate(student, teacher, "k1"), torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(kl_estimate(student, teacher, "k2"), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(kl_estimate(student, teacher, "k3"),
+                               torch.tensor([math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1]))
+    # with the reference and scale 2: lp_T' = lp_ref + 2 (lp_T - lp_ref); k1 reward as before
+    reference = torch.tensor([-1.5, -1.5])
+    torch.testing.assert_close(opd_token_rewards(student, teacher, reference, 2.0, "k1"),
+                               opd_token_rewards(student, teacher, reference, 2.0))
+    shifted = reference + 2 * (teacher - reference)
+    torch.testing.assert_close(opd_token_rewards(student, teacher, reference, 2.0, "k2"),
+                               -0.5 * (shifted - student) ** 2)
+
+
+def test_k3_and_k2_are_unbiased_and_biased_estimates_of_the_reverse_kl():
+    """Sampling from p_S: mean k1 and k3 approach KL(p_S || p_T) (unbiased), k3 never negative; k2 is biased."""
+    from distill.losses.policy import kl_estimate
+
+    generator = torch.Generator().manual_seed(0)
+    p_s = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    p_t = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    exact = float((p_s * (p_s / p_t).log()).sum())
+    tokens = torch.multinomial(p_s, 200_000, replacement=True, generator=generator)
+    lp_s, lp_t = p_s.log()[tokens], p_t.log()[tokens]
+    k1, k2, k3 = (float(kl_estimate(lp_s, lp_t, k).mean()) for k in ("k1", "k2", "k3"))
+    assert abs(k1 - exact) < 0.006 and abs(k3 - exact) < 0.006 and abs(k2 - exact) > 0.012  # k2 is 0.019 off
+    assert (kl_estimate(lp_s, lp_t, "k3") >= 0).all()
+
+
+def test_opd_options_change_the_loss_as_documented():
+    student = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.2, -1.0]], requires_grad=True)
+    teacher = torch.tensor([[-0.5, -4.0, -0.5], [-0.1, -0.3, -2.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards = (teacher - student).detach()
+    # clipping at 1: the -2 and +2.9 rewards become -1 and 1
+    loss, _ = opd_loss(student, teacher, mask, reward_clip=1.0)
+    clipped = rewards.clamp(-1, 1)
+    expected = -(torch.where(mask.bool(), clipped * student, 0.0)).sum() / 5
+    torch.testing.assert_close(loss, expected)
+    # the batch baseline removes the mean reward of the valid tokens
+    loss, _ = opd_loss(student, teacher, mask, baseline="batch")
+    centred = rewards - rewards[mask.bool()].mean()
+    torch.testing.assert_close(loss, -(torch.where(mask.bool(), centred * student, 0.0)).sum() / 5)
+    # a weight of 0 on the second sample drops its tokens (the count stays the batch's)
+    loss, parts = opd_loss(student, teacher, mask, sample_weights=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(loss, -(rewards[0] * student[0]).sum() / 5)
+    assert parts["kept"] == 0.5
+    # fresh samples: the PPO surrogate has REINFORCE's gradient
+    plain = torch.autograd.grad(opd_loss(student, teacher, mask)[0], student)[0]
+    ppo = torch.autograd.grad(opd_loss(student, teacher, mask, behavior_logprobs=student.detach(),
+                                       ratio_clip=0.2)[0], student)[0]
+    torch.testing.assert_close(plain, ppo)
+    # stale samples with a ratio far above 1 + e and a positive advantage: clipped, no gradient there
+    stale = student.detach() - 1.0  # rho = e
+    loss, parts = opd_loss(student, teacher, mask, behavior_logprobs=stale, ratio_clip=0.2)
+    gradient = torch.autograd.grad(loss, student)[0]
+    positive = (rewards > 0) & mask.bool()
+    assert (gradient[positive] == 0).all() and parts["clipped"] > 0
+
+
+def test_quality_gate_weights_by_the_teachers_mean_log_prob():
+    from distill.losses.policy import quality_weights
+
+    teacher = torch.tensor([[-0.1, -0.3, -9.0], [-3.0, -2.0, -0.1]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # means -0.2 and -1.7
+    torch.testing.assert_close(quality_weights(teacher, mask, -1.0), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(quality_weights(teacher, mask, -1.0, 0.25), torch.tensor([1.0, 0.25]))
+    torch.testing.assert_close(quality_weights(teacher, mask, None), torch.tensor([1.0, 1.0]))
+
+
+def test_opd_options_run_through_the_cli_and_are_checked(write_recipe, run_cli, tmp_path):
+    options = {"estimator": "k3", "reward_clip": 5.0, "baseline": "batch", "gate": -3.0, "gated_weight": 0.1,
+               "reference": "builtin:arithmetic-teacher"}
+    recipe = write_recipe(_arithmetic_opd(tmp_path, scale=1.25, opd=options))
+    done = run_cli("run", recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(0.0 <= r["kept"] <= 1.0 and r["reward_std"] >= 0 for r in records)
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["regime"]["opd"]["estimator"] == "k3"
+    for index, (regime, field) in enumerate([({"opd": {"estimator": "k4"}}, "regime.opd.estimator"),
+                                             ({"kind": "on_policy", "opd": {"estimator": "k2"}}, "regime.opd"),
+                                             ({"opd": {"reference": "builtin:arithmetic-teacher"}},
+                                              "regime.opd.reference"),
+                                             ({"scale": 1.25, "opd": {"reference": str(tmp_path / "none")}},
+                                              "regime.opd.reference")]):
+        refused = run_cli("run", write_recipe(_arithmetic_opd(tmp_path / f"x{index}", **regime), f"bad{index}.yaml"))
+        assert refused.returncode == 2 and field in refused.stderr, refused.stderr
+        assert not (tmp_path / f"x{index}").exists()

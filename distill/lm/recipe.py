@@ -261,6 +261,24 @@ class ObjectiveSpec(BaseModel):
                             field_prefix="")
 
 
+class OPDSpec(StrictModel):
+    """regime `opd`'s options (distill/losses/policy.py), each off by default (plain REINFORCE, k1 reward)."""
+
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Token reward -k(lp_S, lp_T) with Schulman's KL estimators: k1 = lp_S - lp_T (the exact "
+                          "reverse-KL gradient), k2 = (lp_T - lp_S)^2 / 2, k3 = r - 1 - log r (lower variance, biased "
+                          "as rewards), as KDRL compares them.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip each token's reward to [-c, c].")
+    baseline: Literal["none", "batch"] = Field("none", description="batch: subtract the mean token reward of the "
+                                                                   "micro-batch (variance reduction).")
+    gate: float | None = Field(None, description="Quality gate (KEPO's idea): samples whose mean teacher log-prob "
+                                                 "per token is below this get weight `gated_weight`.")
+    gated_weight: float = Field(0.0, ge=0, le=1, description="Weight of a gated sample (0: dropped).")
+    reference: str | None = Field(None, min_length=1, description="The reference of the reward correction at "
+                                  "scale != 1 (G-OPD): a causal LM (e.g. the teacher's own base model before its RL); "
+                                  "default: the initial student.")
+
+
 class RegimeSpec(StrictModel):
     """Where the training sequences and the teacher signal come from."""
 
@@ -297,6 +315,8 @@ class RegimeSpec(StrictModel):
                                 "weights under stop-grad.")
     group_size: int = Field(1, gt=0, description="opd: samples per prompt; > 1 centres sequence rewards on "
                                                  "their group mean. train.batch_size counts samples.")
+    opd: OPDSpec = Field(default_factory=OPDSpec, description="opd: KL estimator, reward clipping, baseline, "
+                                                               "quality gate, reference model.")
     path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
     k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
     ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
@@ -335,6 +355,12 @@ class RegimeSpec(StrictModel):
                                                     "kind: sequence")
         if self.kind == "cache" and not self.path:
             raise FieldValueError("path", "regime `cache` needs `path`, the cache directory")
+        if self.opd.model_fields_set and self.kind != "opd":
+            raise FieldValueError("opd", f"regime.opd holds options of kind `opd` (this is `{self.kind}`); remove it "
+                                         "or set kind: opd")
+        if self.opd.reference is not None and self.scale == 1.0:
+            raise FieldValueError("opd.reference", "at scale 1 the reference cancels out of the reward; set "
+                                                   "regime.scale (e.g. 1.25, ExOPD) or remove opd.reference")
         return self
 
 

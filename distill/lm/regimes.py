@@ -27,7 +27,7 @@ from distill.lm.data import IGNORE_INDEX, Example, collate
 from distill.lm.generate import Generation, sample
 from distill.lm.objective import TokenObjective
 from distill.losses import cross_entropy
-from distill.losses.policy import group_advantages, opd_loss
+from distill.losses.policy import group_advantages, opd_loss, quality_weights
 
 
 @dataclass
@@ -207,10 +207,11 @@ class OPD(Distill):
     def __init__(self, objective: TokenObjective, teacher, sampling: Sampling, *, scale: float = 1.0,
                  reference: torch.nn.Module | str | None = None,
                  reward_fn: Callable[[list[str], list[str]], list[float]] | None = None, reward_weight: float = 1.0,
-                 group_size: int = 1, decode: Callable[[list[int]], str] | None = None):
+                 group_size: int = 1, decode: Callable[[list[int]], str] | None = None, options=None):
         super().__init__(objective, None)
         self.teacher_model, self.sampling, self.scale, self.reference = teacher, sampling, scale, reference
         self.reward_fn, self.reward_weight, self.group_size, self.decode = reward_fn, reward_weight, group_size, decode
+        self.options = options  # recipe.regime.opd (an OPDSpec), None: every option off
 
     def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
         prompts = [prompt_of(e) for e in examples[:len(examples) // self.group_size] for _ in range(self.group_size)]
@@ -247,10 +248,18 @@ class OPD(Distill):
             elif self.reference is not None:
                 reference = sampled_logprobs(self.reference(**inputs).logits)
         seconds = time.perf_counter() - started
+        options = self.options
+        extra = {}
+        if options is not None:
+            extra = dict(estimator=options.estimator, reward_clip=options.reward_clip, baseline=options.baseline,
+                         sample_weights=quality_weights(teacher, mask, options.gate, options.gated_weight))
         loss, diagnostics = opd_loss(student_logprobs, teacher, mask, reference_logprobs=reference, scale=self.scale,
                                      sequence_advantages=batch.get("sequence_advantage"),
-                                     reward_weight=self.reward_weight, num_valid_tokens=num_valid_tokens)
-        return StepLoss(loss, {"loss": loss.item(), "kd": diagnostics["reverse_kl"]}, seconds)
+                                     reward_weight=self.reward_weight, num_valid_tokens=num_valid_tokens, **extra)
+        record = {"loss": loss.item(), "kd": diagnostics["reverse_kl"], "reward_std": diagnostics["reward_std"]}
+        if options is not None and options.gate is not None:
+            record["kept"] = diagnostics["kept"]
+        return StepLoss(loss, record, seconds)
 
 
 class SelfDistill(OnPolicy):

@@ -379,6 +379,15 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
         "on_policy", "opd", "sequence", "self") else None
     job.teacher_prompts = privileged_prompts(recipe, setup) if kind == "self" else None
     job.reward_fn = resolve_reward(recipe, setup) if kind == "opd" else None
+    if kind == "opd" and recipe.regime.opd.reference is not None:  # G-OPD's reference, checked before any write
+        reference = load_causal_lm(recipe.regime.opd.reference, "regime.opd.reference",
+                                   trust_remote_code=recipe.teacher.trust_remote_code)
+        rows = reference.get_output_embeddings().weight.shape[0]
+        if rows < setup.vocab_size:
+            raise DistillError(f"the reference model has {rows} output rows, fewer than the {setup.vocab_size} "
+                               "tokens of the student's vocabulary", field="regime.opd.reference",
+                               fix="give a model of the student's tokenizer (e.g. the teacher's base model)")
+        job.opd_reference = reference.eval().requires_grad_(False)
     return job
 
 
@@ -389,7 +398,7 @@ class LMJob(Job):
         self.recipe, self.setup = recipe, setup
         self.accelerator = setup.accelerator
         self.is_main = self.accelerator.is_main_process
-        self.student = self.sampling = self.teacher_prompts = self.reward_fn = None
+        self.student = self.sampling = self.teacher_prompts = self.reward_fn = self.opd_reference = None
         self.sharded = sharded_run(recipe, self.accelerator)
         self.started = time.perf_counter()
 
@@ -452,14 +461,17 @@ class LMJob(Job):
                                base_teacher=lora and regime.teacher_weights == "snapshot"), examples
         if kind == "opd":
             reference = None
-            if regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out); with LoRA, the
+            if self.opd_reference is not None:  # G-OPD's reward correction: e.g. the teacher's own base model
+                reference = self.opd_reference.to(device)
+            elif regime.scale != 1.0:  # the initial student, frozen (at scale 1 it cancels out); with LoRA, the
                 # base model with adapters disabled
                 reference = ("base" if recipe.student.lora is not None
                              else copy.deepcopy(self.student).eval().requires_grad_(False).to(device))
             tokenizer = setup.tokenizer
             return OPD(objective, setup.served or setup.teacher, self.sampling, scale=regime.scale, reference=reference,
                        reward_fn=self.reward_fn, reward_weight=regime.reward_weight, group_size=regime.group_size,
-                       decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)), examples
+                       decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                       options=regime.opd), examples
         if kind == "sequence":  # the teacher's completions, generated once (resumable)
             filtering = regime.rsd_threshold > 0
             if filtering:
