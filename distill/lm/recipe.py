@@ -199,13 +199,16 @@ class ObjectiveSpec(BaseModel):
         try:
             try:
                 spec = get_spec(self.loss, kind="token")
-            except LossParameterError as error:  # a cross-tokenizer loss, else the token kind's message
-                cross = {s.name for s in specs("cross_token")} | {a for s in specs("cross_token") for a in s.aliases}
-                if self.loss not in cross:
-                    names = ", ".join(s.name for s in specs("cross_token"))
+            except LossParameterError as error:  # a cross-tokenizer or preference loss, else the token kind's message
+                def named(kind):
+                    return {s.name for s in specs(kind)} | {a for s in specs(kind) for a in s.aliases}
+                kind = next((kind for kind in ("cross_token", "preference") if self.loss in named(kind)), None)
+                if kind is None:
+                    cross, pairs = (", ".join(s.name for s in specs(kind)) for kind in ("cross_token", "preference"))
                     raise LossParameterError(f"{error}; for a teacher and student with different tokenizers: "
-                                             f"{names}", field=error.field, fix=error.fix) from None
-                spec = get_spec(self.loss, kind="cross_token")
+                                             f"{cross}; for pairs of completions (regime.kind preference): {pairs}",
+                                             field=error.field, fix=error.fix) from None
+                spec = get_spec(self.loss, kind=kind)
             checked = check_params(spec.name, extra, kind=spec.kind, field_prefix="")
         except LossParameterError as error:  # field None: the name itself, whose message lists the known ones
             message = str(error) + (f"; {error.fix}" if error.field is not None and error.fix else "")
@@ -244,6 +247,13 @@ class ObjectiveSpec(BaseModel):
             raise FieldValueError("entropy_weight" if self.entropy_weight != 0 else "token_selection",
                                   f"`{spec.name}` compares aligned chunks of two tokenizations; entropy_weight and "
                                   "token_selection apply to same-tokenizer losses only: remove it")
+        if spec.kind == "preference":  # log-probabilities of whole completions, at temperature 1
+            unused = [name for name, value, default in (("temperature", self.temperature, 1.0), (
+                "entropy_weight", self.entropy_weight, 0.0), ("token_selection", self.token_selection, None))
+                if value != default]
+            if unused:
+                raise FieldValueError(unused[0], f"`{spec.name}` scores whole completions (chosen, rejected) at "
+                                                 f"temperature 1; `{unused[0]}` applies to token losses: remove it")
         return self
 
     @property
@@ -257,8 +267,15 @@ class ObjectiveSpec(BaseModel):
         """The loss-specific parameters with their defaults filled in."""
         from distill.losses import check_params
 
-        return check_params(self.loss, self.model_extra or {}, kind="cross_token" if self.cross_tokenizer else "token",
-                            field_prefix="")
+        kind = "cross_token" if self.cross_tokenizer else "preference" if self.preference else "token"
+        return check_params(self.loss, self.model_extra or {}, kind=kind, field_prefix="")
+
+    @property
+    def preference(self) -> bool:
+        """A loss over pairs of completions, chosen and rejected (`distill losses`: preference; regime preference)."""
+        from distill.losses import specs
+
+        return self.loss in {spec.name for spec in specs("preference")}
 
 
 class OPDSpec(StrictModel):
@@ -279,16 +296,28 @@ class OPDSpec(StrictModel):
                                   "default: the initial student.")
 
 
+class PreferenceSpec(StrictModel):
+    """regime `preference`'s options (distill/lm/preference.py); the loss itself is objective.loss."""
+
+    reference: Literal["initial", "teacher"] = Field(
+        "initial", description="dpo: the reference model pi_ref: `initial`, a frozen copy of the initial student "
+                               "(a LoRA student's base with its adapters disabled), as DPO's SFT model; `teacher`, "
+                               "the teacher, as LLaVA-MoD's preference distillation (the student must beat the "
+                               "teacher's own chosen-vs-rejected margin).")
+
+
 class RegimeSpec(StrictModel):
     """Where the training sequences and the teacher signal come from."""
 
-    kind: Literal["off_policy", "on_policy", "opd", "sequence", "self", "cache"] = Field(
+    kind: Literal["off_policy", "on_policy", "opd", "sequence", "self", "cache", "preference"] = Field(
         "off_policy", description="off_policy: dataset sequences scored by a live teacher; on_policy (GKD): with "
                                   "probability lmbda a batch's completions are sampled from the current student; "
                                   "opd: student samples, per-token teacher reward, policy gradient; "
                                   "sequence: the teacher completes the prompts once, the student learns its text; "
                                   "self (OPSD): the teacher is the student given privileged context; "
-                                  "cache: the teacher's stored top-k (`distill cache`), no teacher in memory.")
+                                  "cache: the teacher's stored top-k (`distill cache`), no teacher in memory; "
+                                  "preference: pairs of completions (chosen, rejected) trained with a preference "
+                                  "loss (objective.loss dpo | redi | dckd).")
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy / self: probability that a micro-batch's "
                                                       "completions are the student's own samples (GKD's lambda; "
                                                       "default 1 for self).")
@@ -317,6 +346,8 @@ class RegimeSpec(StrictModel):
                                                  "their group mean. train.batch_size counts samples.")
     opd: OPDSpec = Field(default_factory=OPDSpec, description="opd: KL estimator, reward clipping, baseline, "
                                                                "quality gate, reference model.")
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec, description="preference: the DPO "
+                                                                                   "reference model.")
     path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
     k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
     ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
@@ -355,7 +386,7 @@ class RegimeSpec(StrictModel):
                                                     "kind: sequence")
         if self.kind == "cache" and not self.path:
             raise FieldValueError("path", "regime `cache` needs `path`, the cache directory")
-        if self.opd.model_fields_set and self.kind != "opd":
+        if self.opd != OPDSpec() and self.kind != "opd":  # (a resolved recipe.yaml lists the defaults: fine)
             raise FieldValueError("opd", f"regime.opd holds options of kind `opd` (this is `{self.kind}`); remove it "
                                          "or set kind: opd")
         if self.opd.reference is not None and self.scale == 1.0:
