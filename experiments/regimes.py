@@ -10,6 +10,8 @@ Arms (same student, init, data, steps and batch; objective JSD(0.5) for the logi
   self                  OPSD: the student shown the answer is the teacher (arithmetic only)
   opd_1 / opd_1.25      on-policy distillation as RL, reward scale 1 (reverse KL) / 1.25 (ExOPD)
   opd_reward            scale 1 + correctness reward, 4 samples a problem (KD + RL; arithmetic only)
+  opd_clip              scale 1, token reward clipped to [-2, 2] and centred on the micro-batch mean
+  opd_gate              opd_clip + samples the teacher scores below -3 nats/token dropped (arithmetic only)
   warm_*                off_policy / opd_1 / opd_reward for 300 more steps, starting from the off_policy
                         student of the same seed (the OPD papers start from a trained student; arithmetic only)
 
@@ -42,12 +44,17 @@ ARMS = {  # (objective, regime)
     "opd_1": (JSD, {"kind": "opd", "scale": 1.0}),
     "opd_1.25": (JSD, {"kind": "opd", "scale": 1.25}),
     "opd_reward": (JSD, {"kind": "opd", "scale": 1.0, "reward": "builtin", "reward_weight": 0.5, "group_size": 4}),
+    # issue 19: the token reward clipped to [-2, 2] and centred on the micro-batch mean; then also a quality gate
+    # dropping samples whose mean teacher log-prob per token is below -3
+    "opd_clip": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"reward_clip": 2.0, "baseline": "batch"}}),
+    "opd_gate": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"reward_clip": 2.0, "baseline": "batch", "gate": -3.0}}),
 }
 # Warm start: the same student after its off_policy run (same seed), trained WARM_STEPS more steps.
-WARM = {"warm_off_policy": "off_policy", "warm_opd_1": "opd_1", "warm_opd_reward": "opd_reward"}
+WARM = {"warm_off_policy": "off_policy", "warm_opd_1": "opd_1", "warm_opd_reward": "opd_reward",
+        "warm_opd_clip": "opd_clip", "warm_opd_gate": "opd_gate"}
 WARM_STEPS = 300
 ARMS.update({name: ARMS[base] for name, base in WARM.items()})
-ONLY_ARITHMETIC = {"self", "opd_reward", *WARM}  # the oracle language has no prompts, answers or rewards
+ONLY_ARITHMETIC = {"self", "opd_reward", "opd_gate", *WARM}  # the oracle language has no prompts, answers or rewards
 METRICS = {"arithmetic": ["exact_match"], "oracle": ["oracle_forward_kl", "oracle_reverse_kl"]}
 
 
