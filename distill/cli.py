@@ -241,8 +241,8 @@ def losses():
         "f_divergence": "task diffusion: objective.divergence (the f-divergence weighting DMD's gradient)",
         "cross_token": "task lm: objective.loss, for a teacher and student with different tokenizers (over "
                        "aligned positions or chunks)",
-        "preference": "task lm: pairs of completions (chosen, rejected); not selectable from a recipe yet (the "
-                      "preference regime is being built)",
+        "preference": "task lm: objective.loss with regime.kind preference, over pairs of completions (chosen, "
+                      "rejected; extra objective keys are its parameters; adpa not selectable yet)",
     }
     for kind in KINDS:
         table = Table(title=f"{kind} losses - {where.get(kind, 'no recipe field')}")

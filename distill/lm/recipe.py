@@ -107,9 +107,12 @@ class StudentSpec(StrictModel):
 class DataSpec(StrictModel):
     """Training and evaluation data: a built-in task or local jsonl/parquet files."""
 
-    builtin: Literal["oracle", "arithmetic"] | None = Field(None, description="A built-in task.")
+    builtin: Literal["oracle", "arithmetic"] | None = Field(None, description="A built-in task (regime preference: "
+                                                                              "its preference pairs; arithmetic "
+                                                                              "has them).")
     train: str | None = Field(None, description="jsonl/json/parquet/csv with prompt+completion, text, or messages "
-                                                "rows, or a Hugging Face dataset: a save_to_disk directory, a "
+                                                "rows (regime preference: prompt or messages + chosen + "
+                                                "rejected), or a Hugging Face dataset: a save_to_disk directory, a "
                                                 "dataset script or data directory, or a hub id.")
     eval: str | None = Field(None, description="Eval file or dataset; default: `eval_split` of the train dataset, "
                                                "else the last `eval_size` train rows.")
@@ -118,7 +121,8 @@ class DataSpec(StrictModel):
                                                      "no data.eval is given (e.g. test).")
     fields: dict[str, str] | None = Field(
         None, description="Our field names -> the data's columns, e.g. {prompt: instruction, completion: response} "
-                          "or {messages: conversations}; fields: prompt, completion, text, messages, id.")
+                          "or {messages: conversations}; fields: prompt, completion, text, messages, id "
+                          "(and chosen, rejected: preference pairs).")
     train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task.")
     eval_size: int = Field(200, gt=0, description="Eval examples (built-in) or held-out rows (files).")
     seed: Seed = Field(0, description="Seed of the built-in task's sampled data.")
@@ -140,7 +144,7 @@ class DataSpec(StrictModel):
         if self.train is None and (self.fields is not None or self.eval_split is not None):
             raise FieldValueError("fields" if self.fields is not None else "eval_split",
                                   "data.fields / data.eval_split apply to data.train; built-in tasks have their own")
-        known = ("prompt", "completion", "text", "messages", "id")
+        known = ("prompt", "completion", "text", "messages", "id", "chosen", "rejected")
         unknown = [key for key in self.fields or {} if key not in known]
         if unknown:
             raise FieldValueError("fields", f"data.fields maps our fields ({', '.join(known)}) to your columns; "
@@ -464,6 +468,44 @@ class LMRecipe(RunRecipe):
     regime: RegimeSpec = Field(default_factory=RegimeSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _preference_fits(self) -> "LMRecipe":
+        """Preference losses go with regime preference and it with them (distill/lm/preference.py)."""
+        regime, loss = self.regime, self.objective.loss
+        if regime.kind != "preference":
+            if self.objective.preference:
+                raise FieldValueError("objective.loss", f"`{loss}` is a preference loss over pairs of completions "
+                                      "(chosen, rejected): set regime.kind: preference, or use a token loss such as "
+                                      "forward_kl")
+            if regime.preference != PreferenceSpec():
+                raise FieldValueError("regime.preference", f"regime.preference holds options of kind `preference` "
+                                      f"(this is `{regime.kind}`); remove it or set kind: preference")
+            return self
+        if not self.objective.preference:
+            raise FieldValueError("objective.loss", f"regime preference trains with a preference loss (dpo | redi | "
+                                  f"dckd); `{loss}` is a token loss: set objective.loss, e.g. dpo")
+        if loss == "adpa":
+            raise FieldValueError("objective.loss", "adpa learns on the student's own samples from an aligned "
+                                  "teacher and that teacher's reference (two teachers): not built yet; use dpo, redi "
+                                  "or dckd")
+        if regime.preference.reference == "teacher" and loss != "dpo":
+            raise FieldValueError("regime.preference.reference", f"the reference model is DPO's; `{loss}` has none: "
+                                  "remove regime.preference.reference, or use objective.loss dpo")
+        needs_teacher = loss == "dckd" or (loss == "dpo" and regime.preference.reference == "teacher")
+        if needs_teacher and self.teacher.served:
+            raise FieldValueError("teacher.url", f"`{loss}` here reads the teacher's "
+                                  f"{'whole next-token distributions' if loss == 'dckd' else 'sequence log-probs'}, "
+                                  "from a teacher in memory: use teacher.path (not a server)")
+        if self.data.packing:
+            raise FieldValueError("data.packing", "regime preference keeps each chosen and rejected completion whole, "
+                                  "as a pair: set data.packing false")
+        if not self.data.completion_only:
+            raise FieldValueError("data.completion_only", "preference losses score the completions (chosen, "
+                                  "rejected) given their prompt: set data.completion_only true")
+        if self.train.sharding == "fsdp":
+            raise FieldValueError("train.sharding", "regime preference is not sharded yet: use train.sharding ddp")
+        return self
 
     @model_validator(mode="after")
     def _task_available(self) -> "LMRecipe":

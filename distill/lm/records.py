@@ -10,7 +10,7 @@ from pathlib import Path
 from distill.core.errors import DistillError
 from distill.core.recipe import encodable, shown
 
-FIELD_NAMES = ("prompt", "completion", "text", "messages", "id")  # the row fields data.fields may map
+FIELD_NAMES = ("prompt", "completion", "text", "messages", "id", "chosen", "rejected")  # what data.fields may map
 DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (DatasetDict / Dataset)
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROW_SHAPES = "an object with `prompt`+`completion`, `text`, or `messages`"
@@ -46,8 +46,10 @@ def read_records(path: str, field: str, split: str | None = None, fields: dict[s
 
 
 def read_rows(path: str, field: str, split: str | None = None, fields: dict[str, str] | None = None,
-              split_field: str = "data.split") -> tuple[list[dict], RowOrigin]:
-    """`read_records` and where each row came from."""
+              split_field: str = "data.split", problem=None, fix=None) -> tuple[list[dict], RowOrigin]:
+    """`read_records` and where each row came from. `problem` / `fix`: another check of each row and its fix
+    (default `row_problem` / `row_fix`; preference pairs have their own)."""
+    problem, fix = problem or row_problem, fix or row_fix
     file = Path(path).expanduser()
     if file.is_file() and file.suffix in FILE_SUFFIXES:
         rows, lines = _read_file(path, field)
@@ -58,9 +60,9 @@ def read_rows(path: str, field: str, split: str | None = None, fields: dict[str,
     rows = _map_fields(rows, fields, path) if fields else rows
     origin = RowOrigin(path, lines)
     for index, row in enumerate(rows):
-        problem = row_problem(row)
-        if problem is not None:
-            raise DistillError(f"{origin.row(index)}: {problem}", field=field, fix=row_fix(problem) + (
+        found = problem(row)
+        if found is not None:
+            raise DistillError(f"{origin.row(index)}: {found}", field=field, fix=fix(found) + (
                 " (data.fields maps our fields to your columns)" if fields else ""))
     return rows, origin
 
@@ -87,7 +89,10 @@ def row_problem(record) -> str | None:
     elif "text" in record:
         keys = ("text",)
     else:
-        return f"the row has keys {sorted(map(str, record))}; expected `prompt`+`completion`, `text`, or `messages`"
+        pair = {"chosen", "rejected"} <= record.keys()
+        pairs = " (a preference pair: regime.kind preference reads those)" if pair else ""
+        return (f"the row has keys {sorted(map(str, record))}; expected `prompt`+`completion`, `text`, or "
+                f"`messages`{pairs}")
     for key in keys:
         if not isinstance(record[key], (str, int, float, bool)):
             return f"`{key}` is {shown(record[key])}, not text"

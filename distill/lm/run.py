@@ -31,6 +31,7 @@ from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_voc
                                load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model,
                                transformers_model)
 from distill.lm.objective import TokenObjective
+from distill.lm.preference import load_preference_data, preference_regime, rejected_examples
 from distill.lm.recipe import LMRecipe, ObjectiveSpec
 from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
 from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
@@ -88,7 +89,8 @@ class LMSetup:
         # `tokenizer` is the student's: data, evaluation and generation of the trained rows use it
         self.tokenizer = (load_tokenizer(recipe.student.path, "student.path", recipe.student.trust_remote_code)
                           if self.cross else self.teacher_tokenizer)
-        self.train_records, self.eval_records, self.train_examples, self.eval_examples = load_data(
+        loader = load_preference_data if recipe.regime.kind == "preference" else load_data  # pairs, chosen first
+        self.train_records, self.eval_records, self.train_examples, self.eval_examples = loader(
             recipe.data, self.tokenizer, self.task)
         if self.cross:  # both sides' tokens of every row, aligned (distill/lm/cross_tokenizer/)
             self.train_pairs, self.eval_pairs = (
@@ -231,6 +233,9 @@ class LMSetup:
             notes.append(f"teacher and student tokenize differently ({self.recipe.objective.loss} over aligned "
                          "chunks): nll is per token of each model's own tokenization, nll_per_char per character of "
                          "the completion text (comparable across rows)")
+        if self.recipe.regime.kind == "preference":
+            notes.append(f"preference pairs ({self.recipe.objective.loss}): `alone` is SFT on the chosen completions; "
+                         "every row is evaluated on the chosen completions of the eval rows")
         return {"primary_metric": self.scorer.metric if self.scorer else ("nll_per_char" if self.cross else "nll"),
                 "higher_is_better": self.scorer.higher_is_better if self.scorer else False,
                 "hidden_columns": ["oracle_entropy", "oracle_entropy_per_symbol"],  # properties of the eval data
@@ -365,7 +370,8 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
         setup.vocab_size = check_same_vocabulary(student_tokenizer, student_tokenizer, student, student)
     else:
         setup.vocab_size = check_same_vocabulary(setup.tokenizer, student_tokenizer, setup.teacher or student, student)
-    longest = max(len(e.input_ids) for e in setup.train_examples + setup.eval_examples)
+    longest = max(len(e.input_ids) for e in setup.train_examples + setup.eval_examples
+                  + rejected_examples(setup.train_examples))
     for role, model in (("teacher", setup.teacher), ("student", student)):
         limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
         if limit is not None and longest > limit:
@@ -445,6 +451,9 @@ class LMJob(Job):
         regime, kind, examples = recipe.regime, recipe.regime.kind, setup.train_examples
         if setup.cross:
             return self.cross_regime(run_dir)
+        if kind == "preference":  # (before the token objective, which a preference loss is not)
+            return preference_regime(recipe, self.student, setup.teacher, device,
+                                     self.accelerator.num_processes), examples
         objective = self.objective(recipe.objective)
         if setup.cache is not None:
             teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)
