@@ -242,7 +242,7 @@ def losses():
         "cross_token": "task lm: objective.loss, for a teacher and student with different tokenizers (over "
                        "aligned positions or chunks)",
         "preference": "task lm: objective.loss with regime.kind preference, over pairs of completions (chosen, "
-                      "rejected; extra objective keys are its parameters; adpa not selectable yet)",
+                      "rejected; extra objective keys are its parameters; adpa on the student's samples)",
     }
     for kind in KINDS:
         table = Table(title=f"{kind} losses - {where.get(kind, 'no recipe field')}")

@@ -175,7 +175,7 @@ def test_arithmetic_pairs_are_a_correct_and_a_plausible_wrong_answer():
 @pytest.mark.parametrize("objective, regime, other, field, expected", [
     ({"loss": "dpo"}, {"kind": "off_policy"}, {}, "objective.loss", "set regime.kind: preference"),
     ({"loss": "forward_kl"}, {"kind": "preference"}, {}, "objective.loss", "is a token loss"),
-    ({"loss": "adpa"}, {"kind": "preference"}, {}, "objective.loss", "not built yet"),
+    ({"loss": "adpa"}, {"kind": "preference"}, {}, "regime.preference.teacher_reference", "needs the aligned"),
     ({"loss": "dpo", "beta": 0}, {"kind": "preference"}, {}, "objective.beta", "beta"),
     ({"loss": "redi", "beta": 0.1}, {"kind": "preference"}, {}, "objective.beta", "not a parameter of loss `redi`"),
     ({"loss": "dpo", "temperature": 2.0}, {"kind": "preference"}, {}, "objective.temperature", "temperature 1"),
@@ -319,3 +319,60 @@ def test_shipped_recipe_is_valid():
     recipe = load_recipe(str(path))
     assert recipe.regime.kind == "preference" and recipe.objective.preference
     assert yaml.safe_load(path.read_text())["teacher"]["path"] == "builtin:arithmetic-teacher"
+
+
+# ---- ADPA --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weaker_arithmetic_teacher(tmp_path_factory):
+    """A causal LM of the arithmetic tokenizer that knows nothing (a random tiny Llama, save_pretrained): the
+    aligned teacher's "reference" in the ADPA tests."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.lm.models import load_tokenizer, tiny_llama_config
+
+    directory = tmp_path_factory.mktemp("weak-arithmetic")
+    tokenizer = load_tokenizer("builtin:arithmetic-teacher", "teacher.path")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_adpa_learns_from_the_teachers_advantage_on_the_students_samples(weaker_arithmetic_teacher, write_recipe,
+                                                                         run_cli, tmp_path):
+    recipe = _arithmetic(tmp_path, {"loss": "adpa", "ce_weight": 0.5},
+                         regime={"preference": {"teacher_reference": str(weaker_arithmetic_teacher)}})
+    done = run_cli("run", write_recipe(recipe))
+    assert done.returncode == 0, done.stderr[-3000:]
+    distilled = [r for r in _losses(tmp_path / "run") if r["phase"] == "distilled"]
+    assert len(distilled) == 4
+    for record in distilled:
+        assert record["generated_tokens"] > 0 and math.isfinite(record["kd"])
+        assert record["expected_advantage"] == pytest.approx(-record["kd"], rel=1e-6)
+        assert record["loss"] == pytest.approx(record["kd"] + 0.5 * record["ce"], rel=1e-5)
+
+
+def test_adpa_with_the_teacher_as_its_own_reference_has_no_advantage(tmp_path):
+    import distill
+
+    recipe = _arithmetic(tmp_path, {"loss": "adpa"}, train={"steps": 2, "baseline": False},
+                         regime={"preference": {"teacher_reference": "builtin:arithmetic-teacher"}})
+    distill.run(recipe)
+    assert all(r["kd"] == 0.0 for r in _losses(tmp_path / "run") if r["phase"] == "distilled")
+
+
+def test_adpa_needs_its_reference_and_others_refuse_it(tmp_path):
+    with pytest.raises(DistillError, match="regime.preference.teacher_reference"):
+        load_recipe(_arithmetic(tmp_path, {"loss": "adpa"}))
+    with pytest.raises(DistillError, match="regime.preference.teacher_reference"):
+        load_recipe(_arithmetic(tmp_path, {"loss": "dpo"},
+                                regime={"preference": {"teacher_reference": "builtin:arithmetic-teacher"}}))
+
+
+def test_resumed_adpa_run_ends_identical(weaker_arithmetic_teacher, tmp_path, monkeypatch):
+    recipe = _arithmetic(tmp_path, {"loss": "adpa", "ce_weight": 0.5}, train={"baseline": False},
+                         regime={"preference": {"teacher_reference": str(weaker_arithmetic_teacher)}})
+    straight, resumed = run_interrupted_and_resumed(recipe, tmp_path, monkeypatch)
+    assert_same_student(straight.run_dir, resumed.run_dir)

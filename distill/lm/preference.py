@@ -29,7 +29,7 @@ from distill.core.recipe import encodable, shown
 from distill.lm.data import IGNORE_INDEX, Example, collate, tokenize
 from distill.lm.records import read_rows, row_fix, row_problem
 from distill.lm.recipe import ObjectiveSpec
-from distill.lm.regimes import MicroBatch, StepLoss, StudentView
+from distill.lm.regimes import MicroBatch, Sampling, StepLoss, StudentView, prompt_of, sampling_generator
 from distill.losses import cross_entropy, get_spec
 from distill.losses.preference import sequence_logprobs
 
@@ -258,10 +258,48 @@ class Preference:
         pass
 
 
-def preference_regime(recipe, student, teacher, device, world_size: int) -> Preference:
+class AdvantageGuided(Preference):
+    """ADPA (Gao et al. 2025): the student samples a completion for the prompt of each pair, and learns from the
+    aligned teacher's advantage over its own reference on those samples (`adpa_loss`: minus the student's
+    expected advantage at every position, over the whole vocabulary); objective.ce_weight adds SFT on the
+    pairs' chosen completions. A micro-batch holds the chosen sequences, then the samples."""
+
+    samples = True
+
+    def __init__(self, objective: PreferenceObjective, *, teacher: torch.nn.Module,
+                 teacher_reference: torch.nn.Module, sampling: Sampling, world_size: int = 1):
+        super().__init__(objective, teacher=teacher, world_size=world_size)
+        self.teacher_reference, self.sampling = teacher_reference, sampling
+
+    def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
+        generation = student.sample([prompt_of(e) for e in examples], self.sampling,
+                                    sampling_generator(student.seed, step, micro, rank))
+        tensors = collate([*examples, *generation.to_examples()], student.pad_token_id)
+        tensors["example_index"] = torch.tensor(indices + indices, dtype=torch.long)
+        return MicroBatch(tensors, generate_seconds=generation.seconds, generated_tokens=generation.new_tokens,
+                          sampled=True)
+
+    def term(self, logits, labels, mask, inputs, student: StudentView) -> tuple[torch.Tensor, dict, float]:
+        pairs = labels.shape[0] // 2
+        samples = slice(pairs, None)
+        started = time.perf_counter()
+        sampled = {key: value[samples] for key, value in inputs.items()}
+        with torch.no_grad():
+            aligned = self.teacher(**sampled, use_cache=False).logits[:, :-1, :student.vocab_size]
+            reference = self.teacher_reference(**sampled, use_cache=False).logits[:, :-1, :student.vocab_size]
+        seconds = time.perf_counter() - started
+        loss = self.objective.fn(logits[samples], aligned, reference, mask[samples], **self.objective.params)
+        return loss, {"expected_advantage": -loss.item()}, seconds
+
+
+def preference_regime(recipe, student, teacher, device, world_size: int, *, sampling: Sampling | None = None,
+                      teacher_reference: torch.nn.Module | None = None) -> Preference:
     """The distilled row's regime of a recipe with regime.kind preference: dpo's reference (regime.preference.
     reference: the initial student, frozen, or a LoRA student's base; or the teacher), dckd's teacher."""
     objective = PreferenceObjective(recipe.objective)
+    if objective.name == "adpa":
+        return AdvantageGuided(objective, teacher=teacher, teacher_reference=teacher_reference.to(device),
+                               sampling=sampling, world_size=world_size)
     reference = None
     if objective.name == "dpo" and recipe.objective.kd_weight > 0:
         if recipe.regime.preference.reference == "teacher":

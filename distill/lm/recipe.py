@@ -308,6 +308,10 @@ class PreferenceSpec(StrictModel):
                                "(a LoRA student's base with its adapters disabled), as DPO's SFT model; `teacher`, "
                                "the teacher, as LLaVA-MoD's preference distillation (the student must beat the "
                                "teacher's own chosen-vs-rejected margin).")
+    teacher_reference: str | None = Field(
+        None, min_length=1, description="adpa: the aligned teacher's own reference (its SFT model before preference "
+                                        "alignment), a causal LM of the student's tokenizer; the teacher's advantage "
+                                        "is log p_teacher - log p_teacher_reference.")
 
 
 class RegimeSpec(StrictModel):
@@ -485,10 +489,14 @@ class LMRecipe(RunRecipe):
         if not self.objective.preference:
             raise FieldValueError("objective.loss", f"regime preference trains with a preference loss (dpo | redi | "
                                   f"dckd); `{loss}` is a token loss: set objective.loss, e.g. dpo")
-        if loss == "adpa":
-            raise FieldValueError("objective.loss", "adpa learns on the student's own samples from an aligned "
-                                  "teacher and that teacher's reference (two teachers): not built yet; use dpo, redi "
-                                  "or dckd")
+        if (loss == "adpa") != (regime.preference.teacher_reference is not None):
+            raise FieldValueError("regime.preference.teacher_reference",
+                                  "adpa needs the aligned teacher's reference model (its SFT model): set "
+                                  "regime.preference.teacher_reference" if loss == "adpa" else
+                                  f"teacher_reference is ADPA's; `{loss}` does not use it: remove it")
+        if loss == "adpa" and self.teacher.served:
+            raise FieldValueError("teacher.url", "adpa reads the teacher's whole next-token distributions on the "
+                                  "student's samples, from a teacher in memory: use teacher.path (not a server)")
         if regime.preference.reference == "teacher" and loss != "dpo":
             raise FieldValueError("regime.preference.reference", f"the reference model is DPO's; `{loss}` has none: "
                                   "remove regime.preference.reference, or use objective.loss dpo")

@@ -381,20 +381,28 @@ def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
         check_packing({"teacher": setup.teacher, "student": student})
     kind = recipe.regime.kind
     job.student = student
+    adpa = kind == "preference" and recipe.objective.loss == "adpa"
     job.sampling = sampling_settings(recipe, setup, [setup.teacher, student]) if kind in (
-        "on_policy", "opd", "sequence", "self") else None
+        "on_policy", "opd", "sequence", "self") or adpa else None
+    if adpa:  # the aligned teacher's own reference, loaded and checked before anything is written
+        job.teacher_reference = _reference_model(recipe.regime.preference.teacher_reference,
+                                                 "regime.preference.teacher_reference", recipe, setup)
     job.teacher_prompts = privileged_prompts(recipe, setup) if kind == "self" else None
     job.reward_fn = resolve_reward(recipe, setup) if kind == "opd" else None
     if kind == "opd" and recipe.regime.opd.reference is not None:  # G-OPD's reference, checked before any write
-        reference = load_causal_lm(recipe.regime.opd.reference, "regime.opd.reference",
-                                   trust_remote_code=recipe.teacher.trust_remote_code)
-        rows = reference.get_output_embeddings().weight.shape[0]
-        if rows < setup.vocab_size:
-            raise DistillError(f"the reference model has {rows} output rows, fewer than the {setup.vocab_size} "
-                               "tokens of the student's vocabulary", field="regime.opd.reference",
-                               fix="give a model of the student's tokenizer (e.g. the teacher's base model)")
-        job.opd_reference = reference.eval().requires_grad_(False)
+        job.opd_reference = _reference_model(recipe.regime.opd.reference, "regime.opd.reference", recipe, setup)
     return job
+
+
+def _reference_model(path: str, field: str, recipe: LMRecipe, setup: "LMSetup") -> torch.nn.Module:
+    """A frozen causal LM over the student's vocabulary (a reference of a reward or an advantage)."""
+    reference = load_causal_lm(path, field, trust_remote_code=recipe.teacher.trust_remote_code)
+    rows = reference.get_output_embeddings().weight.shape[0]
+    if rows < setup.vocab_size:
+        raise DistillError(f"the model at `{path}` has {rows} output rows, fewer than the {setup.vocab_size} tokens "
+                           "of the student's vocabulary", field=field,
+                           fix="give a model of the student's tokenizer (e.g. the teacher's base or SFT model)")
+    return reference.eval().requires_grad_(False)
 
 
 class LMJob(Job):
@@ -405,6 +413,7 @@ class LMJob(Job):
         self.accelerator = setup.accelerator
         self.is_main = self.accelerator.is_main_process
         self.student = self.sampling = self.teacher_prompts = self.reward_fn = self.opd_reference = None
+        self.teacher_reference = None
         self.sharded = sharded_run(recipe, self.accelerator)
         self.started = time.perf_counter()
 
@@ -452,8 +461,8 @@ class LMJob(Job):
         if setup.cross:
             return self.cross_regime(run_dir)
         if kind == "preference":  # (before the token objective, which a preference loss is not)
-            return preference_regime(recipe, self.student, setup.teacher, device,
-                                     self.accelerator.num_processes), examples
+            return preference_regime(recipe, self.student, setup.teacher, device, self.accelerator.num_processes,
+                                     sampling=self.sampling, teacher_reference=self.teacher_reference), examples
         objective = self.objective(recipe.objective)
         if setup.cache is not None:
             teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)
