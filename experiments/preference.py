@@ -11,6 +11,9 @@ teacher, 600 steps of 32 pairs, lr 1e-3). Arms (regime preference, same student 
   redi            REDI (alpha 0.8): length-normalised push-up of the chosen, push-down of the rejected
   dckd            DCKD: forward KL to the teacher on the tokens of both answers
   dckd_sft        DCKD + 0.5 SFT on the chosen (the shipped recipe)
+  adpa_sft        ADPA on the student's samples (the shipped teacher's advantage over a 150-update checkpoint of
+                  it) + 0.5 SFT on the chosen
+  adpa_plus       ADPA+: the same, starting from the dckd_sft student (sequential, as the paper)
 Metric: exact match of greedy answers on 200 held-out problems (the teacher scores 1.000). Prints mean ±
 half-range per arm; each run is a normal run directory under --out.
 """
@@ -33,7 +36,22 @@ ARMS = {  # arm -> (objective, regime.preference, train.baseline)
     "redi": ({"loss": "redi", "alpha": 0.8}, {}, False),
     "dckd": ({"loss": "dckd"}, {}, False),
     "dckd_sft": ({"loss": "dckd", "ce_weight": 0.5}, {}, True),  # its `alone` row is the sft arm
+    # ADPA: the shipped teacher is the "aligned" one, its reference a weaker checkpoint (WEAK_STEPS updates of
+    # `distill train-teacher builtin:arithmetic`); ADPA+ starts from the dckd_sft student of the same seed
+    "adpa_sft": ({"loss": "adpa", "ce_weight": 0.5}, {"teacher_reference": "WEAK"}, False),
+    "adpa_plus": ({"loss": "adpa", "ce_weight": 0.5}, {"teacher_reference": "WEAK"}, False),
 }
+WEAK_STEPS = 150
+
+
+def weak_teacher(out: Path) -> Path:
+    """The aligned teacher's "reference": the arithmetic teacher trained WEAK_STEPS updates only."""
+    directory = out / f"arithmetic-teacher-{WEAK_STEPS}-steps"
+    if not (directory / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "distill", "train-teacher", "builtin:arithmetic", "--out", str(directory),
+                        "--steps", str(WEAK_STEPS), "--batch-size", "64", "--lr", "1e-3", "--threads", "1",
+                        "--overwrite"], check=True, cwd=ROOT)
+    return directory
 
 
 def run(arm: str, seed: int, out: Path, steps: int | None) -> dict:
@@ -42,7 +60,13 @@ def run(arm: str, seed: int, out: Path, steps: int | None) -> dict:
         recipe = yaml.safe_load(RECIPE.read_text())
         objective, preference, baseline = ARMS[arm]
         recipe["objective"] = objective
+        if preference.get("teacher_reference") == "WEAK":
+            preference = {**preference, "teacher_reference": str(weak_teacher(out))}
         recipe["regime"] = {"kind": "preference", **({"preference": preference} if preference else {})}
+        if arm == "adpa_plus":  # ADPA+: from the DCKD student of this seed
+            run("dckd_sft", seed, out, steps)
+            recipe["student"] = {"path": str(out / f"dckd_sft-seed{seed}" / "student")}
+            recipe["train"]["warmup_steps"] = 0
         recipe["train"].update(seed=seed, baseline=baseline, **({"steps": steps, "warmup_steps": 0} if steps else {}))
         recipe["data"]["seed"] = seed
         recipe["output"] = str(run_dir)
