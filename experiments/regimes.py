@@ -88,7 +88,7 @@ def run_arm(task: str, arm: str, seed: int, out: Path, steps: int | None) -> dic
     generated = [r for r in losses if r.get("generate_seconds")]
     row = {metric: results["rows"]["distilled"][metric] for metric in METRICS[task]}
     row["teacher"] = {metric: results["rows"]["teacher"][metric] for metric in METRICS[task]}
-    row["seconds"] = results["seconds"]
+    row["seconds"] = results.get("meta", results)["seconds"]  # (results.json keeps it under meta now)
     if generated:
         row["generation_tokens_per_second"] = statistics.median(r["generated_tokens"] / r["generate_seconds"]
                                                                 for r in generated)
