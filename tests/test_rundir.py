@@ -69,12 +69,16 @@ def test_refusals_come_before_any_write(tiny_recipe, tmp_path):
 
 def test_a_run_killed_while_writing_its_recipe_starts_afresh(tiny_recipe, tmp_path):
     """Found by the kill -9 soak: a kill between the staging and the rename of recipe.yaml left a directory
-    holding only recipe.yaml.tmp, which --resume called "no run to resume" and a plain run "not empty"."""
+    holding only recipe.yaml.tmp, which --resume called "no run to resume" and a plain run "not empty"; and a kill
+    right after the directory was made left it empty, where the first fix failed (and its error.log then made
+    the directory "not empty")."""
     recipe = _recipes(tiny_recipe, tmp_path)["classifier"]
     output = tmp_path / "classifier"
-    for resume in (True, False):
+    for resume, leftovers in ((True, ["recipe.yaml.tmp"]), (False, ["recipe.yaml.tmp", "error.log"]),
+                              (True, []), (True, ["error.log"])):  # (the long soak found the empty directory)
         output.mkdir(exist_ok=True)
-        (output / "recipe.yaml.tmp").write_text("task: classi")  # cut short
+        for name in leftovers:
+            (output / name).write_text("task: classi")  # cut short
         result = distill.run(recipe, resume=resume)
         assert (output / "results.json").is_file() and not (output / "recipe.yaml.tmp").exists()
         assert result.rows

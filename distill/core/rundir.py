@@ -124,9 +124,11 @@ class RunDirectory:
                                                "or choose another output directory")
 
     def _only_leftovers(self) -> bool:
-        """The directory holds nothing but a staged recipe.yaml.tmp: a run killed while writing its recipe, which
-        starts afresh (with or without --resume)."""
-        return self.path.is_dir() and all(p.name == RECIPE_FILE + ".tmp" for p in self.path.iterdir())
+        """The directory holds nothing but a staged recipe.yaml.tmp and failure logs (error.log, error-rank<r>.log):
+        a run killed or failed before its recipe was written, which starts afresh (with or without --resume)."""
+        return self.path.is_dir() and all(p.name == RECIPE_FILE + ".tmp" or (p.name.startswith("error")
+                                                                            and p.name.endswith(".log"))
+                                          for p in self.path.iterdir())
 
     def start(self, recipe, *, is_main: bool = True) -> None:
         """After every check: clear an overwritten run, create the directory, write recipe.yaml (a resumed
@@ -139,7 +141,7 @@ class RunDirectory:
         if self.overwrite and self.holds_run():
             shutil.rmtree(self.path)
         if self._only_leftovers():
-            (self.path / (RECIPE_FILE + ".tmp")).unlink()
+            (self.path / (RECIPE_FILE + ".tmp")).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         saved = self.path / RECIPE_FILE
         if self.resume:
