@@ -163,6 +163,9 @@ def test_opd_options_change_the_loss_as_documented():
     loss, parts = opd_loss(student, teacher, mask, sample_weights=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(loss, -(rewards[0] * student[0]).sum() / 5)
     assert parts["kept"] == 0.5
+    # with the baseline, the mean is over the kept sample's tokens only (a dropped sample's -2 does not count)
+    loss, _ = opd_loss(student, teacher, mask, sample_weights=torch.tensor([1.0, 0.0]), baseline="batch")
+    torch.testing.assert_close(loss, -((rewards[0] - rewards[0].mean()) * student[0]).sum() / 5)
     # fresh samples: the PPO surrogate has REINFORCE's gradient
     plain = torch.autograd.grad(opd_loss(student, teacher, mask)[0], student)[0]
     ppo = torch.autograd.grad(opd_loss(student, teacher, mask, behavior_logprobs=student.detach(),

@@ -95,7 +95,8 @@ def opd_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, *
     Options (each off by default, which is plain REINFORCE with the k1 reward):
       estimator     the per-token reward -k(lp_S, lp_T) (`kl_estimate`: k1 | k2 | k3);
       reward_clip   clip each token's reward to [-c, c];
-      baseline      "batch": subtract the mean token reward of the valid tokens (variance reduction);
+      baseline      "batch": subtract the mean token reward of the valid tokens, weighted by sample_weights
+                    (variance reduction; a gated sample's tokens do not shift the others');
       sample_weights [B] multiply each sample's terms (a quality gate: `quality_weights`);
       behavior_logprobs, ratio_clip   samples drawn by an older policy: the PPO surrogate
                     -min(rho A, clip(rho, 1 - e, 1 + e) A) with rho = exp(lp_S - lp_behavior) (fresh samples:
@@ -107,14 +108,15 @@ def opd_loss(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, *
     if reward_clip is not None:
         rewards = rewards.clamp(-reward_clip, reward_clip)
     valid = mask.sum().clamp(min=1)
-    if baseline == "batch":
-        rewards = rewards - torch.where(mask, rewards, 0.0).sum() / valid
+    weights = torch.ones_like(rewards) if sample_weights is None else sample_weights.to(rewards.dtype)[:, None]
+    if baseline == "batch":  # the mean over the tokens that count, as weighted (a gated sample's do not)
+        kept = torch.where(mask, weights, 0.0)
+        rewards = rewards - (kept * rewards).sum() / kept.sum().clamp(min=1e-12)
     elif baseline != "none":
         raise ValueError(f"baseline must be none or batch, got {baseline!r}")
     advantages = rewards
     if sequence_advantages is not None and reward_weight:
         advantages = advantages + reward_weight * sequence_advantages.to(rewards.dtype)[:, None]
-    weights = torch.ones_like(advantages) if sample_weights is None else sample_weights.to(advantages.dtype)[:, None]
     count = num_valid_tokens if num_valid_tokens is not None else valid
     clipped = torch.zeros((), dtype=advantages.dtype)
     if behavior_logprobs is None:
