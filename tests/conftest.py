@@ -262,18 +262,10 @@ def random_loss_inputs(shape, dtype=torch.float64, seed=0, requires_grad=True):
     return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad), mask
 
 
-# The longest tests start first: pytest-xdist hands tests out in collection order, so a long test collected
-# late (the kill -9 soak, ~110 s) would otherwise run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_soak.py::", "test_effect.py::", "test_sharding.py::test_fsdp_run_killed",
-                 "test_cross_tokenizer.py::test_the_other_direction", "test_diffusion_effects.py::",
-                 "test_reliability.py::test_a_run_on_a_full_file_system", "test_reliability.py::test_a_run_that_hits",
-                 "test_scale.py::test_checkpointing_and_lora_under_two_process_ddp", "test_cache.py::test_two_processes")
+# The kill -9 soak (~100 s, one core) starts first: pytest-xdist hands tests out in collection order, and
+# collected late it ran alone at the end while the other worker idled.
+LONGEST_FIRST = ("test_soak.py::",)
 
 
 def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        for index, marker in enumerate(LONGEST_FIRST):
-            if marker in item.nodeid:
-                return index
-        return len(LONGEST_FIRST)
-    items.sort(key=rank)  # stable: the rest keep their order
+    items.sort(key=lambda item: not any(marker in item.nodeid for marker in LONGEST_FIRST))  # stable
