@@ -7,10 +7,11 @@ Per scenario: one uninterrupted reference run, watched for the phases it goes th
 each training phase, checkpoint writing, evaluation between phases, generation, the cache build, final
 files) and timed (S: its output directory appears, i.e. imports and loading are done; E: its results are
 written). Then chains: start the command and SIGKILL it, start it again with --resume, ... and after the
-chain's kills (`--kills-per-chain`) let the last --resume finish. Two kills in three aim at the reference's
-phases in turn, from a random one on (killed as soon as the run is seen in it, polling every 5 ms); the third
-lands at a random moment drawn uniformly from (S, E) minus the work the chain already got through (`--early
-0` draws from (0, E)). A process that finishes before its kill ends the chain. The finished run must
+chain's kills (`--kills-per-chain`) let the last --resume finish. A chain's first kill aims at the next of the
+reference's phases in turn, from a random one on (killed as soon as the run is seen in it, polling every 5 ms:
+a fresh run goes through every phase); the resumed processes' kills land at random moments drawn uniformly
+from (S, E) minus the work the chain already got through (`--early 0` draws from (0, E)). A process that
+finishes before its kill ends the chain. The finished run must
 equal the reference: every weight file (bit for bit), metrics.jsonl and results.json's rows (timings left
 out); a cache must equal the reference cache file by file. Kills are spread over the scenarios round-robin,
 `--kills-per-chain` per chain. Where each kill landed is read from the run's output (the last progress line:
@@ -45,7 +46,7 @@ def _tiny_lm(output: Path) -> dict:
                                    "intermediate_size": 32}},
             "data": {"builtin": "oracle", "train_size": 64, "eval_size": 16},
             "objective": {"loss": "jsd", "beta": 0.5},
-            "train": {"steps": 12, "batch_size": 8, "threads": 1, "checkpoint_every": 2, "log_every": 1, "seed": 0},
+            "train": {"steps": 8, "batch_size": 8, "threads": 1, "checkpoint_every": 2, "log_every": 1, "seed": 0},
             "eval": {"every": 4, "batch_size": 16, "generate_size": 4, "throughput_tokens": 4},
             "output": str(output)}
 
@@ -77,9 +78,9 @@ def _tiny_classifier(output: Path) -> dict:
             "student": {"arch": "mlp", "options": {"hidden": [16]}},
             "data": {"builtin": "digits", "eval_size": 200, "seed": 0},
             "objective": {"terms": [{"loss": "ce"}, {"loss": "kd", "temperature": 4}]},
-            "train": {"epochs": 2, "batch_size": 128, "lr": 0.003, "seed": 0, "threads": 1, "checkpoint_every": 3,
+            "train": {"epochs": 1, "batch_size": 128, "lr": 0.003, "seed": 0, "threads": 1, "checkpoint_every": 3,
                       "log_every": 2},
-            "eval": {"every_epochs": 1},
+            "eval": {"every_epochs": 0.5},
             "output": str(output)}
 
 
@@ -88,8 +89,8 @@ def _tiny_diffusion(output: Path) -> dict:
             "student": {"method": "dmd", "eval_steps": [1]},
             "data": {"builtin": "gmm2d", "modes": 8},
             "objective": {"divergence": "js", "fake_updates": 2},
-            "train": {"steps": 24, "batch_size": 64, "checkpoint_every": 4, "log_every": 4, "threads": 1, "seed": 0},
-            "eval": {"samples": 256, "teacher_steps": [1, 2], "every": 8, "curve_samples": 128},
+            "train": {"steps": 16, "batch_size": 64, "checkpoint_every": 4, "log_every": 4, "threads": 1, "seed": 0},
+            "eval": {"samples": 256, "teacher_steps": [1], "every": 8, "curve_samples": 128},
             "output": str(output)}
 
 
@@ -296,17 +297,17 @@ def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chai
         finishes = finishes if finishes is not None else seconds
         if process.returncode != 0:
             raise RuntimeError(f"{name}: the reference run failed; see {base / 'reference.log'}")
-        records, problems, chain, index = [], [], 0, 0
+        records, problems, chain = [], [], 0
         offset = rng.randrange(max(1, len(phases)))
-
-        def aim(k: int) -> str | None:  # two kills in three aim at the reference's phases in turn, one is random
-            return phases[(offset + k - k // 3) % len(phases)] if phases and k % 3 != 2 else None
         while len(records) < plan[name]:
             output = base / f"chain{chain}"
             recipe_file = base / f"chain{chain}.yaml"
             recipe_file.write_text(yaml.safe_dump(maker(output)))
             window = (begins * early, finishes)
-            aims = [aim(index + i) for i in range(min(kills_per_chain, plan[name] - len(records)))]
+            # a chain's first kill aims at the reference's phases in turn (a fresh run goes through all of them);
+            # the resumed processes' kills land at random moments
+            first = phases[(offset + chain) % len(phases)] if phases else None
+            aims = [first] + [None] * (min(kills_per_chain, plan[name] - len(records)) - 1)
             try:
                 got = run_chain(name, recipe_file, output, aims, window, rng, base / f"chain{chain}.log", timeout)
             except ChainFailed as failure:  # a resume that did not finish: a finding, recorded; on to the next
@@ -314,7 +315,6 @@ def soak(kills: int, seed: int, work: Path, scenarios: list[str], kills_per_chai
                 problems.append(f"chain{chain}: {failure}")
             else:
                 problems += [f"chain{chain}: {p}" for p in differences(reference, output, cache)]
-            index += len(got) + (len(got) < len(aims))  # an aim the run never reached: on to the next
             records += got
             chain += 1
             if chain > 4 * plan[name] + 4:  # the runs keep finishing before the kill: stop trying
