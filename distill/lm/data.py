@@ -224,13 +224,7 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
             eval_records, eval_origin = read_rows(spec.train, "data.train", spec.eval_split, fields,
                                                   "data.eval_split")
         else:
-            if len(train_records) <= spec.eval_size:
-                raise DistillError(f"`{spec.train}` has {len(train_records)} rows, which cannot spare "
-                                   f"eval_size={spec.eval_size} for eval", field="data.eval_size",
-                                   fix="give data.eval, or lower data.eval_size")
-            kept = len(train_records) - spec.eval_size
-            train_records, eval_records = train_records[:kept], train_records[kept:]
-            eval_origin = train_origin.after(kept)
+            train_records, eval_records, eval_origin = split_off_eval(train_records, train_origin, spec)
         append_eos = True
     options = dict(max_length=spec.max_length, too_long=spec.too_long, completion_only=spec.completion_only,
                    append_eos=append_eos)
@@ -239,3 +233,13 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
         train_examples = pack(train_examples, spec.max_length)
     eval_examples = tokenize(eval_records, tokenizer, field="data.eval", origin=eval_origin, **options)
     return train_records, eval_records, train_examples, eval_examples
+
+
+def split_off_eval(rows: list, origin: RowOrigin, spec) -> tuple[list, list, RowOrigin]:
+    """(train rows, eval rows, the eval rows' origin): the last `data.eval_size` rows of a training file become
+    the eval split when no data.eval is given; a file too short to spare them is refused."""
+    if len(rows) <= spec.eval_size:
+        raise DistillError(f"`{spec.train}` has {len(rows)} rows, which cannot spare eval_size={spec.eval_size} "
+                           "for eval", field="data.eval_size", fix="give data.eval, or lower data.eval_size")
+    kept = len(rows) - spec.eval_size
+    return rows[:kept], rows[kept:], origin.after(kept)

@@ -26,7 +26,7 @@ import torch
 
 from distill.core.errors import DistillError
 from distill.core.recipe import encodable, shown
-from distill.lm.data import IGNORE_INDEX, Example, collate, tokenize
+from distill.lm.data import IGNORE_INDEX, Example, collate, split_off_eval, tokenize
 from distill.lm.records import read_rows, row_fix, row_problem
 from distill.lm.recipe import ObjectiveSpec
 from distill.lm.regimes import MicroBatch, Sampling, StepLoss, StudentView, prompt_of, sampling_generator
@@ -136,13 +136,7 @@ def load_preference_data(spec, tokenizer, task) -> tuple[list[dict], list[dict],
             eval_rows, eval_origin = read_rows(spec.train, "data.train", spec.eval_split, spec.fields,
                                                "data.eval_split", **evaluation)
         else:
-            if len(rows) <= spec.eval_size:
-                raise DistillError(f"`{spec.train}` has {len(rows)} rows, which cannot spare eval_size="
-                                   f"{spec.eval_size} for eval", field="data.eval_size",
-                                   fix="give data.eval, or lower data.eval_size")
-            kept = len(rows) - spec.eval_size
-            rows, eval_rows = rows[:kept], rows[kept:]
-            eval_origin = train_origin.after(kept)
+            rows, eval_rows, eval_origin = split_off_eval(rows, train_origin, spec)
         append_eos = True
     pairs = [pair_rows(row) for row in rows]
     eval_records = [pair_rows(row)[0] if isinstance(row, dict) and "chosen" in row else row for row in eval_rows]
