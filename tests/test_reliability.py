@@ -146,13 +146,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_continues(tiny_r
         assert (run_dir / name).read_text() == (tmp_path / "straight" / name).read_text()
     first = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
     second = load_file(str(run_dir / "student" / "model.safetensors"))
-    assert all(torch_equal(first[key], second[key]) for key in first)
-
-
-def torch_equal(a, b) -> bool:
     import torch
 
-    return torch.equal(a, b)
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_both_checkpoints_damaged_is_refused_with_the_fix(tmp_path):
