@@ -120,6 +120,29 @@ def cache(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML whose t
 
 
 @app.command()
+def rollouts(recipe: str = typer.Argument(..., help="An opd recipe (regime.rollouts: where the samples go)."),
+             out: Optional[str] = typer.Option(None, "--out", help="Rollouts directory (default: the recipe's "
+                                                                   "regime.rollouts)."),
+             student: Optional[str] = typer.Option(None, "--student", help="Sample this saved model instead of the "
+                                                   "recipe's initial student (e.g. RUN/student: the current one)."),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP)):
+    """Sample the student's completions of the training prompts once, for offline OPD (resumable)."""
+    from distill.core.recipe import load_recipe
+
+    checked = load_recipe(recipe, set_)
+    if checked.task != "lm":
+        raise DistillError(f"rollouts are a causal LM's samples; this recipe is task {checked.task}", field="task",
+                           fix="give a task: lm recipe with regime.kind: opd")
+    from distill.lm.rollouts import build_rollouts, read_manifest
+
+    directory = build_rollouts(checked, out=out, student=student)
+    manifest = read_manifest(directory)
+    console.print(f"rollouts: {manifest['identity']['examples']} samples of "
+                  f"`{escape(manifest['identity']['student']['path'])}` in {escape(str(directory))}; next: "
+                  "distill cache RECIPE (the teacher's scores), then distill run RECIPE", highlight=False)
+
+
+@app.command()
 def serve(teacher: str = typer.Argument(..., help="A saved causal LM directory, hub id, or builtin:<task>-teacher."),
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; another than loopback needs "
                                                                "--api-key-env."),

@@ -262,10 +262,21 @@ def random_loss_inputs(shape, dtype=torch.float64, seed=0, requires_grad=True):
     return student.requires_grad_(requires_grad), teacher.requires_grad_(requires_grad), mask
 
 
-# The kill -9 soak (~100 s, one core) starts first: pytest-xdist hands tests out in collection order, and
-# collected late it ran alone at the end while the other worker idled.
-LONGEST_FIRST = ("test_soak.py::",)
+# The slowest tests (~10-50 s each, measured with --durations) start first, slowest first: pytest-xdist hands
+# tests out in collection order, and a long one collected late runs alone at the end while the other worker
+# idles. Update the list when --durations shows a new one above ~8 s.
+LONGEST_FIRST = ("test_sharding.py::test_fsdp_run_from_a_saved_student", "test_soak.py::",
+                 "test_reliability.py::test_a_killed_rank", "test_train.py::test_two_processes_train_one_model",
+                 "test_preference.py::test_two_processes", "test_sharding.py::test_two_process_fsdp",
+                 "test_cross_tokenizer.py::test_the_other_direction", "test_diffusion_effects.py::",
+                 "test_reliability.py::test_a_run_that_hits_a_file_size_limit", "test_effect.py::",
+                 "test_cache.py::test_two_processes", "test_lm_eval.py::test_unknown_task",
+                 "test_train.py::test_interrupted_run_resumed", "test_architecture.py::test_a_family_loads")
+
+
+def _slowness(item) -> int:
+    return next((rank for rank, marker in enumerate(LONGEST_FIRST) if marker in item.nodeid), len(LONGEST_FIRST))
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not any(marker in item.nodeid for marker in LONGEST_FIRST))  # stable
+    items.sort(key=_slowness)  # stable: the rest keep their order

@@ -18,6 +18,13 @@ out); a cache must equal the reference cache file by file. Kills are spread over
 teacher evaluation, a training phase, the alone phase, generation, final evaluation, report) and from the run
 directory (a checkpoint being staged). Exit status 1 if any scenario differs.
 
+Each command runs in a child forked from this process, which has imported the CLI and the three families
+once (`--spawn`: a fresh `python -m distill` per command, as a user starts it; kills during imports and loading,
+`--early` < 1, need it). A forked child is a process of its own (its own session, SIGKILLed as a group, its
+output in the scenario's log), started without the ~6 s of importing torch and transformers that a fresh
+interpreter spends before any file is written: the soak's kills land in the work either way, the forked soak
+just gets there sooner.
+
 The short form runs in the suite (tests/test_soak.py); the long form (`--kills 200`) is documented with its
 last result in docs/reliability.md.
 """
@@ -112,10 +119,86 @@ def _environment() -> dict:
             "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 
 
-def _start(command: list[str], log: Path) -> subprocess.Popen:
+FORK = {"on": False}  # main() turns it on unless --spawn: commands run in children forked from this process
+
+
+def _start(command: list[str], log: Path):
+    if FORK["on"]:
+        return Forked(command, log)
     handle = open(log, "ab")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(),
                             start_new_session=True)
+
+
+def preload() -> None:
+    """Import what `distill run` / `distill cache` of every family imports, in this process, before any fork
+    (no torch operation runs here: the children start with torch's thread pools unstarted, as a fresh process)."""
+    import transformers
+
+    import distill.cli  # noqa: F401
+    from distill.core.families import family_names, get_family
+
+    for name in family_names():
+        get_family(name)
+    import distill.classifier.run  # noqa: F401
+    import distill.diffusion.run  # noqa: F401
+    import distill.lm.run  # noqa: F401
+    import distill.lm.teacher.cache.build  # noqa: F401
+    transformers.LlamaForCausalLM, transformers.AutoTokenizer  # resolve the lazy modules now
+
+
+class Forked:
+    """`distill ARGS` in a child forked from this process (after `preload`), with subprocess.Popen's surface
+    that the soak uses: pid (the child leads its own session: os.killpg reaches it), poll(), wait(), args,
+    returncode. The child writes to `log`, runs the CLI's main and leaves with its exit code."""
+
+    def __init__(self, command: list[str], log: Path):
+        self.args, self.returncode = command, None
+        arguments = command[3:]  # [python, -m, distill, ARGS...]
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.setsid()
+                handle = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(handle, 1), os.dup2(handle, 2)
+                os.close(handle)
+                os.environ.update(_environment())
+                sys.argv = ["distill", *arguments]
+                from distill.cli import main
+                try:
+                    main()
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:  # noqa: BLE001 - printed to the log, as an interpreter would
+                import traceback
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush(), sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        self.pid = pid
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def kill(self):
+        os.killpg(self.pid, signal.SIGKILL)
 
 
 def _where(log: Path, output: Path, cache: bool) -> str:
@@ -342,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"Some of: {', '.join(SCENARIOS)}.")
     parser.add_argument("--early", type=float, default=1.0, help="Kill moments start at this fraction of the "
                         "reference's start-up time (0: kills during imports and loading too).")
+    parser.add_argument("--spawn", action="store_true", help="A fresh `python -m distill` per command "
+                        "(default: a child forked from this process, which imported the CLI once).")
     parser.add_argument("--json", type=Path, default=None, help="Write the summary as JSON here.")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -349,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    print(f"soak: {args.kills} kills, seed {seed}, scenarios {', '.join(names)}", flush=True)
+    if args.early < 1 and not args.spawn:
+        parser.error("--early below 1 kills during imports and loading: add --spawn (a forked child has imported)")
+    if not args.spawn:
+        preload()
+        FORK["on"] = True
+    print(f"soak: {args.kills} kills, seed {seed}, scenarios {', '.join(names)}, "
+          f"{'fresh interpreters' if args.spawn else 'forked children'}", flush=True)
     started = time.perf_counter()
     summary = soak(args.kills, seed, args.work, names, args.kills_per_chain, early=args.early)
     summary["seconds"] = round(time.perf_counter() - started, 1)

@@ -206,9 +206,10 @@ def _distill_process(*args, limit_bytes: int | None = None, cwd=None):
                           preexec_fn=limit, env=env, cwd=cwd, timeout=300)
 
 
-def test_a_run_that_hits_a_file_size_limit_stops_clearly_and_resumes(tiny_recipe, write_recipe, tmp_path):
-    """Under RLIMIT_FSIZE 100 kB the checkpoints (48 kB files) fit and the report (~180 kB) does not: the run
-    stops naming its directory, its checkpoints verify, and --resume without the limit finishes it."""
+def test_a_run_that_hits_a_file_size_limit_stops_clearly_and_resumes(tiny_recipe, write_recipe, run_cli, tmp_path):
+    """Under RLIMIT_FSIZE 100 kB (a process of its own) the checkpoints (48 kB files) fit and the report (~180 kB)
+    does not: the run stops naming its directory, its checkpoints verify, and --resume without the limit (in
+    this process) finishes it."""
     import json
 
     from distill.core.checkpoint import checkpoint_problem
@@ -223,15 +224,16 @@ def test_a_run_that_hits_a_file_size_limit_stops_clearly_and_resumes(tiny_recipe
         checkpoint = run_dir / "checkpoints" / phase
         assert checkpoint_problem(checkpoint) is None
         assert json.loads((checkpoint / "state.json").read_text())["step"] == tiny_recipe["train"]["steps"]
-    resumed = _distill_process("run", recipe, "--resume")
+    resumed = run_cli("run", recipe, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (run_dir / "results.json").is_file() and (run_dir / "report.html").stat().st_size > 100_000
 
 
-def test_a_run_on_a_full_file_system_keeps_its_last_checkpoint(tiny_recipe, write_recipe, tmp_path):
+def test_a_run_on_a_full_file_system_keeps_its_last_checkpoint(tiny_recipe, write_recipe, run_cli, tmp_path):
     """A real ENOSPC: the run directory on a 600 kB tmpfs (a tiny run writes ~800 kB). The run stops with the
     directory named and its checkpoints whole; after the file system grows (remount), --resume finishes. (That
-    a resumed run equals one that never stopped is the soak's to show, tests/test_soak.py.)"""
+    a resumed run equals one that never stopped is the soak's to show, tests/test_soak.py.) The CLI runs in this
+    process (run_cli): a full disk needs no process of its own."""
     from distill.core.checkpoint import checkpoint_problem
 
     mount = tmp_path / "small"
@@ -240,7 +242,7 @@ def test_a_run_on_a_full_file_system_keeps_its_last_checkpoint(tiny_recipe, writ
     try:
         run_dir = mount / "run"
         recipe = write_recipe({**tiny_recipe, "output": str(run_dir)})
-        failed = _distill_process("run", recipe)
+        failed = run_cli("run", recipe)
         assert failed.returncode == 1, failed.stderr[-3000:]
         assert f"the disk holding `{run_dir}` is full" in failed.stderr and "Traceback" not in failed.stderr
         assert not (run_dir / "results.json").exists()
@@ -249,7 +251,7 @@ def test_a_run_on_a_full_file_system_keeps_its_last_checkpoint(tiny_recipe, writ
         import subprocess
 
         subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
-        resumed = _distill_process("run", recipe, "--resume")
+        resumed = run_cli("run", recipe, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert (run_dir / "results.json").is_file()
     finally:

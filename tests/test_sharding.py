@@ -52,18 +52,27 @@ def _student(run_dir):
     return load_file(str(Path(run_dir) / "student" / "model.safetensors"))
 
 
-def test_fsdp_run_end_to_end_shards_and_equals_one_process(tiny_recipe, write_recipe, tmp_path):
-    """Two processes under `accelerate launch`: every rank holds half of the student's and the teacher's
-    parameters; the saved student equals a one-process run over the same global batch (float32,
-    rtol 1e-4 / atol 1e-5), with gradient checkpointing on; the run directory is written once."""
+def test_fsdp_run_from_a_saved_student_shards_equals_one_process_and_resumes_after_a_kill(
+        tiny_recipe, tiny_lm_dir, write_recipe, tmp_path):
+    """Two processes under `accelerate launch`, gradient checkpointing on, the student read from `student.path`
+    row by row into shards (like the teacher): every rank holds half of the student's and the teacher's
+    parameters; the saved student equals a one-process run over the same global batch (float32, rtol 1e-4 /
+    atol 1e-5). The same recipe crashed after the step-2 checkpoint and relaunched with --resume ends with the
+    same weights bit for bit. (A student built from a config is sharded the same way: tests/sharding_worker.py.)"""
     import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import distill
     from conftest import launch_two_processes
 
-    import torch
-
+    torch.manual_seed(7)  # a student of the teacher's shape with weights of its own
+    config = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).config
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "student_start")
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(tmp_path / "student_start")
     recipe = _fsdp_recipe(tiny_recipe, tmp_path / "fsdp", gradient_checkpointing=True)
+    recipe["student"] = {"path": str(tmp_path / "student_start")}
     launched = launch_two_processes("run", write_recipe(recipe))
     assert launched.returncode == 0, launched.stderr[-4000:]
     meta = json.loads((tmp_path / "fsdp" / "results.json").read_text())["meta"]
@@ -79,16 +88,7 @@ def test_fsdp_run_end_to_end_shards_and_equals_one_process(tiny_recipe, write_re
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
-
-def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_recipe, write_recipe, tmp_path):
-    import torch
-
-    from conftest import launch_two_processes
-
-    straight = _fsdp_recipe(tiny_recipe, tmp_path / "straight")
-    assert launch_two_processes("run", write_recipe(straight, "straight.yaml")).returncode == 0
-    resumed = _fsdp_recipe(tiny_recipe, tmp_path / "resumed")
-    path = write_recipe(resumed, "resumed.yaml")
+    path = write_recipe({**recipe, "output": str(tmp_path / "resumed")}, "resumed.yaml")
     os.environ["DISTILL_CRASH_AFTER_STEP"] = "2"
     try:
         crashed = launch_two_processes("run", path)
@@ -97,9 +97,9 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_rec
     assert crashed.returncode != 0 and not (tmp_path / "resumed" / "results.json").exists()
     finished = launch_two_processes("run", path, "--resume")
     assert finished.returncode == 0, finished.stderr[-4000:]
-    expected, got = _student(tmp_path / "straight"), _student(tmp_path / "resumed")
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    straight, resumed = _student(tmp_path / "fsdp"), _student(tmp_path / "resumed")
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
 
 
 def test_fsdp_with_one_process_warns_and_runs_unsharded(tiny_recipe, tmp_path):
@@ -121,33 +121,3 @@ def test_fsdp_refuses_fp16_and_lora_before_writing(tiny_recipe, tmp_path):
         with pytest.raises(DistillError, match=field.replace(".", r"\.")):
             distill.run(recipe)
         assert not (tmp_path / "refused").exists()
-
-
-def test_fsdp_student_from_a_saved_model_loads_straight_into_shards(tiny_recipe, tiny_lm_dir, write_recipe, tmp_path):
-    """`student.path` under FSDP: read row by row into shards (like the teacher); the result equals one
-    process over the same global batch (float32, rtol 1e-4 / atol 1e-5)."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import distill
-    from conftest import launch_two_processes
-
-    torch.manual_seed(7)  # a student of the teacher's shape with weights of its own
-    config = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).config
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "student_start")
-    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(tmp_path / "student_start")
-    recipe = _fsdp_recipe(tiny_recipe, tmp_path / "fsdp")
-    recipe["student"] = {"path": str(tmp_path / "student_start")}
-    launched = launch_two_processes("run", write_recipe(recipe))
-    assert launched.returncode == 0, launched.stderr[-4000:]
-    meta = json.loads((tmp_path / "fsdp" / "results.json").read_text())["meta"]
-    assert meta["teacher_loaded_sharded"] and meta["parameter_share_per_rank"]["distilled"] == [0.5, 0.5]
-    single = distill.run({**recipe, "output": str(tmp_path / "single"),
-                          "train": {**recipe["train"], "sharding": "ddp",
-                                    "batch_size": 2 * recipe["train"]["batch_size"]}})
-    got, expected = _student(tmp_path / "fsdp"), _student(single.run_dir)
-    assert got.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -256,7 +256,7 @@ def encodable(text: str) -> bool:
 def load_recipe(source: str | Path | dict | BaseModel, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
     """Recipe from a YAML path, `builtin:<name>`, a dict or a recipe object, with `--set` overrides."""
     if isinstance(source, BaseModel):
-        return parse_recipe(source.model_dump(mode="json"), overrides)
+        return parse_recipe(source.model_dump(mode="json", exclude_unset=True), overrides)
     if isinstance(source, dict):
         return parse_recipe(dict(source), overrides)
     path = builtin_recipe_path(str(source)) if str(source).startswith("builtin:") else Path(source)

@@ -35,7 +35,7 @@ def evaluate_saved(recipe: LMRecipe, models: dict[str, Path]) -> RunResult:
     teacher = (None if recipe.teacher.served  # a served teacher: its row comes from the server
                else Path(resolve_model_path(recipe.teacher.path, "teacher.path")).resolve())
     lone = teacher is not None and any(Path(path).resolve() == teacher for path in models.values())
-    setup = LMSetup(recipe, need_teacher=not lone)
+    setup = LMSetup(recipe, need_teacher=not lone, training=False)
     rows = {} if lone else {"teacher": setup.teacher_row()}
     for row, path in models.items():
         model = load_causal_lm(str(path), "MODEL").eval().to(setup.accelerator.device)

@@ -3,6 +3,7 @@ student from the teacher's config with overrides; check that both speak the same
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from pathlib import Path
 
@@ -306,3 +307,11 @@ def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None
         model.save_pretrained(staging, **({"state_dict": dict(state_dict)} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
     return model
+
+
+def weights_sha256(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -298,6 +298,15 @@ class OPDSpec(StrictModel):
     reference: str | None = Field(None, min_length=1, description="The reference of the reward correction at "
                                   "scale != 1 (G-OPD): a causal LM (e.g. the teacher's own base model before its RL); "
                                   "default: the initial student.")
+    ratio_clip: float | None = Field(None, gt=0, lt=1, description="Offline OPD (regime.rollouts): PPO clip "
+                                     "epsilon of each token's importance ratio p_S / p_rollout, the rollouts being "
+                                     "samples of an earlier student (e.g. 0.2); none: the ratio unclipped.")
+    teacher_consistency: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="Offline OPD: a teacher other than the one the rollouts' student was fine-tuned on "
+                              "(Lightning OPD's teacher consistency) is refused, warned about, or not checked.")
+    sft_teacher: str | None = Field(None, min_length=1, description="Offline OPD: the teacher whose outputs the "
+                                    "sampling student was fine-tuned on (default: read from the distill run that "
+                                    "saved the student).")
 
 
 class PreferenceSpec(StrictModel):
@@ -356,8 +365,14 @@ class RegimeSpec(StrictModel):
                                                                "quality gate, reference model.")
     preference: PreferenceSpec = Field(default_factory=PreferenceSpec, description="preference: the DPO "
                                                                                    "reference model.")
-    path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads.")
-    k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer).")
+    rollouts: str | None = Field(None, description="opd: offline on-policy distillation (Lightning OPD): the "
+                                 "directory `distill rollouts` writes the student's samples of the training prompts "
+                                 "to; training reads them instead of sampling. With `path`, the teacher's "
+                                 "log-probs come from that cache and no teacher loads.")
+    path: str | None = Field(None, description="cache: the directory `distill cache` writes and training reads "
+                                               "(regime cache, or opd with rollouts: the teacher's scores of them).")
+    k: int = Field(64, gt=0, description="cache: top-k entries per token to store (training may use fewer); "
+                                         "unset: 64, or the whole vocabulary when it is smaller.")
     ids: Literal["rice", "packed"] = Field("rice", description="cache: token-id coding; rice (sorted ids, "
                                            "Golomb-Rice gaps) or packed (ceil(log2 V) bits each).")
     values: Literal["int8", "float16"] = Field("int8", description="cache: log-prob storage; int8 quantised per "
@@ -397,6 +412,23 @@ class RegimeSpec(StrictModel):
         if self.opd != OPDSpec() and self.kind != "opd":  # (a resolved recipe.yaml lists the defaults: fine)
             raise FieldValueError("opd", f"regime.opd holds options of kind `opd` (this is `{self.kind}`); remove it "
                                          "or set kind: opd")
+        if self.rollouts is not None and self.kind != "opd":
+            raise FieldValueError("rollouts", f"rollouts feed offline on-policy distillation (kind opd; this is "
+                                              f"`{self.kind}`); remove regime.rollouts or set kind: opd")
+        if self.kind == "opd" and self.path is not None and self.rollouts is None:
+            raise FieldValueError("path", "regime opd reads a teacher cache of stored rollouts only; add "
+                                          "regime.rollouts (distill rollouts), or remove regime.path")
+        if self.rollouts is not None and (self.reward is not None or self.group_size > 1):
+            raise FieldValueError("reward" if self.reward is not None else "group_size",
+                                  "offline OPD (regime.rollouts) trains on one stored sample per prompt with the "
+                                  "teacher's token rewards; sequence rewards and groups need samples drawn during "
+                                  "training: remove regime.rollouts, or the reward / group_size")
+        if self.kind == "opd" and self.rollouts is None:
+            offline = [name for name in ("ratio_clip", "sft_teacher") if getattr(self.opd, name) is not None]
+            if offline:
+                raise FieldValueError(f"opd.{offline[0]}", "applies to stored rollouts (regime.rollouts): online OPD "
+                                                           "samples from the current student; remove it or add "
+                                                           "regime.rollouts")
         if self.opd.reference is not None and self.scale == 1.0:
             raise FieldValueError("opd.reference", "at scale 1 the reference cancels out of the reward; set "
                                                    "regime.scale (e.g. 1.25, ExOPD) or remove opd.reference")

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from distill.core.errors import DistillError
 from distill.lm.data import IGNORE_INDEX, Example, collate
 from distill.lm.generate import Generation, sample
 from distill.lm.objective import TokenObjective
@@ -119,6 +120,44 @@ def _collate(examples: list[Example], indices: list[int], pad_token_id: int) -> 
     return tensors
 
 
+def place_behavior(batch: dict, behavior: dict[str, list[float]], ids: list[str]) -> torch.Tensor:
+    """[B, L - 1]: each row's stored behavior log-probs at its completion positions (0 elsewhere)."""
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for row, example_id in enumerate(ids):
+        positions = mask[row].nonzero().squeeze(-1)
+        values = behavior[example_id]
+        if positions.numel() != len(values):
+            raise DistillError(f"rollout `{example_id}` has {len(values)} stored log-probs for "
+                               f"{positions.numel()} completion tokens", field="regime.rollouts",
+                               fix="sample the rollouts again (distill rollouts <recipe> --out NEW_DIR)")
+        out[row, positions] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def sampling_settings(recipe, setup, models) -> Sampling:
+    """Sampling of on_policy / opd / self / sequence (and `distill rollouts`), checked before training: prompts
+    exist, completions fit the context. `setup` needs task, tokenizer and train_examples (an LMSetup)."""
+    regime, examples = recipe.regime, setup.train_examples
+    prompts = [prompt_of(e) for e in examples]
+    if setup.task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
+        raise DistillError(f"regime {regime.kind} samples completions for the data's prompts, and these rows have "
+                           "none (`text` rows)", field="data.train",
+                           fix="use prompt/completion or chat `messages` rows, or regime.kind: off_policy")
+    completions = [len(e.input_ids) - len(p) for e, p in zip(examples, prompts)]
+    max_new_tokens = regime.max_new_tokens or max(completions)
+    longest = max(map(len, prompts)) + max_new_tokens
+    for model in models:
+        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
+        if limit is not None and longest > limit:
+            raise DistillError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={max_new_tokens} "
+                               f"reaches {longest} positions, over the model's {limit}", field="regime.max_new_tokens",
+                               fix=f"set regime.max_new_tokens <= {limit - max(map(len, prompts))}")
+    eos = setup.tokenizer.eos_token_id if (setup.task is None or setup.task.append_eos) else None
+    return Sampling(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
+                    top_p=regime.top_p, eos_token_id=eos, filter_threshold=regime.rsd_threshold)
+
+
 class Distill:
     """Sequences as given, scored by `teacher` (a source with `signal(batch, hidden=...)`), through the
     token objective. `teacher=None` with a hard-label objective trains on labels alone."""
@@ -207,13 +246,20 @@ class OPD(Distill):
     def __init__(self, objective: TokenObjective, teacher, sampling: Sampling, *, scale: float = 1.0,
                  reference: torch.nn.Module | str | None = None,
                  reward_fn: Callable[[list[str], list[str]], list[float]] | None = None, reward_weight: float = 1.0,
-                 group_size: int = 1, decode: Callable[[list[int]], str] | None = None, options=None):
+                 group_size: int = 1, decode: Callable[[list[int]], str] | None = None, options=None,
+                 rollouts: dict[str, list[float]] | None = None):
         super().__init__(objective, None)
         self.teacher_model, self.sampling, self.scale, self.reference = teacher, sampling, scale, reference
         self.reward_fn, self.reward_weight, self.group_size, self.decode = reward_fn, reward_weight, group_size, decode
         self.options = options  # recipe.regime.opd (an OPDSpec), None: every option off
+        # offline OPD (distill/lm/rollouts.py): the examples are stored samples; id -> the sampler's log-probs
+        self.rollouts = rollouts
 
     def micro_batch(self, examples, indices, student, *, step, micro, rank) -> MicroBatch:
+        if self.rollouts is not None:  # stored samples: nothing to draw
+            tensors = _collate(examples, indices, student.pad_token_id)
+            tensors["behavior_logprobs"] = place_behavior(tensors, self.rollouts, [e.id for e in examples])
+            return self._made(MicroBatch(tensors))
         prompts = [prompt_of(e) for e in examples[:len(examples) // self.group_size] for _ in range(self.group_size)]
         generation = student.sample(prompts, self.sampling, sampling_generator(student.seed, step, micro, rank))
         tensors = _collate(generation.to_examples(), indices, student.pad_token_id)
@@ -252,13 +298,19 @@ class OPD(Distill):
         extra = {}
         if options is not None:
             extra = dict(estimator=options.estimator, reward_clip=options.reward_clip, baseline=options.baseline,
-                         sample_weights=quality_weights(teacher, mask, options.gate, options.gated_weight))
+                         sample_weights=quality_weights(teacher, mask, options.gate, options.gated_weight),
+                         ratio_clip=options.ratio_clip)
+        behavior = batch.get("behavior_logprobs")
         loss, diagnostics = opd_loss(student_logprobs, teacher, mask, reference_logprobs=reference, scale=self.scale,
                                      sequence_advantages=batch.get("sequence_advantage"),
-                                     reward_weight=self.reward_weight, num_valid_tokens=num_valid_tokens, **extra)
+                                     reward_weight=self.reward_weight, num_valid_tokens=num_valid_tokens,
+                                     behavior_logprobs=behavior.to(student_logprobs.device) if behavior is not None
+                                     else None, **extra)
         record = {"loss": loss.item(), "kd": diagnostics["reverse_kl"], "reward_std": diagnostics["reward_std"]}
         if options is not None and options.gate is not None:
             record["kept"] = diagnostics["kept"]
+        if behavior is not None:  # offline: how far the student moved from the rollouts' sampler
+            record["clipped"] = diagnostics["clipped"]
         return StepLoss(loss, record, seconds)
 
 

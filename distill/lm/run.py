@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import importlib
 import os
 import sys
@@ -29,11 +28,12 @@ from distill.lm.data import check_packing, load_data
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
                                load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model,
-                               transformers_model)
+                               transformers_model, weights_sha256)
 from distill.lm.objective import TokenObjective
 from distill.lm.preference import load_preference_data, preference_regime, rejected_examples
 from distill.lm.recipe import LMRecipe, ObjectiveSpec
-from distill.lm.regimes import OPD, Distill, OnPolicy, Sampling, SelfDistill, prompt_of
+from distill.lm.regimes import OPD, Distill, OnPolicy, SelfDistill, sampling_settings
+from distill.lm.rollouts import check_teacher_consistency, load_rollouts
 from distill.lm.sharding import (gather_full_state, gathered_all, is_sharded, load_sharded_causal_lm, local_share,
                                  on_device, shard_causal_lm, sharding_applies)
 from distill.lm.tasks import get_task
@@ -74,7 +74,7 @@ class LMSetup:
     """What both a run and `distill eval` need: tokenizer, data, scorer, and the teacher (live, or its
     cache), with the evaluation of any model on the eval data."""
 
-    def __init__(self, recipe: LMRecipe, *, accelerator=None, need_teacher: bool = True):
+    def __init__(self, recipe: LMRecipe, *, accelerator=None, need_teacher: bool = True, training: bool = True):
         self.recipe = recipe
         self.accelerator = accelerator or make_accelerator()
         self.task = get_task(recipe.data.builtin) if recipe.data.builtin else None
@@ -111,15 +111,27 @@ class LMSetup:
         self.scorer = self.task or CompletionsScorer.for_eval(recipe.eval, self.eval_records, self.tokenizer)
         self.cache, self.eval_cache, self.teacher, self.served = None, None, None, None
         self.teacher_loaded_sharded = False
-        if recipe.regime.kind == "cache":  # (cross-tokenizer: the cache holds the teacher's own tokens)
+        # Offline OPD (regime.rollouts): the student's stored samples replace sampling in the distilled phase (the
+        # alone row and evaluation keep the data); `distill eval` of such a run needs none of them.
+        self.rollout_examples = self.behavior = None
+        offline = recipe.regime.kind == "opd" and recipe.regime.rollouts is not None
+        if offline and training:
+            self.rollout_examples, self.behavior, manifest = load_rollouts(recipe.regime.rollouts, self.train_examples)
+            check_teacher_consistency(manifest.get("sft_teacher"), recipe, "regime.rollouts")
+        if recipe.regime.kind == "cache" or (offline and recipe.regime.path):
+            # (cross-tokenizer: the cache holds the teacher's own tokens; offline OPD: the teacher's scores of the
+            # rollouts)
             tokenizer, train, evaluation = ((self.teacher_tokenizer, [p.teacher for p in self.train_pairs],
                                              [p.teacher for p in self.eval_pairs]) if self.cross
                                             else (self.tokenizer, self.train_examples, self.eval_examples))
+            if offline:
+                train = self.rollout_examples or []
             self.cache, self.train_spans = open_cache(recipe, tokenizer, train)
             self.eval_cache = (self.cache, self.cache.rows_for("eval", evaluation, field="data.eval"))
-            if self.cross and self.cache.token_logprobs is None:
+            if (self.cross or offline) and self.cache.token_logprobs is None:
                 raise DistillError(f"the cache at `{recipe.regime.path}` was written before caches kept the "
-                                   "teacher's log-probability of each token, which cross-tokenizer ALM reads",
+                                   "teacher's log-probability of each token, which "
+                                   f"{'offline OPD' if offline else 'cross-tokenizer ALM'} reads",
                                    field="regime.path", fix="rebuild it with `distill cache <recipe>` into a new "
                                                             "directory")
         elif need_teacher and spec.served:  # checked now: the server answers, with the teacher's tokenizer
@@ -264,29 +276,6 @@ def open_cache(recipe: LMRecipe, tokenizer, train_examples) -> tuple[TeacherCach
     return cache, cache.rows_for("train", train_examples)
 
 
-def sampling_settings(recipe: LMRecipe, setup: LMSetup, models) -> Sampling:
-    """Sampling of on_policy / opd / self / sequence, checked before training: prompts exist, completions
-    fit the context."""
-    regime, examples = recipe.regime, setup.train_examples
-    prompts = [prompt_of(e) for e in examples]
-    if setup.task is None and all(len(p) <= 1 for p in prompts):  # built-in tasks may sample from BOS on purpose
-        raise DistillError(f"regime {regime.kind} samples completions for the data's prompts, and these rows have "
-                           "none (`text` rows)", field="data.train",
-                           fix="use prompt/completion or chat `messages` rows, or regime.kind: off_policy")
-    completions = [len(e.input_ids) - len(p) for e, p in zip(examples, prompts)]
-    max_new_tokens = regime.max_new_tokens or max(completions)
-    longest = max(map(len, prompts)) + max_new_tokens
-    for model in models:
-        limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
-        if limit is not None and longest > limit:
-            raise DistillError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={max_new_tokens} "
-                               f"reaches {longest} positions, over the model's {limit}", field="regime.max_new_tokens",
-                               fix=f"set regime.max_new_tokens <= {limit - max(map(len, prompts))}")
-    eos = setup.tokenizer.eos_token_id if (setup.task is None or setup.task.append_eos) else None
-    return Sampling(lmbda=regime.lmbda, max_new_tokens=max_new_tokens, temperature=regime.sample_temperature,
-                    top_p=regime.top_p, eos_token_id=eos, filter_threshold=regime.rsd_threshold)
-
-
 def privileged_prompts(recipe: LMRecipe, setup: LMSetup) -> dict[str, list[int]]:
     """Example id -> tokens of the teacher's prompt (privileged context + prompt), for regime self."""
     regime = recipe.regime
@@ -337,14 +326,6 @@ def resolve_reward(recipe: LMRecipe, setup: LMSetup):
             raise DistillError(f"the reward `{spec}` returned {scores!r} for {len(probe)} rows", field="regime.reward",
                                fix="return one float per completion, in order")
     return reward_fn
-
-
-def weights_sha256(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def prepare(recipe: LMRecipe, run_dir: RunDirectory) -> "LMJob":
@@ -486,10 +467,13 @@ class LMJob(Job):
                 reference = ("base" if recipe.student.lora is not None
                              else copy.deepcopy(self.student).eval().requires_grad_(False).to(device))
             tokenizer = setup.tokenizer
-            return OPD(objective, setup.served or setup.teacher, self.sampling, scale=regime.scale, reference=reference,
+            teacher = setup.served or setup.teacher
+            if setup.cache is not None:  # offline OPD: the teacher's log-probs of the rollouts, from its cache
+                teacher = CachedTeacher(setup.cache, setup.train_spans, regime.sparse)
+            return OPD(objective, teacher, self.sampling, scale=regime.scale, reference=reference,
                        reward_fn=self.reward_fn, reward_weight=regime.reward_weight, group_size=regime.group_size,
                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                       options=regime.opd), examples
+                       options=regime.opd, rollouts=setup.behavior), setup.rollout_examples or examples
         if kind == "sequence":  # the teacher's completions, generated once (resumable)
             filtering = regime.rsd_threshold > 0
             if filtering:

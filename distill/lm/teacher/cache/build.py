@@ -58,9 +58,11 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
         raise DistillError(f"a teacher cache holds a causal LM's top-k; this recipe is `task: {recipe.task}`",
                            field="task", fix="give a causal-LM recipe (task: lm)")
     regime = recipe.regime
-    if out is None and regime.kind != "cache":
+    offline = regime.kind == "opd" and regime.rollouts is not None  # the teacher scores stored rollouts
+    if out is None and not (regime.kind == "cache" or (offline and regime.path)):
         raise DistillError("no cache directory given", field="regime.path",
-                           fix="pass --out DIR, or set regime: {kind: cache, path: DIR} in the recipe")
+                           fix="pass --out DIR, or set regime: {kind: cache, path: DIR} in the recipe (offline OPD: "
+                               "regime.path beside regime.rollouts)")
     directory = Path(out or regime.path).expanduser()
     options = {"k": k or regime.k, "ids": ids or regime.ids, "values": values or regime.values,
                "shard_examples": shard_examples or regime.shard_examples}
@@ -77,6 +79,11 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
                             else (recipe.student.path, "student.path"))
     tokenizer = load_tokenizer(source, source_field, spec.trust_remote_code)
     train_records, eval_records, train_examples, eval_examples = load_data(recipe.data, tokenizer, task)
+    if offline:  # the student's stored samples, in place of the data's completions
+        from distill.lm.rollouts import check_teacher_consistency, load_rollouts
+
+        train_examples, _, rollouts = load_rollouts(regime.rollouts, train_examples)
+        check_teacher_consistency(rollouts.get("sft_teacher"), recipe, "distill cache")
     examples = {"train": train_examples, "eval": eval_examples}
     for split, rows in examples.items():
         seen = set()
@@ -86,6 +93,8 @@ def build_cache(recipe: str | Path | dict | LMRecipe, overrides: tuple[str, ...]
                                    fix="give every row a unique `id`, or drop the `id` column (row numbers are used)")
             seen.add(example.id)
     vocab_size = len(tokenizer)
+    if k is None and "k" not in regime.model_fields_set:  # the default 64, or the whole of a smaller vocabulary
+        options["k"] = min(options["k"], vocab_size)
     if not 1 <= options["k"] <= vocab_size:
         raise DistillError(f"k={options['k']} is outside 1..{vocab_size} (the vocabulary)", field="regime.k",
                            fix="choose k between 1 and the vocabulary size (64 is a good default)")

@@ -312,3 +312,9 @@ class CachedTeacher:
         spans = [self.spans[i] for i in batch["example_index"].tolist()]
         ids, logprobs, tail = (t.to(mask.device) for t in self.cache.batch(spans, mask.cpu()))
         return TeacherSignal(topk_ids=ids, topk_logprobs=logprobs, tail_logmass=tail if self.sparse == "tail" else None)
+
+    def token_logprobs(self, batch: dict) -> torch.Tensor:
+        """[B, L - 1]: log p_T of each completion token itself (what OPD's reward reads), zeros elsewhere."""
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        spans = [self.spans[i] for i in batch["example_index"].tolist()]
+        return self.cache.place(self.cache.token_logprobs.float(), spans, mask.cpu()).to(mask.device)
