@@ -14,6 +14,10 @@ teacher, 600 steps of 32 pairs, lr 1e-3). Arms (regime preference, same student 
   adpa_sft        ADPA on the student's samples (the shipped teacher's advantage over a 150-update checkpoint of
                   it) + 0.5 SFT on the chosen
   adpa_plus       ADPA+: the same, starting from the dckd_sft student (sequential, as the paper)
+  warm_*          from the SFT student of each seed (the `alone` model of its dckd_sft run, exact match ~0.97),
+                  WARM_STEPS more steps at lr WARM_LR (1e-5), as the preference papers start from an SFT model:
+                  warm_dpo, warm_dpo_teacher, warm_redi, warm_dckd, and warm_adpa (ADPA with the per-token
+                  advantage clipped to [-2, 2] + 0.5 SFT)
 Metric: exact match of greedy answers on 200 held-out problems (the teacher scores 1.000). Prints mean ±
 half-range per arm; each run is a normal run directory under --out.
 """
@@ -41,6 +45,11 @@ ARMS = {  # arm -> (objective, regime.preference, train.baseline)
     "adpa_sft": ({"loss": "adpa", "ce_weight": 0.5}, {"teacher_reference": "WEAK"}, False),
     "adpa_plus": ({"loss": "adpa", "ce_weight": 0.5}, {"teacher_reference": "WEAK"}, False),
 }
+# From the SFT student (issue 19): the same losses at a small lr
+WARM = {"warm_dpo": "dpo_sft", "warm_dpo_teacher": "dpo_teacher", "warm_redi": "redi", "warm_dckd": "dckd"}
+ARMS.update({name: ARMS[base] for name, base in WARM.items()})
+ARMS["warm_adpa"] = ({"loss": "adpa", "ce_weight": 0.5, "advantage_clip": 2.0}, {"teacher_reference": "WEAK"}, False)
+WARM_STEPS, WARM_LR = 200, 1e-5
 WEAK_STEPS = 150
 
 
@@ -68,6 +77,10 @@ def run(arm: str, seed: int, out: Path, steps: int | None) -> dict:
             recipe["student"] = {"path": str(out / f"dckd_sft-seed{seed}" / "student")}
             recipe["train"]["warmup_steps"] = 0
         recipe["train"].update(seed=seed, baseline=baseline, **({"steps": steps, "warmup_steps": 0} if steps else {}))
+        if arm.startswith("warm_"):  # from the SFT student of this seed (the alone row of its dckd_sft run)
+            run("dckd_sft", seed, out, steps)
+            recipe["student"] = {"path": str(out / f"dckd_sft-seed{seed}" / "alone")}
+            recipe["train"].update(steps=WARM_STEPS, warmup_steps=0, lr=WARM_LR)
         recipe["data"]["seed"] = seed
         recipe["output"] = str(run_dir)
         file = out / "recipes" / f"{arm}-seed{seed}.yaml"

@@ -113,6 +113,11 @@ def check_teacher_consistency(recorded: dict | None, recipe, where: str) -> None
                       "run); Lightning OPD needs the same teacher for the student's fine-tuning and for OPD",
                       stacklevel=2)
         return
+    if recipe.teacher.served and recorded["identity"] is not None:
+        warnings.warn(f"{where}: teacher consistency cannot be checked: a served teacher's weights cannot be "
+                      f"fingerprinted from here; make sure the server runs the teacher the student was fine-tuned on "
+                      f"(`{recorded['identity'].get('path', '?')}`, {recorded['source']})", stacklevel=2)
+        return
     scoring = recipe_teacher_identity(recipe.teacher)
     if recorded["identity"] is None:
         problem = f"the sampling student was trained without a teacher ({recorded['source']})"
