@@ -12,6 +12,7 @@ Arms (same student, init, data, steps and batch; objective JSD(0.5) for the logi
   opd_reward            scale 1 + correctness reward, 4 samples a problem (KD + RL; arithmetic only)
   opd_clip              scale 1, token reward clipped to [-2, 2] and centred on the micro-batch mean
   opd_gate              opd_clip + samples the teacher scores below -3 nats/token dropped (arithmetic only)
+  opd_k2 / opd_k3       scale 1, the token reward as Schulman's k2 / k3 KL estimator instead of k1
   warm_*                off_policy / opd_1 / opd_reward for 300 more steps, starting from the off_policy
                         student of the same seed (the OPD papers start from a trained student; arithmetic only)
 
@@ -48,6 +49,9 @@ ARMS = {  # (objective, regime)
     # dropping samples whose mean teacher log-prob per token is below -3
     "opd_clip": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"reward_clip": 2.0, "baseline": "batch"}}),
     "opd_gate": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"reward_clip": 2.0, "baseline": "batch", "gate": -3.0}}),
+    # Schulman's k3 estimator as the token reward (lower variance, biased; KDRL compares k1/k2/k3)
+    "opd_k3": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"estimator": "k3"}}),
+    "opd_k2": (JSD, {"kind": "opd", "scale": 1.0, "opd": {"estimator": "k2"}}),
 }
 # Warm start: the same student after its off_policy run (same seed), trained WARM_STEPS more steps.
 WARM = {"warm_off_policy": "off_policy", "warm_opd_1": "opd_1", "warm_opd_reward": "opd_reward",
