@@ -22,7 +22,7 @@ register_family("classifier", "distill.classifier")
 register_family("diffusion", "distill.diffusion")
 
 __all__ = ["DistillError", "Recipe", "RunResult", "compare", "distill_classifier", "evaluate", "load_recipe", "run",
-           "train_teacher", "__version__"]
+           "sweep", "train_teacher", "__version__"]
 
 
 def run(recipe, overrides=(), *, resume: bool = False, overwrite: bool = False):
@@ -47,6 +47,9 @@ def __getattr__(name: str):
     if name == "train_teacher":
         from distill.lm.train_teacher import train_teacher
         return train_teacher
+    if name == "sweep":
+        from distill.core.sweep import sweep
+        return sweep
     if name in ("evaluate", "compare"):
         from distill.core import evaluation
         return getattr(evaluation, name)

@@ -1,4 +1,4 @@
-"""The `distill` command line: demo, run, eval, compare, report, cache, train-teacher, losses, layers.
+"""The `distill` command line: demo, run, sweep, eval, compare, report, cache, train-teacher, losses, layers.
 
 Every user-fixable problem is a `DistillError`: printed as `field: message` + `fix:`, exit code 2,
 no traceback.
@@ -63,6 +63,44 @@ def run_command(recipe: str = typer.Argument(..., help="Recipe YAML (or builtin:
                 overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in the output directory.")):
     """Distill a teacher into a student as the recipe says; write the run directory."""
     _run(recipe, set_, resume, overwrite)
+
+
+@app.command()
+def sweep(recipe: str = typer.Argument(..., help="Recipe YAML (or builtin:<name>) every point starts from."),
+          grid: List[str] = typer.Option([], "--grid", help="field=value1,value2,... : one axis of the grid "
+                                         "(repeatable; values are YAML, e.g. --grid objective.beta=0.1,0.5)."),
+          seeds: str = typer.Option("3", "--seeds", help="How many seeds (3: seeds 0, 1, 2) or which (0,5,7)."),
+          set_: List[str] = typer.Option([], "--set", help=SET_HELP + " Applies to every point."),
+          output: Optional[Path] = typer.Option(None, "--output", help="The sweep directory (default "
+                                                "runs/<name>-sweep); a rerun skips finished points."),
+          jobs: int = typer.Option(1, "--jobs", help="Runs at a time, each with cores/jobs torch threads."),
+          interval: str = typer.Option("t", "--interval", help="t (Student's t, default) or bootstrap."),
+          metric: Optional[str] = typer.Option(None, "--metric", help="What `best` means (default: the task's "
+                                                                      "primary metric)."),
+          row: Optional[str] = typer.Option(None, "--row", help="The result row compared (default: distilled)."),
+          seed_field: List[str] = typer.Option(["train.seed"], "--seed-field", help="The recipe field(s) the "
+                                               "seed goes into (repeatable).")):
+    """Run a grid of recipe settings over seeds; a table of means with 95% intervals, the best point, plots."""
+    from distill.core.sweep import Sweep
+
+    planned = Sweep(recipe, grid, seeds, overrides=set_, output=output, seed_fields=seed_field, jobs=jobs,
+                    interval=interval, metric=metric, row=row)
+    planned.plan()  # every point validated, every existing directory checked: nothing written yet
+    result = planned.run(progress=lambda line: console.print(line, markup=False, highlight=False))
+    from distill.core.sweep import summary_notes, summary_rows
+
+    header, body = summary_rows(result, limit=4)  # the target and 3 more metrics; sweep.md has all
+    table = Table(title=f"distill sweep: {result.directory} (all metrics: sweep.md)")
+    for column in header:
+        table.add_column(column, justify="right")
+    for cells in body:
+        table.add_row(*[c.replace("**", "") for c in cells])
+    console.print(table)
+    for line in summary_notes(result):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"report: {result.directory / 'sweep.html'}")
+    if result.failed:
+        sys.exit(1)
 
 
 @app.command()

@@ -102,15 +102,24 @@ def apply_override(data: dict, assignment: str) -> None:
     except (yaml.YAMLError, RecursionError, ValueError):  # not YAML (or past the parser's depth, a date such as
         value = raw_value                                 # 2024-13-01, an int past 4300 digits): the text itself
     node = data
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
+    for depth, key in enumerate(keys):
+        if isinstance(node, list):  # a list item by its index: objective.terms.0.temperature=2
+            if not (key.isdigit() and int(key) < len(node)):
+                raise DistillError(f"`{'.'.join(keys[:depth])}` is a list of {len(node)}; `{key}` is not an index "
+                                   "in it", field="--set", fix=f"use an index from 0 to {len(node) - 1}")
+            key = int(key)
+            child = node[key]
+        else:
+            child = node.get(key)
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
         if child is None:
             child = node[key] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise DistillError(f"`{'.'.join(keys[:depth + 1])}` is a value, not a section", field="--set",
                                fix=f"set `{'.'.join(keys[:depth + 1])}=...` directly")
         node = child
-    node[keys[-1]] = value
 
 
 # ---- readable validation errors --------------------------------------------------------------------
