@@ -245,6 +245,10 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
                           seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None),
                           overwrite: bool = typer.Option(False, "--overwrite"),
                           resume: bool = typer.Option(False, "--resume"),
+                          config: Optional[str] = typer.Option(None, "--config", help="builtin:oracle and "
+                                                               "arithmetic: the teacher's size, as YAML, e.g. "
+                                                               "'{hidden_size: 64, num_hidden_layers: 2}' (the rest as "
+                                                               "the shipped teacher)."),
                           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="builtin:oracle: `bpe` "
                                                                   "trains on the oracle's byte-level BPE instead of one "
                                                                   "token per symbol (the two-tokenizer oracle's other "
@@ -276,8 +280,24 @@ def train_teacher_command(task: str = typer.Argument(..., help="builtin:oracle, 
 
     if (problem := writable_problem(out)) is not None:
         raise DistillError(f"`{out}` cannot be written: {problem}", field="--out", fix="choose a writable --out")
+    model_overrides = None
+    if config is not None:
+        import yaml
+
+        try:
+            model_overrides = yaml.safe_load(config)
+        except yaml.YAMLError as error:
+            raise DistillError(f"--config is not YAML: {str(error).splitlines()[0]}", field="--config",
+                               fix="write e.g. --config '{hidden_size: 64, num_hidden_layers: 2}'") from None
+        if not isinstance(model_overrides, dict) or not model_overrides:
+            raise DistillError(f"--config {config!r} is not a mapping of model sizes", field="--config",
+                               fix="write e.g. --config '{hidden_size: 64, num_hidden_layers: 2}'")
+        if "model_overrides" not in family.teacher_options:
+            raise DistillError(f"--config applies to the causal-LM teachers, not {task}", field="--config",
+                               fix="drop --config")
     given = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed,
-                 threads=threads, overwrite=overwrite, resume=resume, tokenizer=tokenizer)
+                 threads=threads, overwrite=overwrite, resume=resume, tokenizer=tokenizer,
+                 model_overrides=model_overrides)
     if tokenizer is not None and "tokenizer" not in family.teacher_options:
         raise DistillError(f"--tokenizer applies to builtin:oracle, not {task}", field="--tokenizer",
                            fix="drop --tokenizer")

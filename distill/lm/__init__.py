@@ -22,7 +22,8 @@ from distill.core.families import Family
 class LMFamily(Family):
     task = "lm"
     teacher_tasks = ("oracle", "arithmetic")
-    teacher_options = ("steps", "batch_size", "lr", "train_size", "seed", "threads", "overwrite", "resume", "tokenizer")
+    teacher_options = ("steps", "batch_size", "lr", "train_size", "seed", "threads", "overwrite", "resume", "tokenizer",
+                       "model_overrides")
     entry_points = {"recipe": "distill.lm.recipe:LMRecipe",
                     "prepare": "distill.lm.run:prepare",
                     "saved_models": "distill.lm.run:saved_models",

@@ -2,6 +2,8 @@
 (plain cross-entropy), and save it as a normal `save_pretrained` model + tokenizer."""
 from __future__ import annotations
 
+import json
+
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +25,10 @@ from distill.lm.tasks import get_task
 from distill.lm.trainer import LMTrainer
 
 
+TEACHER_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")  # what --config may set
+
+
 def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
                   train_size: int = 50000, eval_size: int = 200, seed: int = 0, warmup_steps: int = 100,
                   threads: int | None = None, overwrite: bool = False, resume: bool = False,
@@ -34,6 +40,15 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
     if tokenizer not in (None, "bpe") or (tokenizer == "bpe" and not hasattr(task, "student_tokenizer")):
         raise DistillError(f"--tokenizer {tokenizer} is not available for builtin:{task.name}", field="--tokenizer",
                            fix="use --tokenizer bpe with builtin:oracle, or leave it out")
+    sizes = {**task.teacher_config, **(model_overrides or {})}
+    unknown = sorted(set(sizes) - set(TEACHER_SIZES))
+    if unknown or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()):
+        raise DistillError(f"--config {model_overrides}: " + (f"unknown keys {', '.join(unknown)}" if unknown else
+                           "sizes are positive whole numbers"), field="--config",
+                           fix=f"give positive integers for: {', '.join(TEACHER_SIZES)}")
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise DistillError(f"hidden_size {sizes['hidden_size']} is not a multiple of num_attention_heads "
+                           f"{sizes['num_attention_heads']}", field="--config", fix="make it one")
     out = Path(out)
     if (out / "config.json").exists() and not overwrite:
         raise DistillError(f"`{out}` already holds a model", field="--out", fix="pass --overwrite or choose another --out")
@@ -47,7 +62,7 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
     eval_records = task.records(eval_size, seed, "eval")
     eval_examples = tokenize(eval_records, tokenizer, field="data.eval", **options)
     torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer), **{**task.teacher_config, **(model_overrides or {})})
+    config = tiny_llama_config(len(tokenizer), **sizes)
     model = AutoModelForCausalLM.from_config(config)
     spec = TrainSpec(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup_steps, steps // 10), seed=seed,
                      checkpoint_every=max(steps // 5, 1), log_every=50, baseline=False)
@@ -76,7 +91,8 @@ def train_teacher(task_name: str, out: str | Path, *, steps: int = 3000, batch_s
                 "seconds": round(time.perf_counter() - started, 1),
                 "command": f"distill train-teacher builtin:{task.name} --out {out} --steps {steps} --batch-size "
                            f"{batch_size} --lr {lr} --train-size {train_size} --seed {seed}"
-                           + (f" --tokenizer {tokenizer_name}" if tokenizer_name else "")}
+                           + (f" --tokenizer {tokenizer_name}" if tokenizer_name else "")
+                           + (f" --config '{json.dumps(model_overrides)}'" if model_overrides else "")}
         atomic_write_json(out / "teacher_card.json", card)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
