@@ -158,6 +158,9 @@ class ClassifierRecipe(RunRecipe):
     teacher: ClassifierModelSpec | None = Field(None, description="The teacher (frozen regime).")
     teachers: list[ClassifierModelSpec] | None = Field(None, description="multi_teacher: two or more teachers.")
     student: ClassifierModelSpec
+    assistants: list[ClassifierModelSpec] = Field(
+        default_factory=list, description="Teaching assistants (TAKD): each is distilled from the one before "
+                                          "(the first from `teacher`), and the student from the last.")
     data: ClassifierDataSpec
     objective: ClassifierObjectiveSpec = Field(default_factory=ClassifierObjectiveSpec)
     regime: ClassifierRegimeSpec = Field(default_factory=ClassifierRegimeSpec)
@@ -175,6 +178,9 @@ class ClassifierRecipe(RunRecipe):
             raise FieldValueError("teachers", f"`teachers` is for regime multi_teacher (this is `{kind}`)")
         if kind in ("self", "online") and self.teacher is not None:
             raise FieldValueError("teacher", f"regime {kind} has no separate teacher; remove `teacher`")
+        if self.assistants and kind != "frozen":
+            raise FieldValueError("assistants", f"a teacher chain starts from one trained teacher (regime frozen), "
+                                  f"not regime {kind}")
         if self.regime.peer is not None and kind != "online":
             raise FieldValueError("regime.peer", "`peer` is for regime online")
         return self

@@ -19,6 +19,11 @@ from distill.core.trackers import check_trackers
 
 def run_recipe(recipe: RunRecipe, *, resume: bool = False, overwrite: bool = False) -> RunResult | None:
     """Run a validated recipe through its family; the RunResult (None on processes other than the main one)."""
+    if getattr(recipe, "assistants", None):  # a teacher chain: stages, then this run (core.chain)
+        from distill.core.chain import run_chain
+
+        return run_chain(recipe, lambda stage, again: run_recipe(stage, resume=again), resume=resume,
+                         overwrite=overwrite)
     family = get_family(recipe.task)
     return run_job(recipe, lambda run_dir: family.prepare(recipe, run_dir), resume=resume, overwrite=overwrite)
 

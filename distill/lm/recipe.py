@@ -499,6 +499,10 @@ class LMRecipe(RunRecipe):
     task: Literal["lm"] = "lm"
     teacher: TeacherSpec
     student: StudentSpec
+    assistants: list[StudentSpec] = Field(
+        default_factory=list, description="Teaching assistants (TAKD): each is distilled from the one before (the "
+                                          "first from `teacher`, `config` overriding that one's config), and the "
+                                          "student from the last.")
     data: DataSpec
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     regime: RegimeSpec = Field(default_factory=RegimeSpec)
@@ -574,6 +578,19 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
+        if self.assistants:
+            chain_problem = ("regime.path", "a top-k cache holds one teacher's signals; a chain has several") \
+                if self.regime.path else ("regime.rollouts", "offline rollouts are scored by one teacher") \
+                if self.regime.rollouts else ("objective.loss", "a cross-tokenizer chain is not built yet") \
+                if self.objective.cross_tokenizer else ("train.sharding", "a chain runs its stages in one "
+                                                        "process") if self.train.sharding == "fsdp" else \
+                ("regime.kind", "the self regime has no separate teacher") if self.regime.kind == "self" else None
+            if chain_problem is not None:
+                raise FieldValueError(chain_problem[0], f"with `assistants`: {chain_problem[1]}")
+            for index, assistant in enumerate(self.assistants):
+                if assistant.lora is not None:
+                    raise FieldValueError(f"assistants.{index}.lora", "an assistant becomes the next stage's "
+                                          "teacher: train all its weights (remove lora)")
         if self.train.same_tokenizer_reference and not self.objective.cross_tokenizer:
             raise FieldValueError("train.same_tokenizer_reference", "the same-tokenizer reference is a row of "
                                   "cross-tokenizer runs (objective.loss uld | gold_hybrid | alm): remove it")
