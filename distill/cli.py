@@ -1,4 +1,4 @@
-"""The `distill` command line: demo, run, sweep, eval, compare, report, cache, train-teacher, losses, layers.
+"""The `distill` command line: demo, run, sweep, select, eval, compare, report, cache, train-teacher, losses, layers.
 
 Every user-fixable problem is a `DistillError`: printed as `field: message` + `fix:`, exit code 2,
 no traceback.
@@ -178,6 +178,31 @@ def rollouts(recipe: str = typer.Argument(..., help="An opd recipe (regime.rollo
     console.print(f"rollouts: {manifest['identity']['examples']} samples of "
                   f"`{escape(manifest['identity']['student']['path'])}` in {escape(str(directory))}; next: "
                   "distill cache RECIPE (the teacher's scores), then distill run RECIPE", highlight=False)
+
+
+@app.command("select")
+def select_command(recipe: str = typer.Argument(..., help="A causal-LM recipe: its teacher and training data."),
+                   reference: str = typer.Option(..., "--reference", help="The reference model: a small LM trained "
+                                                 "on the same data (difference), or the student (divergence)."),
+                   out: Path = typer.Option(..., "--out", help="Directory for the selected dataset."),
+                   method: str = typer.Option("difference", "--method", help="difference (MiniPLM) or divergence "
+                                              "(KL(teacher || reference) per token)."),
+                   keep: Optional[float] = typer.Option(None, "--keep", help="Write the top fraction of rows by score "
+                                                        "(default 0.5)."),
+                   temperature: Optional[float] = typer.Option(None, "--temperature", help="Instead: write every "
+                                                               "row with weight n * softmax(score / T)."),
+                   set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                   batch_size: int = typer.Option(32, "--batch-size"),
+                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace a selection in --out.")):
+    """Score the training rows with the teacher and a reference model; write the rows worth training on
+    (or all of them, weighted): train with data.train: OUT (and data.weights: weight)."""
+    from distill.lm.select import select, selection_summary
+
+    manifest = select(recipe, reference, out, method=method, keep=keep, temperature=temperature,
+                      overwrite=overwrite, batch_size=batch_size, overrides=tuple(set_))
+    console.print(selection_summary(manifest), markup=False, highlight=False)
+    console.print(f"written: {out} (data: {{train: {out}" + (", weights: weight" if temperature else "") + "})",
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -54,7 +54,7 @@ MALFORMED = [
     ("student-neither", _edit("student", {}), [], ["student", "exactly one"]),
     ("init-layers-without-config", _edit("student", {"path": "s", "init_from_teacher_layers": [0]}), [],
      ["student.init_from_teacher_layers"]),
-    ("data-builtin-and-train", _edit("data.train", "train.jsonl"), [], ["data", "exactly one"]),
+    ("data-neither-builtin-nor-train", _edit("data.builtin", None), [], ["data", "data.builtin", "data.train"]),
     ("data-eval-without-train", _edit("data.eval", "eval.jsonl"), [], ["data.eval"]),
     ("unknown-builtin-task", _edit("data.builtin", "sudoku"), [], ["data.builtin", "'sudoku'"]),
     ("unknown-loss", _edit("objective", {"loss": "jsdd"}), [], ["objective.loss", "did you mean 'jsd'", "sinkhorn"]),

@@ -2,6 +2,8 @@
 distill.lm.records), tokenization with completion-only labels, packing, padding, and a resumable batch order."""
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 
@@ -192,18 +194,45 @@ def check_packing(models: dict) -> None:
 
 class BatchOrder:
     """Example indices as a function of (seed, position): an endless series of seeded
-    permutations. Resuming needs only the position, and every process sees the same order."""
+    permutations. Resuming needs only the position, and every process sees the same order.
+    With `weights` (data.weights), each epoch is instead num_examples seeded draws with replacement,
+    example i with probability weights[i] / sum(weights)."""
 
-    def __init__(self, num_examples: int, seed: int):
+    def __init__(self, num_examples: int, seed: int, weights: list[float] | None = None):
         self.num_examples, self.seed = num_examples, seed
+        self.probabilities = None
+        if weights is not None:
+            array = np.asarray(weights, dtype=np.float64)
+            self.probabilities = array / array.sum()
 
     def take(self, position: int, count: int) -> list[int]:
         indices = []
         while len(indices) < count:
             epoch, offset = divmod(position + len(indices), self.num_examples)
-            permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            indices.extend(permutation[offset:offset + count - len(indices)].tolist())
+            rng = np.random.default_rng([self.seed, epoch])
+            order = (rng.permutation(self.num_examples) if self.probabilities is None
+                     else rng.choice(self.num_examples, size=self.num_examples, p=self.probabilities))
+            indices.extend(order[offset:offset + count - len(indices)].tolist())
         return indices
+
+
+def row_weights(records: list[dict], column: str | None) -> list[float] | None:
+    """Each training row's weight from its `column` (data.weights); a missing, non-numeric or negative one,
+    or all zero, is refused with its row number."""
+    if column is None:
+        return None
+    weights = []
+    for index, record in enumerate(records):
+        value = record.get(column) if isinstance(record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            problem = "has no" if value is None else f"has {value!r} as its"
+            raise DistillError(f"training row {index + 1} {problem} `{column}` weight", field="data.weights",
+                               fix=f"give every row of data.train a number >= 0 in column `{column}`")
+        weights.append(float(value))
+    if not any(weights):
+        raise DistillError(f"every row's `{column}` weight is 0: nothing to train on", field="data.weights",
+                           fix="give some rows a weight above 0")
+    return weights
 
 
 def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Example], list[Example]]:
@@ -211,8 +240,10 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
     built-in `task`'s seeded records, or the train/eval files (eval: the last `eval_size` train rows
     when no eval file is given)."""
     train_origin = eval_origin = None
-    if task is not None:
+    if task is not None:  # the task's rows, or your own training rows (data.train) scored on the task's
         train_records = task.records(spec.train_size, spec.seed, "train")
+        if spec.train is not None:
+            train_records, train_origin = read_rows(spec.train, "data.train", spec.split, spec.fields)
         eval_records = task.records(spec.eval_size, spec.seed, "eval")
         append_eos = task.append_eos
     else:

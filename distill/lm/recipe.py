@@ -123,13 +123,16 @@ class DataSpec(StrictModel):
         None, description="Our field names -> the data's columns, e.g. {prompt: instruction, completion: response} "
                           "or {messages: conversations}; fields: prompt, completion, text, messages, id "
                           "(and chosen, rejected: preference pairs).")
-    train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task.")
+    train_size: int = Field(2000, gt=0, description="Examples generated for a built-in task (without data.train).")
     eval_size: int = Field(200, gt=0, description="Eval examples (built-in) or held-out rows (files).")
     seed: Seed = Field(0, description="Seed of the built-in task's sampled data.")
     max_length: int = Field(256, gt=1, description="Tokens per example, prompt included.")
     too_long: Literal["truncate", "refuse"] = Field(
         "truncate", description="Examples over max_length: cut with a warning, or refuse the run.")
     completion_only: bool = Field(True, description="Loss on completion tokens only (prompt masked).")
+    weights: str | None = Field(None, description="A column of data.train holding each row's weight (>= 0, e.g. "
+                                                  "`distill select`'s `weight`): rows are drawn with probability "
+                                                  "proportional to it (weight 0: never).")
     packing: bool = Field(False, description="Pack whole training examples into max_length blocks (no padding "
                                              "waste): position ids restart per example and attention stays "
                                              "within it, so each computes what it would alone; prompt tokens "
@@ -137,10 +140,17 @@ class DataSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if (self.builtin is None) == (self.train is None):
-            raise ValueError("give exactly one of `data.builtin` (oracle | arithmetic) or `data.train` (a file)")
-        if self.eval is not None and self.train is None:
-            raise FieldValueError("eval", "`data.eval` needs `data.train`; built-in tasks make their own eval set")
+        if self.builtin is None and self.train is None:
+            raise ValueError("give `data.builtin` (oracle | arithmetic) or `data.train` (a file), or both (your "
+                             "training rows, the task's evaluation)")
+        if self.eval is not None and (self.train is None or self.builtin is not None):
+            raise FieldValueError("eval", "built-in tasks make their own eval set: remove `data.eval`"
+                                  + ("" if self.train is None else " (data.train's rows are scored on the task's)"))
+        if self.weights is not None and self.train is None:
+            raise FieldValueError("weights", "data.weights names a column of data.train; built-in rows have none")
+        if self.weights is not None and self.packing:
+            raise FieldValueError("weights", "packed blocks hold several rows of different weights: set "
+                                  "data.packing false to weight rows")
         if self.train is None and (self.fields is not None or self.eval_split is not None):
             raise FieldValueError("fields" if self.fields is not None else "eval_split",
                                   "data.fields / data.eval_split apply to data.train; built-in tasks have their own")
@@ -578,6 +588,8 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
+        if self.data.weights is not None and self.regime.kind == "preference":
+            raise FieldValueError("data.weights", "preference pairs are not weighted yet: remove data.weights")
         if self.assistants:
             chain_problem = ("regime.path", "a top-k cache holds one teacher's signals; a chain has several") \
                 if self.regime.path else ("regime.rollouts", "offline rollouts are scored by one teacher") \

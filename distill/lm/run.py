@@ -24,7 +24,7 @@ from distill.core.rundir import RunDirectory, RunResult
 from distill.lm.cross_tokenizer.data import nll_per_character, pair_examples
 from distill.lm.cross_tokenizer.regime import (CachedTokenLogprobs, CrossDistill, CrossObjective, CrossOnPolicy,
                                                boundary_mask, matched_vocabulary, teacher_text_pairs)
-from distill.lm.data import check_packing, load_data
+from distill.lm.data import check_packing, load_data, row_weights
 from distill.lm.evaluate import evaluate_model
 from distill.lm.models import (DTYPES, apply_lora, build_student, check_same_vocabulary, load_causal_lm, load_config,
                                load_tokenizer, make_accelerator, quiet_transformers, resolve_model_path, save_model,
@@ -102,6 +102,7 @@ class LMSetup:
             if not any(pair.chunks for pair in self.train_pairs):
                 raise DistillError("no training row has a completion chunk both tokenizers can align",
                                    field="data.train", fix="check that the rows have non-empty completions")
+        self.train_weights = row_weights(self.train_records, recipe.data.weights)  # data.weights, or None
         self.packing = None
         if recipe.data.packing:  # how full the blocks are: the padding packing saves
             tokens = sum(len(e.input_ids) for e in self.train_examples)
@@ -549,7 +550,8 @@ class LMJob(Job):
                                     vocab_size=len(setup.teacher_tokenizer) if reference else setup.vocab_size,
                                     spec=recipe.train, eval_every=recipe.eval.every,
                                     evaluate=setup.evaluate_on_teacher_tokens if reference else setup.evaluate,
-                                    run_dir=run_dir, eval_reads=teacher_reads)
+                                    run_dir=run_dir, eval_reads=teacher_reads,
+                                    weights=setup.train_weights if row in ("distilled", "alone") else None)
                 trainer.fit(resume=run_dir.resume)
                 model = trainer.model
                 full = None

@@ -108,9 +108,15 @@ class LMTrainer:
 
     def __init__(self, *, accelerator, student, regime, phase: str, examples: list[Example], pad_token_id: int,
                  vocab_size: int, spec: TrainSpec, eval_every: int, evaluate: Callable[[torch.nn.Module], dict],
-                 run_dir: RunDirectory, eval_reads: tuple = ()):
-        """`eval_reads`: other (possibly sharded) models that `evaluate` runs, e.g. the teacher."""
+                 run_dir: RunDirectory, eval_reads: tuple = (), weights: list[float] | None = None):
+        """`eval_reads`: other (possibly sharded) models that `evaluate` runs, e.g. the teacher. `weights`: each
+        example's sampling weight (data.weights; None: every example once per epoch)."""
         self.accelerator, self.regime, self.phase, self.spec = accelerator, regime, phase, spec
+        if weights is not None and len(weights) != len(examples):
+            raise DistillError(f"data.weights has {len(weights)} row weights for {len(examples)} training examples of "
+                               f"phase {phase}", field="data.weights", fix="weight rows of an off_policy, on_policy, "
+                               "sequence or opd run (one example per row)")
+        self.row_weights = weights
         self.eval_reads = eval_reads
         self.examples, self.eval_every, self.evaluate, self.run_dir = examples, eval_every, evaluate, run_dir
         # `model` is what was given (a peft model for a LoRA student: it saves the adapter), `causal_lm` the
@@ -155,7 +161,7 @@ class LMTrainer:
     def fit(self, resume: bool = False) -> None:
         """Train to `spec.steps` (from the phase's checkpoint if `resume` finds one)."""
         spec, accelerator = self.spec, self.accelerator
-        order = BatchOrder(len(self.examples), spec.seed)
+        order = BatchOrder(len(self.examples), spec.seed, self.row_weights)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.checkpoint_dir)) is not None:
             state = load_checkpoint(found, modules={"model": self.weights}, optimizers={"optimizer": self.optimizer_state},
