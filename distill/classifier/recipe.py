@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.core.errors import FieldValueError
-from distill.core.recipe import RunRecipe, Seed, StrictModel
+from distill.core.recipe import PrivacySpec, RunRecipe, Seed, StrictModel
 
 CE_TERM = "ce"  # the hard-label term: what the `alone` row trains with
 
@@ -143,6 +143,8 @@ class ClassifierTrainSpec(StrictModel):
     threads: int | None = Field(1, gt=0, le=4096, description="torch.set_num_threads (tiny models: 1 is fastest).")
     log_every: int = Field(20, gt=0, description="Steps between loss records.")
     checkpoint_every: int = Field(200, gt=0, description="Steps between resumable checkpoints (--resume).")
+    privacy: PrivacySpec | None = Field(None, description="DP-SGD on the student (opacus): {epsilon, delta, "
+                                                          "max_grad_norm}; the report states the epsilon spent.")
 
 
 class ClassifierEvalSpec(StrictModel):
@@ -178,6 +180,14 @@ class ClassifierRecipe(RunRecipe):
             raise FieldValueError("teachers", f"`teachers` is for regime multi_teacher (this is `{kind}`)")
         if kind in ("self", "online") and self.teacher is not None:
             raise FieldValueError("teacher", f"regime {kind} has no separate teacher; remove `teacher`")
+        if self.train.privacy is not None:
+            if kind not in ("frozen", "multi_teacher"):
+                raise FieldValueError("train.privacy", f"DP-SGD trains one student from fixed teachers; regime {kind} "
+                                      "trains another model on the same rows too")
+            if self.student.arch == "cnn":
+                raise FieldValueError("train.privacy", "the built-in cnn has BatchNorm, which mixes the rows of a "
+                                      "batch (no per-row privacy): use arch mlp, or a model with GroupNorm through "
+                                      "distill.distill_classifier")
         if self.assistants and kind != "frozen":
             raise FieldValueError("assistants", f"a teacher chain starts from one trained teacher (regime frozen), "
                                   f"not regime {kind}")

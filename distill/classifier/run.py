@@ -160,8 +160,15 @@ class ClassifierJob(Job):
                 rows[phase] = self.evaluate(trained[phase], final=True)
         notes = ["the teacher row is the online peer the student learned with"] if self.teacher is None and \
             self.peer is not None else []
+        privacy = {t.phase: t.privacy for t in trainers if getattr(t, "privacy", None)}
+        if privacy:
+            from distill.core.privacy import privacy_note
+
+            notes += [privacy_note(phase, summary) for phase, summary in privacy.items()]
+            for phase, summary in privacy.items():
+                rows[phase]["epsilon"] = summary["epsilon"]
         meta = {**classifier_meta(), "notes": notes, "seconds": time.perf_counter() - self.started,
-                "train_examples": int(len(self.train_y))}
+                "train_examples": int(len(self.train_y)), **({"privacy": privacy} if privacy else {})}
         return RunResult(run_dir.path, rows, meta)
 
 

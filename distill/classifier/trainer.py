@@ -263,10 +263,13 @@ class ClassifierTrainer:
         torch.manual_seed(self.spec.seed)  # dropout & co: a phase's randomness does not depend on what ran before
         step, order, epoch_start = 0, None, generator.get_state()
         checkpoints = self.run_dir.checkpoint_dir(self.phase) if self.run_dir is not None else None
+        private = self._private(optimizer)
         if resume and checkpoints is not None and (found := find_checkpoint(checkpoints)) is not None:
             state = load_checkpoint(found, modules=self._modules(), optimizers={"optimizer": optimizer},
                                     schedulers={"scheduler": scheduler}, generators={"order": generator})
             step = state["step"]
+            if private is not None:
+                private.load_state_dict(state.get("privacy", {}))
         if self.run_dir is not None:
             self.run_dir.rewind(self.phase, step)
         eval_every = max(1, round(self.eval_every_epochs * self.steps_per_epoch))
@@ -280,31 +283,42 @@ class ClassifierTrainer:
                 epoch_start = generator.get_state()
                 order = torch.randperm(self.num_examples, generator=generator)
             position = (step % self.steps_per_epoch) * self.spec.batch_size
-            inputs, labels = self._batch(order[position:position + self.spec.batch_size])
+            batch = (order[position:position + self.spec.batch_size] if private is None
+                     else torch.tensor(private.batch(step), dtype=torch.long))  # DP: a Poisson batch
+            inputs, labels = self._batch(batch)
             epoch = step / self.steps_per_epoch
             started = time.perf_counter()
-            teacher_logits, teacher_features = self.teacher_signal(inputs)
+            teacher_logits, teacher_features = self.teacher_signal(inputs) if len(labels) else (None, {})
             teacher_seconds = time.perf_counter() - started
-            taps = FeatureTaps(self.student, student_layers)
-            with taps:
-                logits = forward(self.student, inputs, taps)
-            if self.peer is not None:  # online: each model learns from the other (detached)
-                peer_logits = forward(self.peer, inputs)
-                loss, parts = self._objective(logits, peer_logits.detach(), labels, {}, {}, epoch)
-                peer_loss, _ = self._objective(peer_logits, logits.detach(), labels, {}, {}, epoch)
-                loss = loss + peer_loss
+            if private is not None:  # DP-SGD: each row's own gradient, clipped and noised by opacus
+                loss, parts = self._private_step(private, step, inputs, labels, teacher_logits, teacher_features,
+                                                 student_layers, epoch)
+                scheduler.step()
+                step += 1
+                bar.update(1)
             else:
-                loss, parts = self._objective(logits, teacher_logits, labels, taps.features, teacher_features, epoch)
-            if not torch.isfinite(loss):
-                raise DistillError(f"the loss became {float(loss)} at step {step} ({parts})", field="train.lr",
-                                   fix="lower train.lr or a term's weight / temperature")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            self._update_self_teacher(step)
-            step += 1
-            bar.update(1)
+                taps = FeatureTaps(self.student, student_layers)
+                with taps:
+                    logits = forward(self.student, inputs, taps)
+                if self.peer is not None:  # online: each model learns from the other (detached)
+                    peer_logits = forward(self.peer, inputs)
+                    loss, parts = self._objective(logits, peer_logits.detach(), labels, {}, {}, epoch)
+                    peer_loss, _ = self._objective(peer_logits, logits.detach(), labels, {}, {}, epoch)
+                    loss = loss + peer_loss
+                else:
+                    loss, parts = self._objective(logits, teacher_logits, labels, taps.features, teacher_features,
+                                                  epoch)
+            if private is None:
+                if not torch.isfinite(loss):
+                    raise DistillError(f"the loss became {float(loss)} at step {step} ({parts})", field="train.lr",
+                                       fix="lower train.lr or a term's weight / temperature")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                self._update_self_teacher(step)
+                step += 1
+                bar.update(1)
             if self.run_dir is None:
                 continue
             if step % self.spec.log_every == 0 or step == self.total_steps:
@@ -314,7 +328,9 @@ class ClassifierTrainer:
                                          "loss": float(loss.detach()), "kd": float(loss.detach()) - hard, "ce": hard,
                                          **parts, "lr": scheduler.get_last_lr()[0],
                                          "step_seconds": time.perf_counter() - started,
-                                         "teacher_seconds": teacher_seconds})
+                                         "teacher_seconds": teacher_seconds,
+                                         **({"epsilon": private.epsilon(), "clipped": private.last_clipped,
+                                             "rows": len(labels)} if private is not None else {})})
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if self.evaluate is not None and (step % eval_every == 0 or step == self.total_steps):
                 self.run_dir.log_metrics({"phase": self.phase, "step": step, **self.evaluate(self.student)})
@@ -326,11 +342,58 @@ class ClassifierTrainer:
                 draw_from.set_state(generator.get_state() if step % self.steps_per_epoch == 0 else epoch_start)
                 save_checkpoint(checkpoints, modules=self._modules(), optimizers={"optimizer": optimizer},
                                 schedulers={"scheduler": scheduler}, generators={"order": draw_from},
-                                state={"step": step, "phase": self.phase})
+                                state={"step": step, "phase": self.phase,
+                                       **({"privacy": private.state_dict()} if private is not None else {})})
                 simulate_crash_after(step)
         bar.close()
         self.student.eval()
+        self.privacy = private.summary() if private is not None else None
         return self.student
+
+    # ---- differential privacy (train.privacy) ------------------------------------------------------
+
+    def _private(self, optimizer):
+        """The phase's DP-SGD state (core.privacy), or None without train.privacy."""
+        if self.spec.privacy is None:
+            return None
+        from opacus.validators import ModuleValidator
+
+        from distill.core.privacy import PrivateTraining
+
+        problems = ModuleValidator.validate(self.student, strict=False)
+        if problems:
+            raise DistillError(f"the student cannot be trained privately: {problems[0]}", field="train.privacy",
+                               fix="replace BatchNorm by GroupNorm or LayerNorm (opacus' ModuleValidator.fix)")
+        return PrivateTraining(self.spec.privacy, optimizer, num_examples=self.num_examples,
+                               batch_size=self.spec.batch_size, steps=self.total_steps, seed=self.spec.seed)
+
+    def _private_step(self, private, step: int, inputs, labels, teacher_logits, teacher_features,
+                      student_layers, epoch: float):
+        """Backpropagate each row of the batch alone, hand the per-row gradients to opacus, step. Returns the
+        batch's mean loss and parts (for the log)."""
+        params = list(private.optimizer.params)
+        per_row, total, parts_sum = [], 0.0, {}
+        for row in range(len(labels)):
+            one = slice(row, row + 1)
+            row_inputs = {k: v[one] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[one]
+            taps = FeatureTaps(self.student, student_layers)
+            with taps:
+                logits = forward(self.student, row_inputs, taps)
+            loss, parts = self._objective(logits, None if teacher_logits is None else teacher_logits[one],
+                                          labels[one], taps.features,
+                                          {k: v[one] for k, v in teacher_features.items()}, epoch)
+            if not torch.isfinite(loss):
+                raise DistillError(f"the loss became {float(loss)} at step {step} ({parts})", field="train.lr",
+                                   fix="lower train.lr or a term's weight / temperature")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            per_row.append({p: g for p, g in zip(params, grads) if g is not None})
+            total += float(loss.detach())
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+        private.store(per_row)
+        private.step(step)
+        count = max(1, len(labels))
+        return torch.tensor(total / count), {k: v / count for k, v in parts_sum.items()}
 
     @torch.no_grad()
     def _update_self_teacher(self, step: int) -> None:

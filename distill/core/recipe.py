@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.core.errors import DistillError, FieldValueError
 from distill.core.families import DEFAULT_TASK, family_names, get_family
@@ -30,6 +30,23 @@ class StrictModel(BaseModel):
     +-inf (no field gives them a meaning; `.inf` in YAML is a typo's likelier outcome than a wish)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class PrivacySpec(StrictModel):
+    """train.privacy: DP-SGD on the student (core.privacy, opacus). Give `epsilon` (the noise is then chosen to
+    spend at most that over the run) or `noise_multiplier` (epsilon is then what the accountant reports)."""
+
+    epsilon: float | None = Field(None, gt=0, description="The privacy budget of the whole run.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of (epsilon, delta)-DP; keep it below 1 / rows.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Each row's gradient is clipped to this L2 norm.")
+    noise_multiplier: float | None = Field(None, ge=0, description="Instead of epsilon: the noise's standard "
+                                                                   "deviation as a multiple of max_grad_norm.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "PrivacySpec":
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of `epsilon` (a budget) or `noise_multiplier` (a noise level)")
+        return self
 
 
 class LogSpec(StrictModel):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.core.errors import FieldValueError
-from distill.core.recipe import RunRecipe, Seed, StrictModel
+from distill.core.recipe import PrivacySpec, RunRecipe, Seed, StrictModel
 
 
 class TeacherSpec(StrictModel):
@@ -472,6 +472,8 @@ class TrainSpec(StrictModel):
         "fp32", description="The student's forward/backward: fp32, or autocast to bf16 / fp16 with float32 master "
                             "weights and optimizer state (fp16 with a gradient scaler). The teacher keeps "
                             "teacher.dtype; losses compute in float32.")
+    privacy: PrivacySpec | None = Field(None, description="DP-SGD on the student (opacus): {epsilon, delta, "
+                                                          "max_grad_norm}; the report states the epsilon spent.")
     sharding: Literal["ddp", "fsdp"] = Field(
         "ddp", description="With several processes: ddp (each holds the full teacher and student) or fsdp "
                            "(PyTorch FSDP2: each holds 1/N of every teacher and student parameter, gradient "
@@ -588,6 +590,22 @@ class LMRecipe(RunRecipe):
                 raise FieldValueError("regime.rsd_threshold", "student-aware filtering needs the teacher's "
                                       "distribution at every token it proposes, in step with the student: not "
                                       "available from a served teacher (use teacher.path, or rsd_threshold 0)")
+        if self.train.privacy is not None:
+            privacy_problem = next(((field, why) for field, why, bad in (
+                ("regime.kind", f"regime {self.regime.kind} trains on pairs or with a separate teacher copy; DP "
+                 "needs one row per gradient", self.regime.kind in ("preference", "self")),
+                ("regime.opd.baseline", "a batch baseline mixes the rows of a batch: one row's gradient would "
+                 "depend on the others", self.regime.opd.baseline != "none"),
+                ("regime.group_size", "grouped samples share a baseline across rows", self.regime.group_size > 1),
+                ("train.grad_accum", "the DP batch is one Poisson draw per step", self.train.grad_accum > 1),
+                ("train.sharding", "DP training runs in one process so far", self.train.sharding == "fsdp"),
+                ("train.precision", "fp16 loss scaling is not combined with per-row clipping",
+                 self.train.precision == "fp16"),
+                ("data.packing", "a packed block holds several rows", self.data.packing),
+                ("data.weights", "weighted draws are not Poisson sampling: the accountant would not hold",
+                 self.data.weights is not None)) if bad), None)
+            if privacy_problem is not None:
+                raise FieldValueError(privacy_problem[0], f"with train.privacy: {privacy_problem[1]}")
         if self.data.weights is not None and self.regime.kind == "preference":
             raise FieldValueError("data.weights", "preference pairs are not weighted yet: remove data.weights")
         if self.assistants:

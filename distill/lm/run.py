@@ -534,12 +534,17 @@ class LMJob(Job):
         if self.sharded and setup.teacher is not None and not is_sharded(setup.teacher):  # frozen: no gradients,
             shard_causal_lm(setup.teacher, trainable=False, mixed_precision=None)        # no optimizer state
         teacher_reads = (setup.teacher,) if self.sharded and setup.teacher is not None else ()
-        rows, weight_hashes = {}, {}
+        rows, weight_hashes, privacy = {}, {}, {}
         shares = {"teacher": gather_object([local_share(setup.teacher)])} if teacher_reads else {}
         for row, regime, examples in phases:
             model_dir = run_dir.path / ROW_DIRS[row]
             if run_dir.resume and (model_dir / "config.json").is_file():
                 model = load_causal_lm(str(model_dir), "output")  # this phase finished before the interruption
+                if recipe.train.privacy is not None:
+                    from distill.core.privacy import spent
+
+                    privacy[row] = spent(recipe.train.privacy, num_examples=len(examples),
+                                         batch_size=recipe.train.batch_size, steps=recipe.train.steps)
             else:
                 reference = row == "same_tokenizer"  # the teacher's tokenizer, vocabulary and evaluation
                 model = (self.student if row == "distilled" else self.reference_student() if reference
@@ -553,6 +558,8 @@ class LMJob(Job):
                                     run_dir=run_dir, eval_reads=teacher_reads,
                                     weights=setup.train_weights if row in ("distilled", "alone") else None)
                 trainer.fit(resume=run_dir.resume)
+                if trainer.privacy is not None:
+                    privacy[row] = trainer.privacy
                 model = trainer.model
                 full = None
                 if trainer.sharded:  # the full weights, gathered on the main process, which saves them
@@ -575,11 +582,18 @@ class LMJob(Job):
         rows = {"teacher": teacher_row, **{row: rows[row] for row in ("same_tokenizer", "alone", "distilled")
                                            if row in rows}}
         meta = {**setup.meta(rows), "world_size": accelerator.num_processes, "weight_sha256_per_rank": weight_hashes,
+                **({"privacy": privacy} if privacy else {}),
                 "sharding": "fsdp" if self.sharded else ("ddp" if accelerator.num_processes > 1 else "none"),
                 **({"parameter_share_per_rank": shares, "teacher_loaded_sharded": setup.teacher_loaded_sharded}
                    if shares else {}),
                 **({"served_teacher": setup.served.statistics()} if setup.served is not None else {}),
                 "seconds": time.perf_counter() - self.started}
+        if privacy:
+            from distill.core.privacy import privacy_note
+
+            meta["notes"] = [*meta.get("notes", []), *(privacy_note(row, summary) for row, summary in privacy.items())]
+            for row, summary in privacy.items():
+                rows[row]["epsilon"] = summary["epsilon"]
         return RunResult(run_dir.path, rows, meta)
 
     def figures(self, plots_dir) -> list:

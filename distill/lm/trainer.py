@@ -161,6 +161,16 @@ class LMTrainer:
     def fit(self, resume: bool = False) -> None:
         """Train to `spec.steps` (from the phase's checkpoint if `resume` finds one)."""
         spec, accelerator = self.spec, self.accelerator
+        self.private = None
+        if spec.privacy is not None:  # DP-SGD (core.privacy): Poisson batches, per-row gradients to opacus
+            from distill.core.privacy import PrivateTraining
+
+            if accelerator.num_processes > 1:
+                raise DistillError("DP training runs in one process so far", field="train.privacy",
+                                   fix="launch it without accelerate / torchrun, or remove train.privacy")
+
+            self.private = PrivateTraining(spec.privacy, self.optimizer, num_examples=len(self.examples),
+                                           batch_size=spec.batch_size, steps=spec.steps, seed=spec.seed)
         order = BatchOrder(len(self.examples), spec.seed, self.row_weights)
         step, position, last_checkpoint = 0, 0, None
         if resume and (found := find_checkpoint(self.checkpoint_dir)) is not None:
@@ -170,6 +180,8 @@ class LMTrainer:
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
             self.regime.load_state_dict(state.get("regime", {}))
+            if self.private is not None:
+                self.private.load_state_dict(state.get("privacy", {}))
         self.run_dir.rewind(self.phase, step)
         accelerator.wait_for_everyone()
         self.engine.train()
@@ -184,12 +196,66 @@ class LMTrainer:
                 raise InterruptedRun(f"{self.phase}: training stopped at step {step + 1}: {error.message}; {where}",
                                      field=error.field, fix=error.fix) from None
         progress.close()
+        self.privacy = self.private.summary() if self.private is not None else None
         if self.spec.gradient_checkpointing:
             set_activation_checkpointing(transformers_model(self.model), False)
+
+    def _private_step(self, step: int) -> tuple[dict, int, int, float]:
+        """DP-SGD: a Poisson batch; each row's loss (a mean over its own tokens) backpropagated alone; the per-row
+        gradients clipped, summed and noised by opacus. Returns (loss totals, rows, tokens, teacher seconds)."""
+        private = self.private
+        indices = private.batch(step)
+        params = list(private.optimizer.params)
+        per_row, totals, tokens, teacher_seconds = [], {"loss": 0.0, "kd": 0.0, "ce": 0.0, "entropy": 0.0}, 0, 0.0
+        if indices:
+            made = self.regime.micro_batch([self.examples[i] for i in indices], indices, self.student, step=step,
+                                           micro=0, rank=0)
+            batch = made.tensors
+            rows = len(batch["input_ids"])
+            for row in range(rows):
+                one = {}
+                for key, value in batch.items():
+                    if not (isinstance(value, torch.Tensor) and value.dim() and len(value) == rows):
+                        raise DistillError(f"regime {self.regime.__class__.__name__} builds batch-wide tensors "
+                                           f"(`{key}`): its rows are not separable for per-row privacy",
+                                           field="train.privacy", fix="use regime off_policy, on_policy, sequence "
+                                           "or opd without a batch baseline")
+                    one[key] = value[row:row + 1].to(self.accelerator.device)
+                valid = int((one["labels"][:, 1:] != IGNORE_INDEX).sum())
+                result = self.regime.loss(one, self.student, max(valid, 1))
+                teacher_seconds += result.teacher_seconds
+                grads = torch.autograd.grad(result.loss, params, allow_unused=True)
+                per_row.append({p: g for p, g in zip(params, grads) if g is not None})
+                for key, value in result.parts.items():
+                    totals[key] = totals.get(key, 0.0) + value / rows
+                tokens += int(one["attention_mask"].sum())
+        private.store(per_row)
+        private.step(step)
+        self.scheduler.step()
+        return totals, len(per_row), tokens, teacher_seconds
 
     def _step(self, step: int, position: int, last_checkpoint: int | None, order, progress):
         """One optimizer step (and its log, eval, checkpoint); returns (step, position, last checkpoint)."""
         spec, accelerator = self.spec, self.accelerator
+        if self.private is not None:
+            started = time.perf_counter()
+            totals, rows, tokens, teacher_seconds = self._private_step(step)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{totals['loss']:.4f}", eps=f"{self.private.epsilon():.2f}")
+            if step % spec.log_every == 0 or step == spec.steps:
+                self.run_dir.log_losses({
+                    "phase": self.phase, "step": step, **totals, "lr": self.scheduler.get_last_lr()[0],
+                    "epsilon": self.private.epsilon(), "clipped": self.private.last_clipped, "rows": rows,
+                    "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
+                    "step_seconds": time.perf_counter() - started, "teacher_seconds": teacher_seconds})
+            if step % self.eval_every == 0 or step == spec.steps:
+                self._run_eval(step)
+            if step % spec.checkpoint_every == 0 or step == spec.steps:
+                self._checkpoint(step, position)
+                last_checkpoint = step
+                simulate_crash_after(step)
+            return step, position, last_checkpoint
         world, rank = accelerator.num_processes, accelerator.process_index
         started = time.perf_counter()
         micro_batches, timing = [], StepTiming()
@@ -290,6 +356,8 @@ class LMTrainer:
             self.optimizer_state.gather()
         if self.accelerator.is_main_process:
             state = {"step": step, "position": position, "phase": self.phase, "regime": self.regime.state_dict()}
+            if self.private is not None:
+                state["privacy"] = self.private.state_dict()
             if self.scaler is not None:
                 state["grad_scaler"] = self.scaler.state_dict()
             save_checkpoint(self.checkpoint_dir, modules={"model": self.weights},
