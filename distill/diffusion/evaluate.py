@@ -21,7 +21,7 @@ from distill.core.rundir import RunResult
 from distill.diffusion.data import diffusion_task
 from distill.diffusion.models import CONFIG_FILE, build_denoiser, load_denoiser
 from distill.diffusion.recipe import DiffusionDataSpec, DiffusionRecipe
-from distill.diffusion.sampler import function_evaluations, sample_ode
+from distill.diffusion.sampler import function_evaluations, ode_step, sample_ode
 from distill.diffusion.trainer import ConsistencyModel, Schedule, consistency_sample, one_step
 
 TASKS = ("gmm2d", "digits")
@@ -151,6 +151,46 @@ class Scorer:
             self.samples[name] = x
             evaluations = function_evaluations(steps, self.recipe.eval.sampler) if method is None else steps
             rows[name] = {**self.task.evaluate(x), "function_evaluations": evaluations, "sample_seconds": seconds}
+        return rows
+
+    @torch.no_grad()
+    def hybrid_sample(self, teacher, student, method: str, steps: int, levels: int, noise: torch.Tensor) -> torch.Tensor:
+        """The hybrid sampler of "Distilling Diversity and Control in Diffusion Models" (Gandikota & Bau 2025):
+        the teacher takes the first step of its `levels`-step schedule (one Euler step from sigma_max down to
+        sigma_1, the early step where a sample's mode is decided), then the student takes its `steps` steps
+        from sigma_1 on a schedule of the same spacing (dmd and progressive: DDIM with the student as denoiser,
+        which for one step is one student call at sigma_1; consistency: its multistep rule)."""
+        schedule = self.schedule
+        first = float(schedule.sigmas(levels)[1])
+        x = ode_step(teacher, noise * schedule.sigma_max, schedule.sigma_max, first, "euler")
+        rest = Schedule(schedule.sigma_min, first, schedule.rho).sigmas(steps)  # sigma_1 ... 0, `steps` steps
+        if method == "consistency":
+            generator = torch.Generator().manual_seed(self.recipe.data.seed + 1)
+            sigmas = [float(v) for v in rest[:steps]]
+            x = student(x, torch.full((x.shape[0],), sigmas[0]))
+            for sigma in sigmas[1:]:
+                noised = x + (sigma ** 2 - schedule.sigma_min ** 2) ** 0.5 * torch.randn(
+                    x.shape, generator=generator, dtype=x.dtype)
+                x = student(noised, torch.full((x.shape[0],), sigma))
+            return x
+        return sample_ode(student, x / first, rest, "ddim")
+
+    def hybrid_rows(self, teacher, models: dict[str, Path]) -> dict[str, dict]:
+        """`hybrid-<N> <method> <steps>` rows beside each saved student row, one per N of eval.hybrid."""
+        rows = {}
+        for name, path in models.items():
+            parsed = parse_row_name(name)
+            if parsed is None:
+                continue
+            model, config = load_saved(path, self.task)
+            method, steps = config.get("method"), parsed[2]
+            for levels in self.recipe.eval.hybrid:
+                hybrid = row_name(f"hybrid-{levels}", self.how(method), steps)
+                clock = time.perf_counter()
+                x = self.hybrid_sample(teacher, model, method, steps, levels, self.noise)
+                seconds = time.perf_counter() - clock
+                self.samples[hybrid] = x
+                rows[hybrid] = {**self.task.evaluate(x), "function_evaluations": steps + 1, "sample_seconds": seconds}
         return rows
 
     def curve_point(self, model, method: str, steps: int) -> dict:

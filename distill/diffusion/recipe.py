@@ -118,9 +118,16 @@ class DiffusionEvalSpec(StrictModel):
                                               "(metrics.jsonl; progressive: also at each round's end).")
     curve_samples: int = Field(500, gt=0, description="Samples of each evaluation during training (at most "
                                                       "eval.samples): a cheaper, noisier score than the rows'.")
+    hybrid: list[int] = Field(default_factory=list, description="Also score each student after the teacher's "
+                                                                "first step of an N-step schedule, for each N here "
+                                                                "(`hybrid-N` rows: diversity distillation, Gandikota "
+                                                                "& Bau 2025), e.g. [2, 8].")
 
     @model_validator(mode="after")
     def _steps(self) -> "DiffusionEvalSpec":
+        if self.hybrid and min(self.hybrid) < 2:
+            raise FieldValueError("hybrid", f"the teacher's first step must leave noise for the student: schedules "
+                                  f"of 2 or more steps, got {self.hybrid}")
         if not self.teacher_steps or min(self.teacher_steps) < 1:
             raise FieldValueError("teacher_steps", f"the samplers take 1 or more steps, got {self.teacher_steps}")
         return self

@@ -65,6 +65,11 @@ class DiffusionJob(Job):
             train_seconds = time.perf_counter() - clock
         rows = scorer.rows("teacher", self.teacher, None, recipe.eval.teacher_steps)
         rows.update(scorer.saved_rows(saved_models(run_dir.path)))  # from disk, as `distill eval` scores them
+        if recipe.eval.hybrid:  # the teacher's first step, then the student (diversity distillation)
+            rows.update(scorer.hybrid_rows(self.teacher, saved_models(run_dir.path)))
+            notes.append("`hybrid-N` rows: the teacher takes the first step of an N-step schedule (one Euler step "
+                         "from sigma_max), the student its own steps from there (Gandikota & Bau 2025, diversity "
+                         "distillation); NFE counts both.")
         rows.update(scorer.noise_floor())
         self.rows = rows
         meta = diffusion_meta(recipe, self.task)
