@@ -1,7 +1,7 @@
 """Is a bigger teacher always better? The capacity gap on the oracle language, as sweeps.
 
     python experiments/capacity_gap.py --out DIR [--stages teachers teacher_axis chain student_axis]
-                                       [--seeds 3] [--jobs 2] [--teacher-steps 1500] [--json FILE]
+                                       [--seeds 3] [--jobs 2] [--teacher-steps 1500] [--steps 400] [--json FILE]
 
 Stages (each resumable: finished teachers and runs are skipped):
   teachers       six oracle teachers of widths 48..256 (4 layers, 0.15M-4.2M parameters), each trained
@@ -64,11 +64,16 @@ def teacher_table(out: Path) -> list[dict]:
     return rows
 
 
+STEPS = [400]  # the students' training steps (--steps)
+
+
 def sweep(out: Path, name: str, grid: dict, seeds: int, jobs: int, overrides: list[str]):
     import distill
 
+    steps = STEPS[0]
     return distill.sweep(str(BASE), grid, seeds=seeds, output=out / name, jobs=jobs,
-                         overrides=["train.threads=1", *overrides], progress=lambda line: print(line, flush=True))
+                         overrides=["train.threads=1", f"train.steps={steps}", f"train.checkpoint_every={steps}",
+                                    f"eval.every={steps}", *overrides], progress=lambda line: print(line, flush=True))
 
 
 def main() -> None:
@@ -78,8 +83,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=400, help="each student's training steps")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    STEPS[0] = args.steps
     out = args.out.resolve()
     report: dict = {}
     if "teachers" in args.stages:
