@@ -49,6 +49,8 @@ def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
         assert list(results["rows"]) == ["alone", "distilled"]
     elif "same_tokenizer_reference: true" in text:  # a cross-tokenizer run's reference row
         assert list(results["rows"]) == ["teacher", "same_tokenizer", "alone", "distilled"]
+    elif "assistants:" in text:  # a teacher chain: each assistant's row
+        assert list(results["rows"]) == ["teacher", "assistant 1", "alone", "distilled"]
     elif "baseline: false" in text:  # no `alone` row
         assert list(results["rows"]) == ["teacher", "distilled"]
     else:
@@ -60,6 +62,8 @@ def test_every_shipped_recipe_runs_at_tiny_size(recipe, run_cli, tmp_path):
         assert expected | (set() if classifier or cross else {"teacher_top1_agreement"}) <= row.keys()
     if "alone" in results["rows"]:
         assert results["rows"]["alone"]["parameters"] == results["rows"]["distilled"]["parameters"]
+    if "privacy:" in text:  # a private student: the epsilon it spent
+        assert results["rows"]["distilled"]["epsilon"] > 0 and "differentially private" in result.stdout
     primary = results["meta"]["primary_metric"]
     assert "distilled" in result.stdout and (primary in result.stdout or primary.replace("_", " ") in result.stdout)
 
