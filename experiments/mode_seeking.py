@@ -5,7 +5,8 @@ exact forward KL(oracle||student) and reverse KL(student||oracle) to the truth.
         [--objectives forward_kl reverse_kl ...] [--jobs 2] [--json FILE] [--plot docs/mode_seeking.png]
 
 Every run is `distill run builtin:oracle-demo` with the objective swapped (no alone baseline;
-the alone student is one extra run per seed, with objective kd_weight 0 / ce_weight 1). Known from
+the alone student is one extra run per seed, with objective kd_weight 0 / ce_weight 1), run as
+`distill sweep` over objective.loss (seeds into train.seed and data.seed, as `distill demo --seed`). Known from
 the literature: reverse KL is mode seeking (low reverse KL, higher forward KL), forward KL mode
 covering; the table reports whatever this task shows.
 """
@@ -14,29 +15,37 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OBJECTIVES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "ab_divergence",
               "adaptive_kl", "taid", "alone"]
 
 
-def run_one(objective: str, seed: int, steps: int, out: Path) -> dict:
-    run_dir = out / f"{objective}-seed{seed}"
-    overrides = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}", "train.baseline=false",
-                 f"train.checkpoint_every={steps}", f"eval.every={steps}", f"output={run_dir}", "eval.throughput_tokens=2"]
-    if objective == "alone":
-        overrides += ["objective.kd_weight=0", "objective.ce_weight=1"]
-    else:
-        overrides += [f"objective.loss={objective}"]
-    if not (run_dir / "results.json").exists():
-        subprocess.run([sys.executable, "-m", "distill", "run", "builtin:oracle-demo", "--overwrite",
-                        *sum((["--set", o] for o in overrides), [])], check=True, capture_output=True, text=True)
-    row = json.loads((run_dir / "results.json").read_text())["rows"]["distilled"]
-    return {"objective": objective, "seed": seed, "forward_kl": row["oracle_forward_kl"],
-            "reverse_kl": row["oracle_reverse_kl"], "nll": row["nll"]}
+def sweep_runs(objectives: list[str], seeds: list[int], steps: int, out: Path, jobs: int) -> list[dict]:
+    """One `distill sweep` of builtin:oracle-demo over objective.loss (the alone arm: a second sweep with
+    kd_weight 0 / ce_weight 1), seeds into train.seed and data.seed; finished runs are kept."""
+    import distill
+
+    common = dict(seeds=seeds, jobs=jobs, seed_fields=["train.seed", "data.seed"],
+                  progress=lambda line: print(line, flush=True))
+    overrides = [f"train.steps={steps}", "train.baseline=false", f"train.checkpoint_every={steps}",
+                 f"eval.every={steps}", "eval.throughput_tokens=2"]
+    results = []
+    losses = [o for o in objectives if o != "alone"]
+    sweeps = ([("objectives", {"objective.loss": losses}, overrides)] if losses else []) + (
+        [("alone", {}, [*overrides, "objective.kd_weight=0", "objective.ce_weight=1"])] if "alone" in objectives else [])
+    for name, grid, sets in sweeps:
+        result = distill.sweep("builtin:oracle-demo", grid, output=out / name, overrides=sets, **common)
+        print(result.table())
+        for point in result.points:
+            objective = point["point"].get("objective.loss", "alone")
+            for seed, row in point["seeds"].items():
+                results.append({"objective": objective, "seed": int(seed), "forward_kl": row["oracle_forward_kl"],
+                                "reverse_kl": row["oracle_reverse_kl"], "nll": row["nll"]})
+    return results
 
 
 def main() -> None:
@@ -49,10 +58,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
-    out = Path(args.out)
-    jobs = [(o, s) for o in args.objectives for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(job[0], job[1], args.steps, out), jobs))
+    results = sweep_runs(args.objectives, args.seeds, args.steps, Path(args.out), args.jobs)
     print(f"{args.steps} steps of batch 32 on 1000 oracle sequences; seeds {args.seeds}; mean ± half-range")
     print("| objective | KL(oracle‖student) | KL(student‖oracle) | nll |")
     print("|---|---|---|---|")
