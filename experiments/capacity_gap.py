@@ -76,6 +76,47 @@ def sweep(out: Path, name: str, grid: dict, seeds: int, jobs: int, overrides: li
                                     f"eval.every={steps}", *overrides], progress=lambda line: print(line, flush=True))
 
 
+def plot(report: dict, path: Path) -> None:
+    """Left: the student's KL to the oracle against its teacher's size (and each teacher's own KL); right:
+    alone vs distilled students against the student's size. Means with 95% t intervals over seeds."""
+    from distill.core.report import pyplot
+    from distill.core.stats import interval
+
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if "teacher_axis" in report and "teachers" in report:
+        sizes = {f"h{row['width']}": row for row in report["teachers"]}
+        xs, means, errors = [], [], []
+        for point in report["teacher_axis"]["points"]:
+            row = sizes[Path(point["point"]["teacher.path"]).name]
+            entry = point["intervals"]["oracle_forward_kl"]
+            xs.append(row["parameters"])
+            means.append(entry["mean"])
+            errors.append(entry["mean"] - entry["low"])
+        left.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label="student (0.13M) distilled from it")
+        left.plot([r["parameters"] for r in report["teachers"]], [r["oracle_forward_kl"] for r in report["teachers"]],
+                  "s--", color="gray", label="the teacher itself")
+        left.set(xscale="log", yscale="log", xlabel="teacher parameters", ylabel="exact KL(oracle || model)",
+                 title="teacher size (one student, 3 seeds)")
+        left.legend(fontsize=8)
+    if "student_axis" in report:
+        for row, colour in (("alone", "tab:orange"), ("distilled", "tab:blue")):
+            xs, means, errors = [], [], []
+            for point in report["student_axis"]["points"]:
+                values = [rows[row]["oracle_forward_kl"] for rows in point["all_rows"].values()]
+                spread = interval(values)
+                xs.append(next(iter(point["all_rows"].values()))[row]["parameters"])
+                means.append(spread.mean)
+                errors.append(spread.half_width)
+            right.errorbar(xs, means, yerr=errors, marker="o", capsize=3, color=colour, label=row)
+        right.set(xscale="log", yscale="log", xlabel="student parameters", ylabel="exact KL(oracle || student)",
+                  title="student size (1M teacher, 3 seeds)")
+        right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -85,6 +126,7 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=400, help="each student's training steps")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="write the two-panel figure here")
     args = parser.parse_args()
     STEPS[0] = args.steps
     out = args.out.resolve()
@@ -113,6 +155,8 @@ def main() -> None:
             for w in STUDENT_WIDTHS]}, args.seeds, args.jobs, [])
         print(result.table())
         report["student_axis"] = json.loads((out / "student_axis" / "summary.json").read_text())
+    if args.plot:
+        plot(report, args.plot)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
