@@ -133,3 +133,44 @@ def test_lm_and_diffusion_sweeps_through_the_python_api(tmp_path, tiny_recipe):
     assert diffusion.row.startswith("student") and len(diffusion.points) == 2
     assert all(p["intervals"][diffusion.metric]["n"] == 2 for p in diffusion.points)
     assert (tmp_path / "diffusion" / "plots" / "divergence.png").is_file()
+
+
+def test_a_killed_parallel_sweep_leaves_no_worker_behind_and_resumes(tmp_path, write_recipe, run_cli):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import _cli_env
+
+    recipe = classifier_recipe(tmp_path, train={"epochs": 15, "batch_size": 64, "lr": 0.003, "log_every": 10,
+                                                "checkpoint_every": 10})
+    path = write_recipe(recipe)
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "distill", "sweep", str(path), "--grid", "train.lr=0.003,0.01", "--seeds", "1",
+            "--output", str(out), "--jobs", "2"]
+    sweep = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/seed0/checkpoints")):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the sweep started no worker"
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    deadline = time.time() + 20
+    alive = [int(pid) for pid in workers]
+    while alive and time.time() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.2)
+    assert not alive, "workers outlived the killed sweep"
+    resumed = run_cli("sweep", path, "--grid", "train.lr=0.003,0.01", "--seeds", "1", "--output", out, "--jobs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(list(out.glob("*/seed0/results.json"))) == 2
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -363,11 +363,26 @@ class Sweep:
         return self.directory / "logs" / f"{trial.slug}-seed{trial.seed}.log"
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the sweep process dies (kill -9 included), so that no orphan keeps
+    writing a run directory that a rerun of the sweep resumes."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def init_worker(threads: int) -> None:
     """A sweep worker: its share of the cores, set before torch is imported in it."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
     os.environ["DISTILL_SWEEP_WORKER"] = "1"
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(threads)
