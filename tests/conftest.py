@@ -270,6 +270,8 @@ LONGEST_FIRST = ("test_sharding.py::test_fsdp_run_from_a_saved_student", "test_s
                  "test_preference.py::test_two_processes", "test_sharding.py::test_two_process_fsdp",
                  "test_cross_tokenizer.py::test_the_other_direction", "test_diffusion_effects.py::",
                  "test_reliability.py::test_a_run_that_hits_a_file_size_limit", "test_effect.py::",
+                 "test_sweep.py::test_classifier_sweep", "test_sweep.py::test_a_killed_parallel",
+                 "test_sweep.py::test_lm_and_diffusion", "test_privacy.py::test_private_classifier",
                  "test_cache.py::test_two_processes", "test_lm_eval.py::test_unknown_task",
                  "test_train.py::test_interrupted_run_resumed", "test_architecture.py::test_a_family_loads")
 
