@@ -119,7 +119,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/capacity-gap"))
     parser.add_argument("--stages", nargs="+", default=["teachers", "teacher_axis", "chain", "student_axis"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
@@ -127,10 +127,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="each student's training steps")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write the two-panel figure here")
+    parser.add_argument("--from-json", type=Path, help="with --plot: draw the figure from an earlier --json")
     args = parser.parse_args()
     STEPS[0] = args.steps
     out = args.out.resolve()
     report: dict = {}
+    if args.from_json is not None:  # only the figure, from an earlier run's --json
+        plot(json.loads(args.from_json.read_text()), args.plot)
+        return
     if "teachers" in args.stages:
         train_teachers(out, args.teacher_steps, args.jobs)
         report["teachers"] = teacher_table(out)

@@ -27,6 +27,16 @@ def test_split_values_keeps_brackets_and_quotes_whole():
     assert split_values("a, b,[1,2],{x: 1, y: 2},'c,d'") == ["a", "b", "[1,2]", "{x: 1, y: 2}", "'c,d'"]
 
 
+def test_point_directories_name_paths_by_their_last_part_unless_that_collides(tmp_path, write_recipe):
+    from distill.core.sweep import Sweep
+
+    path = write_recipe(classifier_recipe(tmp_path))
+    short = Sweep(path, {"teacher.path": ["/a/t1", "/b/t2"]}, 1, output=tmp_path / "s").plan()
+    assert [t.slug for t in short] == ["path=t1", "path=t2"]
+    clash = Sweep(path, {"teacher.path": ["/a/t", "/b/t"]}, 1, output=tmp_path / "s").plan()
+    assert [t.slug for t in clash] == ["path=_a_t", "path=_b_t"]
+
+
 def test_classifier_sweep_resumes_runs_in_parallel_and_computes_intervals(tmp_path, write_recipe, run_cli,
                                                                            monkeypatch):
     recipe = classifier_recipe(tmp_path, train={"epochs": 2, "batch_size": 64, "lr": 0.003, "log_every": 2,

@@ -84,6 +84,7 @@ class SweepResult:
     comparison: dict | None = None
     failed: list[str] = field(default_factory=list)
     runs: dict[str, dict] = field(default_factory=dict)  # this invocation's runs: seconds, process id, start, end
+    hidden: list[str] = field(default_factory=list)  # columns the runs' reports hide (meta hidden_columns)
 
     def table(self) -> str:
         header, body = summary_rows(self)
@@ -179,10 +180,16 @@ def value_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
-def point_slug(axes: list[Axis], point: tuple) -> str:
+def point_slug(axes: list[Axis], point: tuple, short_paths: bool = True) -> str:
+    """The point's directory name: `label=value,...` (a path value by its last part when `short_paths`)."""
     if not axes:
         return "base"
-    text = ",".join(f"{axis.label}={value_text(value)}" for axis, value in zip(axes, point))
+
+    def shown(value) -> str:
+        text = value_text(value)
+        return Path(text).name if short_paths and isinstance(value, str) and "/" in text and Path(text).name \
+            else text
+    text = ",".join(f"{axis.label}={shown(value)}" for axis, value in zip(axes, point))
     return re.sub(r"[^A-Za-z0-9_.,=+@-]", "_", text)[:180]
 
 
@@ -256,8 +263,10 @@ class Sweep:
         share = thread_share(self.jobs)
         base_threads = _get(base, THREADS_FIELD) if _has_field(base, THREADS_FIELD) else None
         trials = []
-        for point in itertools.product(*(axis.values for axis in self.axes)):
-            slug = point_slug(self.axes, point)
+        points = list(itertools.product(*(axis.values for axis in self.axes)))
+        short = len({point_slug(self.axes, p) for p in points}) == len(points)  # path values by their last part
+        for point in points:
+            slug = point_slug(self.axes, point, short_paths=short)
             sets = [f"{axis.field}={json.dumps(value)}" for axis, value in zip(self.axes, point)]
             for seed in self.seeds:
                 run_dir = self.directory / slug / f"seed{seed}"
@@ -484,6 +493,7 @@ def summarize(directory: Path, axes: list[Axis], trials: list[Trial], *, interva
                            fix=f"use the primary metric `{meta.get('primary_metric')}` or one whose direction is known")
     higher = side == "higher"
     result = SweepResult(directory, axes, chosen, primary, higher, interval)
+    result.hidden = list(meta.get("hidden_columns", ()))  # properties of the data, the same in every row
     order = {}
     for trial in trials:
         order.setdefault(trial.slug, trial.point)
@@ -526,7 +536,7 @@ def interval_text(entry: dict) -> str:
 
 
 def summary_metrics(result: SweepResult) -> list[str]:
-    names = list(dict.fromkeys(k for p in result.points for k in p["intervals"]))
+    names = [k for k in dict.fromkeys(k for p in result.points for k in p["intervals"]) if k not in result.hidden]
     rest = [k for k in names if k != result.metric and not TIMING.search(k)]
     return ([result.metric] if result.metric in names else []) + rest + [k for k in names if TIMING.search(k)
                                                                           and k != result.metric]
