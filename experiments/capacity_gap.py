@@ -93,7 +93,7 @@ def plot(report: dict, path: Path) -> None:
             xs.append(row["parameters"])
             means.append(entry["mean"])
             errors.append(entry["mean"] - entry["low"])
-        left.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label="student (0.13M) distilled from it")
+        left.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label="student (0.14M) distilled from it")
         left.plot([r["parameters"] for r in report["teachers"]], [r["oracle_forward_kl"] for r in report["teachers"]],
                   "s--", color="gray", label="the teacher itself")
         left.set(xscale="log", yscale="log", xlabel="teacher parameters", ylabel="exact KL(oracle || model)",
@@ -112,6 +112,10 @@ def plot(report: dict, path: Path) -> None:
         right.set(xscale="log", yscale="log", xlabel="student parameters", ylabel="exact KL(oracle || student)",
                   title="student size (1M teacher, 3 seeds)")
         right.legend(fontsize=8)
+    from matplotlib.ticker import NullFormatter
+
+    for axis in (left, right):
+        axis.xaxis.set_minor_formatter(NullFormatter())
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"plot: {path}")
