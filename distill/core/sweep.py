@@ -454,7 +454,7 @@ def _numeric(value) -> bool:
 
 
 def choose_row(rows: dict[str, dict], row: str | None) -> str:
-    """The row the sweep compares: `row`, else `distilled`, else the one `student...` row."""
+    """The row the sweep compares: `row`, else `distilled`, else the first `student...` row."""
     if row is not None:
         if row not in rows:
             raise DistillError(f"the runs have no row `{row}` (rows: {', '.join(rows)})", field="--row",
@@ -463,7 +463,7 @@ def choose_row(rows: dict[str, dict], row: str | None) -> str:
     if "distilled" in rows:
         return "distilled"
     students = [name for name in rows if name.startswith("student")]
-    if len(students) == 1:
+    if students:  # a diffusion student scored at several step counts: its first row (name another with --row)
         return students[0]
     raise DistillError(f"which row should the sweep compare? rows: {', '.join(rows)}", field="--row",
                        fix="name one with --row")
