@@ -226,7 +226,7 @@ def _has_field(recipe: RunRecipe, dotted: str) -> bool:
 class Sweep:
     """A planned sweep (`plan()` checks everything and writes nothing); `run()` runs what is not finished."""
 
-    def __init__(self, recipe, grid: list[str] | dict, seeds: str | int | list = 1, *,
+    def __init__(self, recipe, grid: list[str] | dict, seeds: str | int | list = 3, *,
                  overrides: list[str] | tuple[str, ...] = (), output: str | Path | None = None,
                  seed_fields: list[str] | tuple[str, ...] = ("train.seed",), jobs: int = 1, interval: str = "t",
                  metric: str | None = None, row: str | None = None):
@@ -662,7 +662,7 @@ def write_summary(result: SweepResult) -> None:
                       + html_images(plots)))
 
 
-def sweep(recipe, grid: list[str] | dict | None = None, seeds: str | int | list = 1, **options) -> SweepResult:
+def sweep(recipe, grid: list[str] | dict | None = None, seeds: str | int | list = 3, **options) -> SweepResult:
     """Python API: `distill.sweep("recipe.yaml", {"objective.loss": ["jsd", "forward_kl"]}, seeds=3)`."""
     progress = options.pop("progress", None)
     return Sweep(recipe, grid or {}, seeds, **options).run(progress)
