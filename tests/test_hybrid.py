@@ -12,7 +12,8 @@ def test_hybrid_rows_for_one_step_and_multistep_students(tmp_path):
                                              "hybrid": [2, 8]}))
     assert {"hybrid-2 dmd 1", "hybrid-8 dmd 1"} <= set(dmd.rows)
     assert dmd.rows["hybrid-8 dmd 1"]["function_evaluations"] == 2  # one teacher step + one student step
-    assert dmd.rows["hybrid-2 dmd 1"] != dmd.rows["hybrid-8 dmd 1"]
+    assert dmd.rows["hybrid-2 dmd 1"]["mmd"] != dmd.rows["hybrid-8 dmd 1"]["mmd"]  # the teacher's step differs
+    assert dmd.rows["hybrid-8 dmd 1"]["mmd"] != dmd.rows["student dmd 1"]["mmd"]
     assert any("hybrid-N" in note for note in dmd.meta["notes"])
     consistency = distill.run(diffusion_recipe(tmp_path / "cm", "consistency",
                                                train={"steps": 4, "batch_size": 32, "log_every": 2},

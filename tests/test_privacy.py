@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-from distill.core.privacy import PrivacySettings, PrivateTraining
+from distill.core.privacy import PrivateTraining
+from distill.core.recipe import PrivacySpec
 
 from test_classifier import _recipe as classifier_recipe
 
 
 def test_each_rows_gradient_is_clipped_then_averaged_by_hand():
     weight = torch.nn.Parameter(torch.zeros(2))
-    private = PrivateTraining(PrivacySettings(None, 1e-5, max_grad_norm=1.0, noise_multiplier=0.0),
+    private = PrivateTraining(PrivacySpec(max_grad_norm=1.0, noise_multiplier=0.0),
                               torch.optim.SGD([weight], lr=1.0), num_examples=10, batch_size=2, steps=5, seed=0)
     # row 1: norm 5, clipped to 1 -> [0.6, 0.8]; row 2: norm 0.5, kept; the sum over the expected batch (2)
     private.store([{weight: torch.tensor([3.0, 4.0])}, {weight: torch.tensor([0.3, 0.4])}])
@@ -23,7 +24,7 @@ def test_each_rows_gradient_is_clipped_then_averaged_by_hand():
     assert private.last_clipped == 0.5
     # with noise, the update moves by ~ noise_multiplier * max_grad_norm / batch per coordinate
     noisy = torch.nn.Parameter(torch.zeros(1000))
-    private = PrivateTraining(PrivacySettings(None, 1e-5, max_grad_norm=1.0, noise_multiplier=2.0),
+    private = PrivateTraining(PrivacySpec(max_grad_norm=1.0, noise_multiplier=2.0),
                               torch.optim.SGD([noisy], lr=1.0), num_examples=100, batch_size=4, steps=5, seed=0)
     private.store([])  # an empty Poisson batch: noise only
     private.step(0)
@@ -33,7 +34,7 @@ def test_each_rows_gradient_is_clipped_then_averaged_by_hand():
 def test_epsilon_is_accounted_grows_with_steps_and_meets_the_budget():
     def spent_after(steps: int, epsilon: float = 3.0) -> tuple[float, float]:
         weight = torch.nn.Parameter(torch.zeros(1))
-        private = PrivateTraining(PrivacySettings(epsilon, 1e-5, 1.0), torch.optim.SGD([weight], lr=0.1),
+        private = PrivateTraining(PrivacySpec(epsilon=epsilon), torch.optim.SGD([weight], lr=0.1),
                                   num_examples=1000, batch_size=32, steps=200, seed=0)
         for step in range(steps):
             private.store([{weight: torch.ones(1)}])
@@ -44,7 +45,7 @@ def test_epsilon_is_accounted_grows_with_steps_and_meets_the_budget():
     late, _ = spent_after(200)
     assert 0 < early < late <= 3.0 and late > 2.7  # the noise is the least that keeps 200 steps within epsilon 3
     assert sigma > 0.5
-    sampler = PrivateTraining(PrivacySettings(None, 1e-5, 1.0, noise_multiplier=1.0),
+    sampler = PrivateTraining(PrivacySpec(noise_multiplier=1.0),
                               torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
                               num_examples=1000, batch_size=32, steps=10, seed=0)
     batches = [sampler.batch(step) for step in range(200)]

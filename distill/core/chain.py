@@ -88,9 +88,7 @@ def run_chain(recipe: RunRecipe, run_stage: Callable[[RunRecipe, bool], RunResul
             result.meta["rows_note"] = (result.meta.get("rows_note", "") + " A teacher chain: `assistant k` is the "
                                         "k-th teaching assistant, distilled from the model above it; the student "
                                         "learned from the last.").strip()
-            result.meta.setdefault("task", recipe.task)
-            result.meta.setdefault("name", recipe.name)
-            result.meta.setdefault("recipe", recipe.model_dump(mode="json"))
+            result.stamp(recipe)
             run_dir.finish(result, job.figures)
     finally:
         run_dir.close_trackers(failed=True)

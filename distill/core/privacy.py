@@ -19,19 +19,56 @@ rows (it is private data: keep it with them), and the evaluation rows and their 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from distill.core.errors import DistillError
 
 
-@dataclass
-class PrivacySettings:
-    epsilon: float | None
-    delta: float
-    max_grad_norm: float
-    noise_multiplier: float | None = None
+def sample_rate(batch_size: int, num_examples: int) -> float:
+    """Poisson sampling's rate, batch_size / num_examples; a batch as large as the data is refused."""
+    if batch_size >= num_examples:
+        raise DistillError(f"the batch ({batch_size}) is not smaller than the training set ({num_examples}): "
+                           "DP-SGD's privacy comes from sampling", field="train.batch_size",
+                           fix="use a batch size well below the number of training rows")
+    return batch_size / num_examples
+
+
+def noise_for(settings, rate: float, steps: int) -> float:
+    """The settings' noise multiplier, or the least that keeps `steps` steps at `rate` within their epsilon."""
+    if settings.noise_multiplier is not None:
+        return float(settings.noise_multiplier)
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
+                                          sample_rate=rate, steps=steps, accountant="rdp", epsilon_tolerance=0.01))
+    except ValueError as error:
+        raise DistillError(f"no noise level reaches epsilon {settings.epsilon} at delta {settings.delta} over {steps} "
+                           f"steps: {error}", field="train.privacy.epsilon",
+                           fix="raise epsilon or delta, or train fewer steps") from None
+
+
+def epsilon_of(history: list[tuple], delta: float) -> float:
+    """The epsilon opacus' RDP accountant gives for `history` ((noise, rate, steps) entries) at `delta`."""
+    if not history:
+        return 0.0
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": a valid, looser bound (low noise)
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def summary_of(settings, noise: float, rate: float, history: list[tuple]) -> dict:
+    """What the report states of a private phase."""
+    epsilon = epsilon_of(history, settings.delta)
+    return {"epsilon": round(epsilon, 4) if math.isfinite(epsilon) else epsilon, "delta": settings.delta,
+            "noise_multiplier": round(noise, 4), "sample_rate": rate, "max_grad_norm": settings.max_grad_norm,
+            "steps": int(sum(entry[2] for entry in history)), "accountant": "opacus RDP"}
 
 
 class PrivateTraining:
@@ -40,32 +77,17 @@ class PrivateTraining:
     def __init__(self, settings, optimizer: torch.optim.Optimizer, *, num_examples: int, batch_size: int,
                  steps: int, seed: int):
         from opacus.accountants import RDPAccountant
-        from opacus.accountants.utils import get_noise_multiplier
         from opacus.optimizers import DPOptimizer
 
-        if batch_size >= num_examples:
-            raise DistillError(f"the batch ({batch_size}) is not smaller than the training set ({num_examples}): "
-                               "DP-SGD's privacy comes from sampling", field="train.batch_size",
-                               fix="use a batch size well below the number of training rows")
-        self.settings, self.seed = settings, seed
-        self.sample_rate = batch_size / num_examples
-        self.num_examples, self.batch_size, self.steps = num_examples, batch_size, steps
-        if settings.noise_multiplier is not None:
-            self.noise_multiplier = float(settings.noise_multiplier)
-        else:
-            try:
-                self.noise_multiplier = float(get_noise_multiplier(
-                    target_epsilon=settings.epsilon, target_delta=settings.delta, sample_rate=self.sample_rate,
-                    steps=steps, accountant="rdp", epsilon_tolerance=0.01))
-            except ValueError as error:
-                raise DistillError(f"no noise level reaches epsilon {settings.epsilon} at delta {settings.delta} "
-                                   f"over {steps} steps: {error}", field="train.privacy.epsilon",
-                                   fix="raise epsilon or delta, or train fewer steps") from None
+        self.settings, self.seed, self.num_examples = settings, seed, num_examples
+        self.sample_rate = sample_rate(batch_size, num_examples)
+        self.noise_multiplier = noise_for(settings, self.sample_rate, steps)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=settings.max_grad_norm, expected_batch_size=batch_size,
                                      loss_reduction="mean")
         self.accountant = RDPAccountant()
         self.last_clipped = 0.0  # the fraction of the last step's rows whose gradient was clipped
+        self._epsilon: tuple = (None, 0.0)  # (the history it was computed for, epsilon)
 
     def batch(self, step: int) -> list[int]:
         """The Poisson batch of `step`: each row with probability q, from a generator seeded by (seed, step)."""
@@ -94,15 +116,9 @@ class PrivateTraining:
 
     def epsilon(self) -> float:
         """The epsilon spent so far (at the settings' delta), by opacus' RDP accountant."""
-        if not self.accountant.history:
-            return 0.0
         key = tuple(tuple(entry) for entry in self.accountant.history)
-        if getattr(self, "_epsilon", (None,))[0] != key:
-            import warnings
-
-            with warnings.catch_warnings():  # "optimal order is the largest alpha": a valid, looser bound (low noise)
-                warnings.simplefilter("ignore", UserWarning)
-                self._epsilon = (key, float(self.accountant.get_epsilon(delta=self.settings.delta)))
+        if self._epsilon[0] != key:
+            self._epsilon = (key, epsilon_of(self.accountant.history, self.settings.delta))
         return self._epsilon[1]
 
     def state_dict(self) -> dict:
@@ -112,12 +128,7 @@ class PrivateTraining:
         self.accountant.history = [tuple(entry) for entry in state.get("history", [])]
 
     def summary(self) -> dict:
-        epsilon = self.epsilon()
-        return {"epsilon": round(epsilon, 4) if math.isfinite(epsilon) else epsilon, "delta": self.settings.delta,
-                "noise_multiplier": round(self.noise_multiplier, 4), "sample_rate": self.sample_rate,
-                "max_grad_norm": self.settings.max_grad_norm,
-                "steps": int(sum(entry[2] for entry in self.accountant.history)),
-                "accountant": "opacus RDP"}
+        return summary_of(self.settings, self.noise_multiplier, self.sample_rate, self.accountant.history)
 
 
 def privacy_note(row: str, summary: dict) -> str:
@@ -130,13 +141,6 @@ def privacy_note(row: str, summary: dict) -> str:
 def spent(settings, *, num_examples: int, batch_size: int, steps: int) -> dict:
     """The summary a finished phase of these settings reports (the accounting is deterministic): for a phase
     that finished before a resumed run, whose trainer did not run again."""
-    from opacus.accountants import RDPAccountant
-
-    class Frozen(torch.optim.SGD):
-        pass
-
-    private = PrivateTraining(settings, Frozen([torch.nn.Parameter(torch.zeros(1))], lr=0.0),
-                              num_examples=num_examples, batch_size=batch_size, steps=steps, seed=0)
-    private.accountant = RDPAccountant()
-    private.accountant.history = [(private.noise_multiplier, private.sample_rate, steps)]
-    return private.summary()
+    rate = sample_rate(batch_size, num_examples)
+    noise = noise_for(settings, rate, steps)
+    return summary_of(settings, noise, rate, [(noise, rate, steps)])

@@ -141,8 +141,8 @@ def apply_override(data: dict, assignment: str) -> None:
 
 # ---- readable validation errors --------------------------------------------------------------------
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at `loc` (for 'did you mean' on unknown keys)."""
+def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` of `model` ('did you mean' on unknown keys; a sweep's seed fields)."""
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
@@ -167,7 +167,7 @@ def readable_error(error: ValidationError, model: type[BaseModel], prefix: str =
         field = prefix + (".".join(_key_text(p) for p in loc) or "recipe")
         kind, message = item["type"], item["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            allowed = _fields_at(model, loc[:-1])
+            allowed = fields_at(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             message = "unknown key" + (f"; did you mean `{close[0]}`?" if close else "")
             message += f" (allowed here: {', '.join(allowed)})" if allowed else ""

@@ -40,9 +40,7 @@ def run_job(recipe: RunRecipe, prepare: Callable[[RunDirectory], Job], *, resume
     try:
         result = job.run(run_dir)
         if job.is_main:
-            result.meta.setdefault("task", recipe.task)
-            result.meta.setdefault("name", recipe.name)
-            result.meta.setdefault("recipe", recipe.model_dump(mode="json"))
+            result.stamp(recipe)
             run_dir.finish(result, job.figures)
     finally:
         run_dir.close_trackers(failed=True)  # a no-op after finish() closed them

@@ -53,6 +53,12 @@ class RunResult:
 
         return format_table(self.rows, self.meta)
 
+    def stamp(self, recipe) -> None:
+        """Record the recipe it came from in `meta` (task, name, the resolved recipe), unless already there."""
+        self.meta.setdefault("task", recipe.task)
+        self.meta.setdefault("name", recipe.name)
+        self.meta.setdefault("recipe", recipe.model_dump(mode="json"))
+
     def to_json(self) -> dict:
         return {"rows": self.rows, "meta": self.meta}
 

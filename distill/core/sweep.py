@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel
 
 from distill.core.errors import DistillError
 from distill.core.io import atomic_write_json, atomic_write_text
-from distill.core.recipe import RunRecipe, load_recipe
+from distill.core.recipe import RunRecipe, fields_at, load_recipe
 from distill.core.rundir import RECIPE_FILE, RESULTS_FILE, RunDirectory, recipe_differences
 
 SWEEP_FILE = "sweep.json"
@@ -175,8 +174,6 @@ def value_text(value: Any) -> str:
     """A grid value as shown in directory names and tables."""
     if isinstance(value, str):
         return value
-    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
-        return repr(value)
     return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -209,16 +206,8 @@ def _get(recipe: RunRecipe, dotted: str):
 
 
 def _has_field(recipe: RunRecipe, dotted: str) -> bool:
-    node: Any = type(recipe)
-    for part in dotted.split("."):
-        fields = getattr(node, "model_fields", None)
-        if fields is None or part not in fields:
-            return False
-        annotation = fields[part].annotation
-        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)
-                  and issubclass(a, BaseModel)]
-        node = nested[0] if nested else None
-    return True
+    *section, name = dotted.split(".")
+    return name in fields_at(type(recipe), tuple(section))
 
 
 # ---- planning: every check, nothing written -----------------------------------------------------------

@@ -163,17 +163,11 @@ class Scorer:
         schedule = self.schedule
         first = float(schedule.sigmas(levels)[1])
         x = ode_step(teacher, noise * schedule.sigma_max, schedule.sigma_max, first, "euler")
-        rest = Schedule(schedule.sigma_min, first, schedule.rho).sigmas(steps)  # sigma_1 ... 0, `steps` steps
-        if method == "consistency":
-            generator = torch.Generator().manual_seed(self.recipe.data.seed + 1)
-            sigmas = [float(v) for v in rest[:steps]]
-            x = student(x, torch.full((x.shape[0],), sigmas[0]))
-            for sigma in sigmas[1:]:
-                noised = x + (sigma ** 2 - schedule.sigma_min ** 2) ** 0.5 * torch.randn(
-                    x.shape, generator=generator, dtype=x.dtype)
-                x = student(noised, torch.full((x.shape[0],), sigma))
-            return x
-        return sample_ode(student, x / first, rest, "ddim")
+        rest = Schedule(schedule.sigma_min, first, schedule.rho)  # sigma_1 ... 0, the same spacing
+        if method == "consistency":  # the scorer's own multistep rule and re-noising seed, from sigma_1
+            return consistency_sample(student, x / first, steps, rest,
+                                      torch.Generator().manual_seed(self.recipe.data.seed + 1))
+        return sample_ode(student, x / first, rest.sigmas(steps), "ddim")
 
     def hybrid_rows(self, teacher, models: dict[str, Path]) -> dict[str, dict]:
         """`hybrid-<N> <method> <steps>` rows beside each saved student row, one per N of eval.hybrid."""

@@ -241,9 +241,10 @@ def load_data(spec, tokenizer, task) -> tuple[list[dict], list[dict], list[Examp
     when no eval file is given)."""
     train_origin = eval_origin = None
     if task is not None:  # the task's rows, or your own training rows (data.train) scored on the task's
-        train_records = task.records(spec.train_size, spec.seed, "train")
         if spec.train is not None:
             train_records, train_origin = read_rows(spec.train, "data.train", spec.split, spec.fields)
+        else:
+            train_records = task.records(spec.train_size, spec.seed, "train")
         eval_records = task.records(spec.eval_size, spec.seed, "eval")
         append_eos = task.append_eos
     else:

@@ -242,20 +242,12 @@ class LMTrainer:
             totals, rows, tokens, teacher_seconds = self._private_step(step)
             step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{totals['loss']:.4f}", eps=f"{self.private.epsilon():.2f}")
-            if step % spec.log_every == 0 or step == spec.steps:
-                self.run_dir.log_losses({
-                    "phase": self.phase, "step": step, **totals, "lr": self.scheduler.get_last_lr()[0],
-                    "epsilon": self.private.epsilon(), "clipped": self.private.last_clipped, "rows": rows,
-                    "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
-                    "step_seconds": time.perf_counter() - started, "teacher_seconds": teacher_seconds})
-            if step % self.eval_every == 0 or step == spec.steps:
-                self._run_eval(step)
-            if step % spec.checkpoint_every == 0 or step == spec.steps:
-                self._checkpoint(step, position)
-                last_checkpoint = step
-                simulate_crash_after(step)
-            return step, position, last_checkpoint
+            progress.set_postfix(loss=f"{totals['loss']:.4f}")
+            seconds = time.perf_counter() - started
+            return self._after_step(step, position, last_checkpoint, lambda: {
+                **totals, "lr": self.scheduler.get_last_lr()[0], "epsilon": self.private.epsilon(),
+                "clipped": self.private.last_clipped, "rows": rows, "tokens_per_second": tokens / max(seconds, 1e-9),
+                "step_seconds": seconds, "teacher_seconds": teacher_seconds})
         world, rank = accelerator.num_processes, accelerator.process_index
         started = time.perf_counter()
         micro_batches, timing = [], StepTiming()
@@ -317,12 +309,17 @@ class LMTrainer:
         tokens_per_second = tokens / max(step_seconds, 1e-9)
         progress.update(1)
         progress.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+        return self._after_step(step, position, last_checkpoint, lambda: {
+            **totals, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "fused_loss": self.student.head is not None, **(timing.record() if self.regime.samples else {}),
+            "tokens_per_second": tokens_per_second, "step_seconds": step_seconds, "teacher_seconds": teacher_seconds})
+
+    def _after_step(self, step: int, position: int, last_checkpoint: int | None, record: Callable[[], dict]):
+        """After optimizer step `step`: its loss record (built only when one is due), eval and checkpoint as
+        the spec says; returns (step, position, last checkpoint)."""
+        spec = self.spec
         if step % spec.log_every == 0 or step == spec.steps:
-            self.run_dir.log_losses({
-                "phase": self.phase, "step": step, **totals, "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "fused_loss": self.student.head is not None,
-                **(timing.record() if self.regime.samples else {}), "tokens_per_second": tokens_per_second,
-                "step_seconds": step_seconds, "teacher_seconds": teacher_seconds})
+            self.run_dir.log_losses({"phase": self.phase, "step": step, **record()})
         if step % self.eval_every == 0 or step == spec.steps:
             self._run_eval(step)
         if step % spec.checkpoint_every == 0 or step == spec.steps:
